@@ -1,0 +1,404 @@
+"""CAN signal decoder: table from tools/dbc2table.py, viper hot path, values on read."""
+import array
+import struct
+import micropython
+from micropython import const
+
+# Table layout: see tools/dbc2table.py (module docstring).  Hot data is copied into three
+# typed arrays so the viper code indexes them with ptr32/ptr16/ptr8 (aligned on every port):
+#   _u32 (array 'I'): [0] last message index + 1, [1] batch read offset, [2..7] section
+#                     offsets, then frame ids | piece masks | raw piece values |
+#                     multiplexer lo | multiplexer hi
+#   _u16 (array 'H'): 16 group ranges | per message (first sig, count, mux sig) |
+#                     per signal (word, first piece) | touched list
+#                     word = bytes needed | (pieces - 1) << 7 | muxed << 8 | is muxer << 9
+#   _u8 (bytearray):  per piece (b0, sh0, dir, nbytes) | per signal "seen" flag
+# Batch records (feed_batch): 4 bytes LE id | extended << 29 | bus << 30, 1 byte dlc,
+# dlc data bytes; records follow each other without padding.
+
+_HDR = "<4sBBHHHHHHII"
+_HDR_LEN = const(26)
+_RNG_LEN = const(32)
+_MSG_LEN = const(16)
+_SIG_LEN = const(40)
+_PIECE_LEN = const(8)
+_CONV_LEN = const(20)
+_CHOICE_LEN = const(12)
+_NONE = const(0xFFFF)
+
+SIGNED = const(0x100)
+FLOAT = const(0x200)
+CHOICES = const(0x400)
+MUXER = const(0x800)
+MUXED = const(0x1000)
+INT = const(0x2000)
+MINT = const(0x4000)
+AUX = const(0x8000)
+BIGENDIAN = const(0x10000)
+
+
+@micropython.viper
+def _run(u32, u16, u8, mod, tupd, tgt, buf, nfr: int, grp: int, cid: int, dl: int, now: int) -> int:
+    # nfr == 0: one frame (grp, cid, dl, data = buf); nfr > 0: nfr records from buf.
+    w = ptr32(u32)
+    h = ptr16(u16)
+    b = ptr8(u8)
+    md = ptr8(mod)
+    tu = ptr32(tupd)
+    tg = ptr16(tgt)
+    d = ptr8(buf)
+    blen = int(len(buf))
+    oid = int(w[2])
+    omask = int(w[3])
+    oraw = int(w[4])
+    omux = int(w[5])
+    omi = int(w[6])
+    osg = int(w[7])
+    otch = int(w[8])
+    oseen = int(w[9])
+    total = 0
+    pos = int(w[1])
+    single = 0
+    if nfr == 0:
+        single = 1
+        nfr = 1
+        if dl > blen:
+            dl = blen
+    base = 0
+    while nfr > 0:
+        nfr -= 1
+        if single == 0:
+            if pos + 5 > blen:
+                break
+            b3 = int(d[pos + 3])
+            cid = int(d[pos]) | (int(d[pos + 1]) << 8) | (int(d[pos + 2]) << 16) | ((b3 & 0x1F) << 24)
+            grp = ((b3 >> 6) << 1) | ((b3 >> 5) & 1)
+            dl = int(d[pos + 4])
+            base = pos + 5
+            pos = base + dl
+            if pos > blen:
+                break
+        lo = int(h[grp << 1])
+        hi = int(h[(grp << 1) + 1])
+        mi = -1
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            v = int(w[oid + mid])
+            if v < cid:
+                lo = mid + 1
+            elif v > cid:
+                hi = mid
+            else:
+                mi = mid
+                break
+        w[0] = mi + 1
+        w[11] = 0
+        if mi < 0:
+            continue
+        q = omi + mi * 3
+        k = int(h[q])
+        kend = k + int(h[q + 1])
+        muxok = 0
+        muxv = 0
+        cnt = 0
+        while k < kend:
+            a = int(h[osg + (k << 1)])
+            if (a & 0x7F) > dl:
+                k += 1
+                continue
+            if a & 0x100:
+                if muxok == 0:
+                    k += 1
+                    continue
+                if muxv < int(w[omux + k]) or muxv > int(w[omux + k + int(w[10])]):
+                    k += 1
+                    continue
+            p = int(h[osg + (k << 1) + 1])
+            np = ((a >> 7) & 1) + 1
+            ch = 0
+            while np > 0:
+                pb = p << 2
+                i = base + int(b[pb])
+                sh = int(b[pb + 1])
+                st = 1 - (int(b[pb + 2]) << 1)
+                nb = int(b[pb + 3])
+                v = int(d[i]) >> sh
+                sh = 8 - sh
+                while nb > 1:
+                    i += st
+                    v |= int(d[i]) << sh
+                    sh += 8
+                    nb -= 1
+                v &= int(w[omask + p])
+                if int(w[oraw + p]) != v:
+                    w[oraw + p] = v
+                    ch = 1
+                p += 1
+                np -= 1
+            if a & 0x200:
+                muxv = v
+                muxok = 1
+            if int(b[oseen + k]) == 0:
+                b[oseen + k] = 1
+                ch = 1
+            m = int(tg[k])
+            if m != 0xFFFF:
+                tu[m] = now
+                if ch:
+                    md[m] = 0xFF
+            h[otch + cnt] = k
+            cnt += 1
+            k += 1
+        w[11] = cnt
+        total += cnt
+    w[1] = pos
+    return total
+
+
+class Decoder:
+    """Decoder(table): table = bytes from dbc2table (may be a frozen bytes object)."""
+
+    def __init__(self, table):
+        t = table
+        hd = struct.unpack_from(_HDR, t, 0)
+        if hd[0] != b"OVDT" or hd[1] != 1:
+            raise ValueError("not a decode table (magic/version)")
+        nmsg, nsig, npc, ncv, maxsig, nch = hd[3], hd[4], hd[5], hd[6], hd[7], hd[9]
+        self._om = _HDR_LEN + _RNG_LEN
+        self._os = self._om + nmsg * _MSG_LEN
+        self._op = self._os + nsig * _SIG_LEN
+        self._oc = self._op + npc * _PIECE_LEN
+        self._och = self._oc + ncv * _CONV_LEN
+        self._ostr = self._och + nch * _CHOICE_LEN
+        if len(t) != self._ostr + hd[10] or maxsig < 1:
+            raise ValueError("corrupt decode table (length)")
+        self._t = t
+        self.nsignals = nsig
+        self.nmessages = nmsg
+        self._ncv = ncv
+        self._nch = nch
+        oid = 16
+        omask = oid + nmsg
+        oraw = omask + npc
+        omux = oraw + npc
+        u32 = array.array("I", bytes(4 * (omux + 2 * nsig)))
+        u32[2] = oid
+        u32[3] = omask
+        u32[4] = oraw
+        u32[5] = omux
+        omi = 16
+        osg = omi + 3 * nmsg
+        otch = osg + 2 * nsig
+        u16 = array.array("H", bytes(2 * (otch + maxsig)))
+        u32[6] = omi
+        u32[7] = osg
+        u32[8] = otch
+        u32[9] = 4 * npc
+        u32[10] = nsig
+        u8 = bytearray(4 * npc + nsig)
+        rng = struct.unpack_from("<16H", t, _HDR_LEN)
+        for g in range(8):
+            if not rng[2 * g] <= rng[2 * g + 1] <= nmsg:
+                raise ValueError("corrupt decode table (ranges)")
+            u16[2 * g] = rng[2 * g]
+            u16[2 * g + 1] = rng[2 * g + 1]
+        for i in range(npc):
+            b0, sh, dr, nb, mask = struct.unpack_from("<BBBBI", t, self._op + i * _PIECE_LEN)
+            last = b0 + (nb - 1 if dr == 0 else 1 - nb)
+            if sh > 7 or dr > 1 or nb < 1 or not 0 <= last < 64 or b0 >= 64:
+                raise ValueError("corrupt decode table (piece %d)" % i)
+            u8[4 * i] = b0
+            u8[4 * i + 1] = sh
+            u8[4 * i + 2] = dr
+            u8[4 * i + 3] = nb
+            u32[omask + i] = mask
+        for i in range(nmsg):
+            fid, first, n, mux, ln, _ = struct.unpack_from("<IHHHHI", t, self._om + i * _MSG_LEN)
+            if first + n > nsig or (mux != _NONE and not first <= mux < first + n) or n > maxsig:
+                raise ValueError("corrupt decode table (message %d)" % i)
+            u32[oid + i] = fid
+            u16[omi + 3 * i] = first
+            u16[omi + 3 * i + 1] = n
+            u16[omi + 3 * i + 2] = mux
+        for k in range(nsig):
+            p0, np, need, bits, _, fl, lo, hi = struct.unpack_from("<HBBBBHII", t, self._os + k * _SIG_LEN)
+            if p0 + np > npc or not 1 <= np <= 2 or need > 64 or bits > 64:
+                raise ValueError("corrupt decode table (signal %d)" % k)
+            for p in range(p0, p0 + np):
+                b0, nb, dr = u8[4 * p], u8[4 * p + 3], u8[4 * p + 2]
+                if max(b0, b0 + (nb - 1 if dr == 0 else 1 - nb)) >= need:
+                    raise ValueError("corrupt decode table (signal %d bytes)" % k)
+            u16[osg + 2 * k] = need | ((np - 1) << 7) | ((fl & 0x10) << 4) | ((fl & 0x08) << 6)
+            u16[osg + 2 * k + 1] = p0
+            u32[omux + k] = lo
+            u32[omux + nsig + k] = hi
+        self._u32 = u32
+        self._u16 = u16
+        self._u8 = u8
+        self._otch = otch
+        self._oraw = oraw
+        self._mod = bytearray(1)
+        self._tupd = array.array("i", [0])
+        self._tgt = array.array("H", bytes(2 * nsig)) if nsig else array.array("H", [0])
+        for k in range(nsig):
+            self._tgt[k] = _NONE
+        self._empty = bytearray(0)
+
+    # ---------------------------------------------------------------- hot path
+    def bind(self, mod, tupd, targets):
+        """mod: bytearray per metric (0xFF on raw change); tupd: array('i') per metric (set to
+        `now` on every write); targets: array('H') signal index -> metric index (0xFFFF none)."""
+        n = self.nsignals
+        if len(targets) < n or getattr(targets, "typecode", "H") != "H":
+            raise ValueError("targets must be array('H') of >= %d entries" % n)
+        if not isinstance(mod, bytearray) or getattr(tupd, "typecode", "") not in ("i", "I", "l"):
+            raise ValueError("mod must be a bytearray, tupd an array('i')")
+        for k in range(n):
+            m = targets[k]
+            if m != _NONE and (m >= len(mod) or m >= len(tupd)):
+                raise ValueError("target %d of signal %d beyond metric table" % (m, k))
+        self._mod = mod
+        self._tupd = tupd
+        self._tgt = targets
+
+    def feed(self, bus, can_id, ext, data, dlc, now):
+        """Decode one frame (data: buffer, dlc: received length).  Returns the number of
+        signals written (0 for unknown ids); `touched` lists them."""
+        if not 0 <= bus <= 3 or not 0 <= can_id < 0x20000000:
+            self._u32[0] = 0
+            self._u32[11] = 0
+            return 0
+        if dlc < 0:
+            dlc = 0
+        self._u32[1] = 0
+        return _run(self._u32, self._u16, self._u8, self._mod, self._tupd, self._tgt, data, 0,
+                    (bus << 1) | (1 if ext else 0), can_id, dlc, now)
+
+    def feed_batch(self, buf, nframes, now, start=0):
+        """Decode `nframes` records packed in `buf` from offset `start` (format: 4-byte LE
+        id | ext << 29 | bus << 30, 1-byte dlc, dlc data bytes).  Returns the number of
+        signals written; `pos` is the offset after the last record read."""
+        if nframes <= 0:
+            return 0
+        self._u32[1] = start
+        return _run(self._u32, self._u16, self._u8, self._mod, self._tupd, self._tgt, buf,
+                    nframes, 0, 0, 0, now)
+
+    @property
+    def pos(self):
+        return self._u32[1]
+
+    @property
+    def message(self):
+        """Index of the message matched by the last frame, -1 if none."""
+        return self._u32[0] - 1
+
+    @property
+    def touched(self):
+        """Signal indexes written by the last frame, in table order (a memoryview; valid
+        until the next feed).  Allocation-free alternative: ntouched + touched_at(i)."""
+        return memoryview(self._u16)[self._otch:self._otch + self._u32[11]]
+
+    @property
+    def ntouched(self):
+        return self._u32[11]
+
+    def touched_at(self, i):
+        return self._u16[self._otch + i]
+
+    # ---------------------------------------------------------------- reading
+    def _sig(self, k):
+        if not 0 <= k < self.nsignals:
+            raise IndexError("signal index")
+        return struct.unpack_from("<HBBBBHIIHHIIIHHI", self._t, self._os + k * _SIG_LEN)
+
+    def _str(self, off):
+        t = self._t
+        o = self._ostr + off
+        e = o
+        while t[e]:
+            e += 1
+        return str(t[o:e], "utf-8")
+
+    def info(self, k):
+        """(message name, signal name, metric name, unit, flags); flags = bit length |
+        SIGNED | FLOAT | CHOICES | MUXER | MUXED | INT | MINT | AUX | BIGENDIAN."""
+        s = self._sig(k)
+        mname = struct.unpack_from("<I", self._t, self._om + s[13] * _MSG_LEN + 12)[0]
+        return (self._str(mname), self._str(s[10]), self._str(s[11]), self._str(s[12]),
+                s[3] | (s[5] << 8))
+
+    def msg_info(self, i):
+        """(bus, extended, frame id, name, length) of message i."""
+        fid, _, _, _, ln, nm = struct.unpack_from("<IHHHHI", self._t, self._om + i * _MSG_LEN)
+        rng = struct.unpack_from("<16H", self._t, _HDR_LEN)
+        g = 0
+        while not rng[2 * g] <= i < rng[2 * g + 1]:
+            g += 1
+        return (g >> 1, g & 1, fid, self._str(nm), ln)
+
+    def signal_message(self, k):
+        """Message index of signal k."""
+        return self._sig(k)[13]
+
+    def conv(self, k, convert=True):
+        """(scale, offset) of signal k (convert: with the mapping's factor/add)."""
+        s = self._sig(k)
+        c = s[9] if convert else s[8]
+        sc, of, si, oi = struct.unpack_from("<ddBB", self._t, self._oc + c * _CONV_LEN)
+        return (int(sc) if si else sc, int(of) if oi else of)
+
+    def choices(self, k):
+        """[(raw value, label)] of signal k (VAL_ table; empty if none)."""
+        s = self._sig(k)
+        out = []
+        for i in range(s[15], s[15] + s[14]):
+            v, so = struct.unpack_from("<qI", self._t, self._och + i * _CHOICE_LEN)
+            out.append((v, self._str(so)))
+        return out
+
+    def raw(self, k):
+        """Raw value of signal k: sign-extended int, or float for IEEE float signals."""
+        s = self._sig(k)
+        p, np, bits, fl = s[0], s[1], s[3], s[5]
+        r = self._u32[self._oraw + p]
+        if np == 2:
+            r |= self._u32[self._oraw + p + 1] << 32
+        if fl & 0x02:
+            if bits == 32:
+                return struct.unpack("<f", struct.pack("<I", r))[0]
+            return struct.unpack("<d", struct.pack("<Q", r))[0]
+        if fl & 0x01 and r >> (bits - 1):
+            r -= 1 << bits
+        return r
+
+    def value(self, k, choices=True, convert=True):
+        """Physical value of signal k: raw * scale + offset (int when scale and offset are
+        integral, as cantools), the VAL_ label (str) when `choices` and the raw value has
+        one; convert: apply the mapping's factor/add (False: the DBC value)."""
+        s = self._sig(k)
+        r = self.raw(k)
+        if choices and s[14]:
+            key = r
+            if isinstance(r, float):
+                key = int(r) if r - r == 0 else None
+            if key is not None:
+                t = self._t
+                for i in range(s[15], s[15] + s[14]):
+                    v, so = struct.unpack_from("<qI", t, self._och + i * _CHOICE_LEN)
+                    if v == key:
+                        return self._str(so)
+        c = s[9] if convert else s[8]
+        sc, of, si, oi = struct.unpack_from("<ddBB", self._t, self._oc + c * _CONV_LEN)
+        if si and oi and sc == 1 and of == 0:
+            return r
+        return r * (int(sc) if si else sc) + (int(of) if oi else of)
+
+    def find(self, sig_name, msg_name=None):
+        """Index of the first signal named sig_name (in message msg_name), -1 if none."""
+        for k in range(self.nsignals):
+            inf = self.info(k)
+            if inf[1] == sig_name and (msg_name is None or inf[0] == msg_name):
+                return k
+        return -1
+
