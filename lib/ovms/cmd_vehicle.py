@@ -1,0 +1,67 @@
+"""Shell commands: lock, unlock, climatecontrol on|off, charge start|stop|limit (CAN frames
+from the vehicle definition: vehicle.command_frames(name, args) -> [(bus, id, ext, data)] or None)."""
+from ovms import shell
+
+
+def _vehicle():
+    h = shell.hooks.get("vehicle")
+    return h() if h else None
+
+
+def _do(name, args, label, ok, fail):
+    v = _vehicle()
+    if v is None:
+        return "Error: No vehicle module selected"
+    cf = getattr(v, "command_frames", None)
+    try:
+        frames = cf(name, args) if cf else None
+    except ValueError as e:
+        return "Error: %s" % (e,)
+    if not frames:
+        return "Error: %s not available on this vehicle" % label
+    from ovms import cmd_can
+    try:
+        frames = [cmd_can.frame(f) for f in frames]
+    except ValueError as e:
+        return "Error: %s: invalid frame in vehicle definition (%s)" % (label, e)
+    for f in frames:
+        e = cmd_can.send(*f)
+        if e:
+            return "Error: %s (%s)" % (fail, e)
+    return ok
+
+
+shell.register("lock", "Lock vehicle",
+               lambda s, a: _do("lock", a, "Lock", "Vehicle locked", "vehicle could not be locked"),
+               "[<pin>]", 0, 1, True)
+shell.register("unlock", "Unlock vehicle",
+               lambda s, a: _do("unlock", a, "Unlock", "Vehicle unlocked", "vehicle could not be unlocked"),
+               "[<pin>]", 0, 1, True)
+shell.register("climatecontrol", "Climate control", None)
+shell.register("climatecontrol on", "Turn climate control on",
+               lambda s, a: _do("climatecontrol.on", a, "Climate control", "Climate Control on",
+                                "Climate Control could not be turned on"), "", 0, 0, True)
+shell.register("climatecontrol off", "Turn climate control off",
+               lambda s, a: _do("climatecontrol.off", a, "Climate control", "Climate Control off",
+                                "Climate Control could not be turned off"), "", 0, 0, True)
+shell.register("charge", "Charge control", None)
+shell.register("charge start", "Start charging",
+               lambda s, a: _do("charge.start", a, "Charge start", "Charge has been started",
+                                "Could not start charge"), "", 0, 0, True)
+shell.register("charge stop", "Stop charging",
+               lambda s, a: _do("charge.stop", a, "Charge stop", "Charge has been stopped",
+                                "Could not stop charge"), "", 0, 0, True)
+
+
+def _limit(s, a):
+    try:
+        soc = int(a[0].rstrip("%"))
+    except ValueError:
+        soc = -1
+    if not 1 <= soc <= 100:
+        return "Error: Charge limit must be a SOC of 1..100 %"
+    return _do("charge.limit", [soc], "Charge limit", "Charge limit set to %d%%" % soc,
+               "Could not set charge limit")
+
+
+shell.register("charge limit", "Set the charge limit (SOC %)", _limit, "<soc>", 1, 1, True)

@@ -1,0 +1,571 @@
+"""OVMS-style command shell: command tree, sessions with secure mode, MQTT/REPL transports."""
+import time
+from micropython import const
+
+MAX_LINE = const(1024)      # longest accepted command line (characters)
+MAX_OUT = const(4096)       # default reply size limit (characters), then TRUNC is appended
+PENALTY_MS = const(5000)    # delay after a wrong enable password
+_MAX_SESSIONS = const(8)    # remembered MQTT client ids (least recently used dropped)
+_DEDUP_MS = const(60000)    # window in which a repeated QoS 2 / DUP command is dropped
+_DEDUP_N = const(16)
+TRUNC = "\n[output truncated]"
+SECURE_REQUIRED = "Error: Secure command requires 'enable' mode"
+READONLY = "Error: Read-only shell: this command is not allowed over MQTT"
+UNRECOGNISED = "Unrecognised command"
+
+# A node is a list: [title, handler, usage, min_args, max_args, secure, children, lazy module]
+_T = const(0)
+_H = const(1)
+_U = const(2)
+_MIN = const(3)
+_MAX = const(4)
+_SEC = const(5)
+_CH = const(6)
+_LAZY = const(7)
+
+_root = ["", None, "", 0, 0, False, {}, None]
+
+# Hooks the app plugs in (all optional; commands say "not available" without them):
+#   can_send(bus, id, ext, data) -> truthy if queued   can_status() -> str | dict | list of pairs
+#   vehicle() -> object with command_frames(name, args) (or None)
+#   notify(type, subtype, text)   event(name)   tasks() -> str | list   reset()  (restart soon)
+#   server_status() -> str   server_update(what) -> str (may be a coroutine)
+hooks = {}
+
+_ms = time.ticks_ms        # clock (ms); tests may replace it
+_penalty_until = None      # ticks_ms until which enable attempts are refused (global)
+
+
+def hook(name, fn):
+    """Install (or with fn=None remove) an app hook, see `hooks`."""
+    if fn is None:
+        hooks.pop(name, None)
+    else:
+        hooks[name] = fn
+
+
+# ---- command tree -------------------------------------------------------------------
+
+def _node(path, create):
+    n = _root
+    for w in path.split():
+        ch = n[_CH]
+        if ch is None:
+            if not create:
+                return None
+            ch = n[_CH] = {}
+        c = ch.get(w)
+        if c is None:
+            if not create:
+                return None
+            c = ch[w] = ["", None, "", 0, 0, False, None, None]
+        n = c
+    return n
+
+
+def register(path, title, handler, usage="", min_args=0, max_args=0, secure=True):
+    """Add (or replace) a command. handler(session, args: list of str) -> str; None = a group.
+    max_args -1 = unlimited. usage may use $C (children joined by |)."""
+    n = _node(path, True)
+    n[_T] = title
+    n[_H] = handler
+    n[_U] = usage
+    n[_MIN] = min_args
+    n[_MAX] = max_args
+    n[_SEC] = secure
+    return n
+
+
+def lazy(name, title, module):
+    """Register a top-level command whose subtree is defined by importing ovms.<module>."""
+    n = _node(name, True)
+    if not n[_T]:
+        n[_T] = title
+    n[_LAZY] = module
+
+
+def _resolve(n):
+    m = n[_LAZY]
+    if m:
+        n[_LAZY] = None
+        try:
+            __import__("ovms." + m)
+        except Exception as e:
+            n[_LAZY] = m
+            return "Error: command module %s failed to load: %r" % (m, e)
+    return None
+
+
+def _find(ch, w):
+    # -> (name, None) | (None, error text or None if not found)
+    if w in ch:
+        return w, None
+    if not w:
+        return None, None
+    lw = w.lower()
+    if lw in ch:
+        return lw, None
+    hit = None
+    amb = None
+    for k in ch:
+        if k.startswith(lw):
+            if hit is None:
+                hit = k
+            else:
+                if amb is None:
+                    amb = [hit]
+                amb.append(k)
+    if amb:
+        amb.sort()
+        return None, "Error: Ambiguous command (%s)" % ", ".join(amb)
+    return hit, None
+
+
+def _children(n):
+    ch = n[_CH]
+    if not ch:
+        return ()
+    k = list(ch)
+    k.sort()
+    return k
+
+
+def _usage(path, n):
+    u = n[_U]
+    if "$C" in u or (not u and n[_H] is None and n[_CH]):
+        u = u.replace("$C", "|".join(_children(n))) if u else "|".join(_children(n))
+    return ("Usage: %s %s" % (path, u)).rstrip()
+
+
+def _help(path, n, session):
+    o = Out(session)
+    if path:
+        o.add("%s: %s" % (path, n[_T]) if n[_T] else path)
+        if n[_H] is not None or not n[_CH]:
+            o.add(_usage(path, n))
+    for k in _children(n):
+        c = n[_CH][k]
+        o.add("%-20.20s %s" % (k, c[_T]))
+    return o.text()
+
+
+# ---- output ---------------------------------------------------------------------------
+
+class Out:
+    """Line collector bounded by the session's reply limit: add() returns False once full."""
+
+    def __init__(self, session=None, limit=0):
+        self.lines = []
+        self.n = 0
+        self.limit = limit or (session.max_out if session else MAX_OUT)
+        self.full = False
+
+    def add(self, s):
+        if self.full:
+            return False
+        self.n += len(s) + 1
+        if self.n > self.limit:
+            self.full = True
+            return False
+        self.lines.append(s)
+        return True
+
+    def text(self):
+        t = "\n".join(self.lines)
+        return t + TRUNC if self.full else t
+
+
+def _limit(t, m):
+    if len(t) <= m:
+        return t
+    k = m - len(TRUNC)
+    return (t[:k] if k > 0 else "") + TRUNC
+
+
+# ---- sessions and secure mode -----------------------------------------------------------
+
+class Session:
+    """One shell user: secure (enable) state, expiry, read-only flag, reply limit."""
+
+    def __init__(self, client_id=None, timeout=0, readonly=False, max_out=MAX_OUT):
+        self.client_id = client_id
+        self.timeout = timeout      # seconds of inactivity after which secure mode ends (0 = never)
+        self.readonly = readonly    # True: secure commands and enable refused
+        self.max_out = max_out
+        self.penalty = 0            # ms the transport should wait before replying
+        self._secure = False
+        self.last = _ms()           # last secure use (ticks_ms)
+        self.used = self.last       # last command (ticks_ms), for dropping idle sessions
+
+    @property
+    def secure(self):
+        if self._secure and self.timeout and time.ticks_diff(_ms(), self.last) > self.timeout * 1000:
+            self._secure = False
+        return self._secure
+
+    @secure.setter
+    def secure(self, v):
+        self._secure = bool(v)
+        self.last = _ms()
+
+
+local = Session()   # the REPL / serial console session
+_sessions = {}      # MQTT client id -> Session
+
+
+def _cfg(param, inst, default):
+    try:
+        from ovms import config
+        v = config.get(param, inst, default)
+        return default if v is None else v
+    except Exception:
+        return default
+
+
+def session_for(client_id):
+    """Session of an MQTT client id (created on first use; read-only flag and secure-mode
+    time-out taken from config server.v3 shell.readonly / shell.timeout)."""
+    s = _sessions.get(client_id)
+    if s is None:
+        if len(_sessions) >= _MAX_SESSIONS:
+            old = None
+            for k in _sessions:
+                if old is None or time.ticks_diff(_sessions[old].used, _sessions[k].used) > 0:
+                    old = k
+            del _sessions[old]
+        s = _sessions[client_id] = Session(client_id)
+    s.used = _ms()
+    s.readonly = bool(_cfg("server.v3", "shell.readonly", False))
+    try:
+        s.timeout = int(_cfg("server.v3", "shell.timeout", 300))
+    except (TypeError, ValueError):
+        s.timeout = 300
+    return s
+
+
+def _same(a, b):
+    # constant-time comparison of two strings
+    a = a.encode()
+    b = b.encode()
+    r = len(a) ^ len(b)
+    for i in range(len(a)):
+        r |= a[i] ^ b[i % len(b)] if b else 1
+    return r == 0
+
+
+def _enable(session, args):
+    global _penalty_until
+    if session.readonly:
+        return READONLY
+    now = _ms()
+    if _penalty_until is not None:
+        left = time.ticks_diff(_penalty_until, now)
+        if left > 0:
+            session.penalty = left
+            return "Error: Too many attempts, wait %d s" % ((left + 999) // 1000)
+        _penalty_until = None
+    try:
+        from ovms import config
+        pw = config.get("password", "module", "")
+    except Exception as e:
+        return "Error: Password store unavailable (%r)" % (e,)
+    pw = pw or ""
+    if pw and not args:
+        return "Error: Password required: enable <password>"
+    if pw and not _same(args[0], pw):
+        _penalty_until = time.ticks_add(now, PENALTY_MS)
+        session.penalty = PENALTY_MS
+        return "Error: Invalid password"
+    session.secure = True
+    return "Secure mode"
+
+
+def _disable(session, args):
+    session.secure = False
+    return "Secure mode disabled"
+
+
+def _helpcmd(session, args):
+    return _dispatch(session, args + ["?"])
+
+
+# ---- parsing and dispatch ---------------------------------------------------------------
+
+def split(line):
+    """Split a command line into words; double quotes group words (\\" and \\\\ inside quotes).
+    Raises ValueError on an unterminated quote."""
+    out = []
+    buf = []
+    word = False    # inside a word
+    q = False       # inside quotes
+    esc = False
+    for c in line:
+        if q:
+            if esc:
+                if c != '"' and c != "\\":
+                    buf.append("\\")
+                buf.append(c)
+                esc = False
+            elif c == "\\":
+                esc = True
+            elif c == '"':
+                q = False
+            else:
+                buf.append(c)
+        elif c == " " or c == "\t":
+            if word:
+                out.append("".join(buf))
+                buf = []
+                word = False
+        elif c == '"':
+            q = True
+            word = True
+        else:
+            buf.append(c)
+            word = True
+    if q:
+        raise ValueError("Unterminated quote")
+    if word:
+        out.append("".join(buf))
+    return out
+
+
+def _dispatch(session, args):
+    helpq = False
+    if args[-1] == "?":
+        args.pop()
+        helpq = True
+    n = _root
+    path = []
+    i = 0
+    while i < len(args):
+        e = _resolve(n)
+        if e:
+            return e
+        ch = n[_CH]
+        if not ch:
+            break
+        w = args[i]
+        q = i == len(args) - 1 and len(w) > 1 and w[-1] == "?"
+        if q:
+            w = w[:-1]
+        k, err = _find(ch, w)
+        if err:
+            return err
+        if k is None:
+            if n[_H] is not None:
+                break
+            return UNRECOGNISED + ("\n" + _usage(" ".join(path), n) if path else "")
+        path.append(k)
+        n = ch[k]
+        i += 1
+        helpq = helpq or q
+    e = _resolve(n)
+    if e:
+        return e
+    p = " ".join(path)
+    if helpq:
+        return _help(p, n, session)
+    h = n[_H]
+    if h is None:
+        return _usage(p, n) if path else UNRECOGNISED
+    if n[_SEC] and not session.secure:
+        return READONLY if session.readonly else SECURE_REQUIRED
+    rest = args[i:]
+    if len(rest) < n[_MIN] or (n[_MAX] >= 0 and len(rest) > n[_MAX]):
+        return _usage(p, n)
+    if n[_SEC]:
+        session.last = _ms()   # secure use keeps secure mode alive
+    return h(session, rest)
+
+
+def _run(line, session):
+    if not isinstance(line, str):
+        if isinstance(line, (bytes, bytearray, memoryview)):
+            if len(line) > MAX_LINE * 4:
+                return "Error: Command too long (max %d characters)" % MAX_LINE
+            try:
+                line = str(line, "utf-8")
+            except Exception:
+                return "Error: Command is not valid UTF-8 text"
+        else:
+            return "Error: Command must be text"
+    if len(line) > MAX_LINE:
+        return "Error: Command too long (max %d characters)" % MAX_LINE
+    line = line.strip()
+    for c in line:
+        if c < " " and c != "\t" or c == "\x7f":
+            return "Error: Invalid character in command (control characters are not allowed)"
+    try:
+        args = split(line)
+    except ValueError as e:
+        return "Error: %s" % e
+    if not args:
+        return "Error: Empty command (type help or ?)"
+    return _dispatch(session, args)
+
+
+_GEN = type((lambda: (yield))())
+
+
+def _exec(line, session):
+    # -> reply text, or a coroutine returned by an async handler; never raises
+    try:
+        t = _run(line, session)
+        if isinstance(t, _GEN):
+            return t
+    except MemoryError:
+        t = "Error: Out of memory"
+    except Exception as e:
+        t = _err(e)
+    return _fix(t, session)
+
+
+def _err(e):
+    try:
+        return "Error: %s: %s" % (type(e).__name__, e)
+    except Exception:
+        return "Error: command failed"
+
+
+def _fix(t, session):
+    if not isinstance(t, str):
+        t = "OK" if t is None else str(t)
+    return _limit(t or "OK", session.max_out)
+
+
+def run(line, session=None):
+    """Run one command line (str or UTF-8 bytes) and return its reply text. Never raises.
+    session defaults to `local` (the console). A wrong enable password sets
+    session.penalty (ms) for the transport to wait; see run_async()."""
+    if session is None:
+        session = local
+    t = _exec(line, session)
+    if isinstance(t, _GEN):
+        try:
+            import asyncio
+            asyncio.create_task(_quiet(t))
+            return "Started in the background"
+        except Exception as e:
+            return _err(e)
+    return t
+
+
+async def _quiet(c):
+    try:
+        await c
+    except Exception as e:
+        print("shell: background command failed:", repr(e))
+
+
+async def run_async(line, session=None):
+    """run() for asyncio transports: awaits an async handler's result and sleeps the
+    wrong-password penalty (session.penalty) without blocking other tasks."""
+    import asyncio
+    if session is None:
+        session = local
+    t = _exec(line, session)
+    if isinstance(t, _GEN):
+        try:
+            t = _fix(await t, session)
+        except Exception as e:
+            t = _err(e)
+    if session.penalty:
+        p = session.penalty
+        session.penalty = 0
+        await asyncio.sleep_ms(p)
+    return t
+
+
+# ---- MQTT transport -------------------------------------------------------------------
+
+MAX_RUNNING = 2       # MQTT commands running at once
+CMD_TIMEOUT = 30      # seconds per MQTT command
+_running = 0
+_recent = []          # [(key, ticks_ms)] of recent QoS 2 / DUP commands
+
+
+def submit(client_id, cmd_id, payload, reply, qos=0, dup=False):
+    """Queue an MQTT command (call from the receive path; returns at once).
+    reply is `async def reply(client_id, cmd_id, text)` (publishes on
+    <prefix>client/<cid>/response/<cmd_id>). A QoS 2 or DUP command already seen in the
+    last 60 s is dropped (returns False)."""
+    import asyncio
+    if qos == 2 or dup:
+        now = _ms()
+        key = (client_id, cmd_id, hash(payload))
+        for j in range(len(_recent) - 1, -1, -1):
+            k, t = _recent[j]
+            if time.ticks_diff(now, t) > _DEDUP_MS:
+                _recent.pop(j)
+            elif k == key:
+                return False
+        if len(_recent) >= _DEDUP_N:
+            _recent.pop(0)
+        _recent.append((key, now))
+    asyncio.create_task(_job(client_id, cmd_id, payload, reply))
+    return True
+
+
+async def _job(cid, cmd_id, payload, reply):
+    global _running
+    import asyncio
+    if _running >= MAX_RUNNING:
+        t = "Error: Too many commands in progress, try again later"
+    else:
+        _running += 1
+        try:
+            t = await asyncio.wait_for(run_async(payload, session_for(cid)), CMD_TIMEOUT)
+        except asyncio.TimeoutError:
+            t = "Error: Command timed out after %d s" % CMD_TIMEOUT
+        except Exception as e:
+            t = "Error: %r" % (e,)
+        finally:
+            _running -= 1
+    try:
+        await reply(cid, cmd_id, t)
+    except Exception as e:
+        print("shell: reply failed:", repr(e))
+
+
+# ---- console ----------------------------------------------------------------------------
+
+def repl(session=None):
+    """Interactive shell on the console (input()); 'exit' or Ctrl-D leaves."""
+    if session is None:
+        session = local
+    while True:
+        try:
+            line = input("OVMS# " if session.secure else "OVMS> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        s = line.strip()
+        if not s:
+            continue
+        if s in ("exit", "quit"):
+            return
+        print(run(line, session))
+        if session.penalty:
+            time.sleep_ms(session.penalty)
+            session.penalty = 0
+
+
+register("help", "Show commands (help <command> for details)", _helpcmd, "[<command>]", 0, -1, False)
+register("enable", "Enter secure mode (password module)", _enable, "[<password>]", 0, 1, False)
+register("disable", "Leave secure mode", _disable, "", 0, 0, False)
+for _n, _t, _m in (
+        ("metrics", "Metrics framework", "cmd_metrics"),
+        ("config", "Configuration framework", "cmd_config"),
+        ("stat", "Show vehicle status", "cmd_module"),
+        ("module", "Module information and control", "cmd_module"),
+        ("notify", "Notification framework", "cmd_module"),
+        ("event", "Event framework", "cmd_module"),
+        ("server", "Server framework", "cmd_module"),
+        ("can", "CAN bus framework", "cmd_can"),
+        ("lock", "Lock vehicle", "cmd_vehicle"),
+        ("unlock", "Unlock vehicle", "cmd_vehicle"),
+        ("climatecontrol", "Climate control", "cmd_vehicle"),
+        ("charge", "Charge control", "cmd_vehicle")):
+    lazy(_n, _t, _m)
+del _n, _t, _m
