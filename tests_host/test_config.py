@@ -35,8 +35,8 @@ out(W)
 out([config.get('server.v3', 'port'), config.get('server.v3', 'tls'), config.get('vehicle', 'can.mode'),
      config.get('vehicle', 'can.bitrate'), config.get('vehicle', 'id'), config.get('server.v3', 'ca'),
      config.get('server.v3', 'updatetime.keepalive')])
-out([config.get('vehicle', 'id', 'X'), config.get('usr', 'nothing'), config.get('nope', 'x', 5),
-     config.get('wifi.ssid', 'none')])
+out([config.get('vehicle', 'id', 'X'), config.get('server.v3', 'port', 1883), config.get('usr', 'nothing'),
+     config.get('nope', 'x', 5), config.get('wifi.ssid', 'none'), config.get('usr', 'nothing', 'dflt')])
 config.set('server.v3', 'port', '8883')
 config.set('server.v3', 'tls', 'true')
 config.set('vehicle', 'can.mode', 'NORMAL')
@@ -45,7 +45,9 @@ out([config.get('server.v3', 'port'), config.get('server.v3', 'tls'), config.get
 """)
     assert out[0] == ["config: no config in %s yet, using defaults" % tmp_path]
     assert out[1] == [0, False, "listen", 500000, "", "/store/ca.pem", 120]
-    assert out[2] == ["X", None, 5, None]
+    # the schema default wins over the caller's (one source of truth, as `config list` shows);
+    # the caller's default is for free-form and unknown instances
+    assert out[2] == ["", 0, None, 5, None, "dflt"]
     assert out[3] == [8883, True, "normal", "8883", "yes"]
 
 

@@ -214,7 +214,8 @@ def _conv(t, v):
 
 
 def get(param, instance, default=None):
-    """Typed value (int / bool / str); if unset (or stored value invalid): default, else schema default."""
+    """Typed value (int / bool / str). Unset (or stored value invalid): the schema default;
+    `default` only for params/instances the schema does not define (free-form, unknown)."""
     _ensure()
     d = _data.get(param)
     v = d.get(instance) if d else None
@@ -226,7 +227,7 @@ def get(param, instance, default=None):
             return _conv(f[2], _canon(f, param, instance, v))
         except ValueError:
             pass
-    if default is not None or f is None or f[1] == "*":
+    if f is None or f[1] == "*":
         return default
     return _conv(f[2], "" if f[3] == "-" else f[3])
 

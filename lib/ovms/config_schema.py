@@ -23,7 +23,7 @@ server.v3 tls b no -
 server.v3 user s - 64
 server.v3 clientid s - 64
 server.v3 topic.prefix s - 96
-server.v3 ca s /store/ca.pem 64
+server.v3 ca s /store/ca.pem 128
 server.v3 updatetime.on i 5 1:3600
 server.v3 updatetime.charging i 10 1:3600
 server.v3 updatetime.connected i 10 1:3600
@@ -45,6 +45,7 @@ server.v3 retain.depth.limit b no -
 server.v3 conn.stable_wait i 10 3:600
 server.v3 conn.jitter.max i 5 0:60
 server.v3 shell.readonly b no -
+server.v3 shell.timeout i 300 0:86400
 password module S - 64
 password server.v3 S - 128
 wifi.ssid * S - 64
@@ -56,7 +57,7 @@ auto wifi.ssid.client s - 32
 module watchdog.timeout i 60 0:3600
 module safemode.crashes i 3 1:20
 module hostname s - 32
-ota pubkey s /store/ota.pub 64
+ota pubkey s /store/ota.pub 128
 ota health.deadline i 120 10:3600
 usr * s - 256
 """
