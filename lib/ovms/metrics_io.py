@@ -1,0 +1,231 @@
+"""Metric table helpers kept out of the core module: text parsing, persistence, policies, derived metrics."""
+import time
+from micropython import const
+from ovms import metrics as M
+
+_F_TYPE = const(7)
+_F_PERSIST = const(8)
+_F_PRIO = const(16)
+_F_REST = const(64)
+
+_MAGIC = "OVMSMETRICS 1"
+
+
+def parse(t, s):
+    """Value of type t (M.T_*) from its text form; ValueError if it is not one."""
+    if t == M.T_STR:
+        return s
+    s = s.strip()
+    try:
+        if t == M.T_FLOAT:
+            v = float(s)
+            if M._num(v):
+                return v
+        elif t == M.T_INT:
+            return M._coerce(t, float(s) if "." in s or "e" in s else int(s))
+        elif t == M.T_BOOL:
+            s = s.lower()
+            if s in ("yes", "true", "on", "1"):
+                return True
+            if s in ("no", "false", "off", "0"):
+                return False
+        elif t == M.T_VFLOAT or t == M.T_VINT:
+            if not s:
+                return []
+            return [parse(t - 4, x) for x in s.split(",")]
+        elif t == M.T_DATE:
+            if s.isdigit():
+                return int(s)
+            return _parse_date(s)
+        elif t == M.T_TIME:
+            if s.isdigit():
+                return M._coerce(t, int(s))
+            p = [int(x) for x in s.split(":")]
+            if 2 <= len(p) <= 3 and 0 <= p[0] < 24 and 0 <= p[1] < 60 and (len(p) == 2 or 0 <= p[2] < 60):
+                return p[0] * 3600 + p[1] * 60 + (p[2] if len(p) == 3 else 0)
+    except ValueError:
+        pass
+    raise ValueError("not a %s: %r" % (M.TYPE_NAMES[t], s))
+
+
+def _parse_date(s):
+    # "YYYY-MM-DD[ HH:MM[:SS]][ UTC]" -> Unix seconds, independent of the port's epoch
+    s = s.replace("UTC", "").replace("Z", "").replace("T", " ").strip()
+    d, _, c = s.partition(" ")
+    y, mo, da = [int(x) for x in d.split("-")]
+    hh, mi, ss = ([int(x) for x in c.split(":")] + [0, 0, 0])[:3] if c else (0, 0, 0)
+    if not (1970 <= y < 2200 and 1 <= mo <= 12 and 1 <= da <= 31 and hh < 24 and mi < 60 and ss < 61):
+        raise ValueError
+    yy = y - (mo <= 2)
+    era = yy // 400
+    yoe = yy - era * 400
+    doy = (153 * (mo + (-3 if mo > 2 else 9)) + 2) // 5 + da - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return (era * 146097 + doe - 719468) * 86400 + hh * 3600 + mi * 60 + ss
+
+
+def configure(m, stale=None, deadband=None, min_interval=None, persist=None, priority=None):
+    """Change the staleness timeout, publish policy or flags of a metric."""
+    i = M._idx(m)
+    sp = M._sp[i]
+    if stale is not None:
+        from ovms import metrics_tab
+        sp = (sp & 0xF0) | metrics_tab.stale_class(stale)
+    if deadband is not None or min_interval is not None:
+        p = sp >> 4
+        db = float(M._pdb[p] if deadband is None else deadband)
+        mi = int(M._pmi[p] if min_interval is None else min_interval)
+        if not db >= 0 or mi < 0:
+            raise ValueError("deadband and min_interval must be >= 0")
+        for p in range(len(M._pdb)):
+            if M._pdb[p] == db and M._pmi[p] == mi:
+                break
+        else:
+            if len(M._pdb) >= 16:
+                raise ValueError("too many distinct publish policies")
+            M._pdb.append(db)
+            M._pmi.append(mi)
+            p = len(M._pdb) - 1
+        sp = (sp & 15) | (p << 4)
+    M._sp[i] = sp
+    f = M._fl[i]
+    if persist is not None:
+        f = (f | _F_PERSIST) if persist else (f & ~_F_PERSIST)
+    if priority is not None:
+        f = (f | _F_PRIO) if priority else (f & ~_F_PRIO)
+    M._fl[i] = f
+
+
+# ---- derived metrics (run by metrics.tick) ---------------------------------------
+
+def _usable(i):
+    return i >= 0 and M.defined(i) and not M.stale(i)
+
+
+def _derive_pair(out, a, b):
+    # out = a * b / 1000 (V x A -> kW) unless the vehicle provides out itself
+    o = M.find(out)
+    if o < 0 or M._src[o] >= 0:
+        return
+    ia = M.find(a)
+    ib = M.find(b)
+    if _usable(ia) and _usable(ib):
+        M.set(o, M.get(ia) * M.get(ib) / 1000)
+
+
+def derive_std():
+    """Module health and the standard derived metrics."""
+    import gc
+    M.set("m.monotonic", M.uptime() - 1)
+    M.set("m.freeram", gc.mem_free())
+    t = time.time()
+    if time.gmtime(t)[0] >= 2024:      # the clock has been set
+        M.set("m.time.utc", t + M._EPOCH)
+    # OVMS sign convention: current > 0 = discharge, so power > 0 = discharge
+    _derive_pair("v.b.power", "v.b.voltage", "v.b.current")
+    _derive_pair("v.c.power", "v.c.voltage", "v.c.current")
+
+
+# ---- persistence -------------------------------------------------------------------
+
+def _crc(data, c=0):
+    try:
+        import binascii
+        return binascii.crc32(data, c)
+    except (ImportError, AttributeError):
+        for b in data:
+            c = (c * 31 + b) & 0xFFFFFFFF
+        return c
+
+
+def _ser(i):
+    v = M.get(i)
+    t = M._fl[i] & _F_TYPE
+    if t == M.T_STR:
+        return v.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+    if t == M.T_BOOL:
+        return "1" if v else "0"
+    if t == M.T_VFLOAT or t == M.T_VINT:
+        return ",".join([repr(x) for x in v])
+    return repr(v)
+
+
+def _unser(s):
+    if "\\" not in s:
+        return s
+    out = []
+    j = 0
+    while j < len(s):
+        c = s[j]
+        if c == "\\" and j + 1 < len(s):
+            j += 1
+            c = {"n": "\n", "t": "\t"}.get(s[j], s[j])
+        out.append(c)
+        j += 1
+    return "".join(out)
+
+
+def persist_due():
+    """True if a persisted metric changed since the last save()."""
+    b = 1 << M.PERSIST
+    for i in range(M._n):
+        if M._fl[i] & _F_PERSIST and M._mod[i] & b:
+            return True
+    return False
+
+
+def save(path):
+    """Write the defined persisted metrics to path atomically (temp file + rename)."""
+    import os
+    tmp = path + ".tmp"
+    n = 0
+    b = (1 << M.PERSIST) ^ 0xFF
+    with open(tmp, "w") as f:
+        line = _MAGIC + "\n"
+        f.write(line)
+        crc = _crc(line.encode())
+        for i in range(M._n):
+            if M._fl[i] & _F_PERSIST and M.defined(i):
+                line = "%s\t%s\n" % (M.name(i), _ser(i))
+                f.write(line)
+                crc = _crc(line.encode(), crc)
+                M._mod[i] &= b
+                n += 1
+        f.write("#%08x\n" % crc)
+    os.rename(tmp, path)
+    return n
+
+
+def load(path):
+    """Restore persisted metrics from path; corrupt files are ignored with a message."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return 0
+    try:
+        data = data.decode()
+        body, _, tail = data.rstrip("\n").rpartition("\n#")
+        body += "\n"
+        if not data.startswith(_MAGIC + "\n") or int(tail, 16) != _crc(body.encode()):
+            raise ValueError("bad header or checksum")
+    except (ValueError, UnicodeError) as e:
+        print("metrics: ignoring corrupt", path, "(%s)" % e)
+        return 0
+    n = 0
+    for line in body.split("\n")[1:]:
+        nm, tab, v = line.partition("\t")
+        i = M.find(nm) if tab else -1
+        if i < 0 or not M._fl[i] & _F_PERSIST or M.defined(i):
+            continue
+        t = M._fl[i] & _F_TYPE
+        try:
+            v = M._coerce(t, _unser(v))
+        except ValueError:
+            print("metrics: bad saved value for", nm)
+            continue
+        M._store(i, t, v)
+        M._fl[i] |= _F_REST
+        M._mod[i] = 0xFF & ~(1 << M.PERSIST)
+        n += 1
+    return n
