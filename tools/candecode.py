@@ -3,7 +3,7 @@
 
 Usage:
   candecode.py --dbc FILE.dbc --log FILE.log [--bus NAME] [--messages all|mapped]
-               [--skip-unsupported]
+               [--skip-unsupported] [--raw]
 
 Prints one JSON object per decoded frame, in log order:
   {"t": <timestamp>, "id": <frame id>, "signals": {<DBC signal>: <physical value>}}
@@ -12,7 +12,8 @@ gives: int when scale/offset are integral, float otherwise, the VAL_ label when 
 value has one.  A frame shorter than its message yields only the signals whose bytes all
 arrived; bytes beyond the message length are ignored; frames of ids the DBC does not define
 print nothing.  --bus keeps only frames logged on that interface.  --messages mapped decodes
-only the signals a vehicle mapping (firmware/vehicles/*/*.json) takes from this DBC.
+only the signals a vehicle mapping (firmware/vehicles/*/*.json, or $OVMS_VEHICLES_DIR/*/*.json)
+takes from this DBC (multiplexers they depend on are decoded but not printed).
 A frame of a multiplexed message whose multiplexer value has no signals prints the
 multiplexer and the unmultiplexed signals (cantools raises an error there).
 The DBC is compiled on the host (tools/dbc2table.py); anything the decoder cannot
@@ -53,6 +54,7 @@ pos = 0
 i = 0
 w = sys.stdout.write
 aux = int(sys.argv[3])
+raw = int(sys.argv[4])
 skip = bytearray(dec.nsignals)
 for k in range(dec.nsignals):
     if aux and dec.info(k)[4] & 0x8000:
@@ -67,7 +69,7 @@ while pos + 5 <= n:
         parts = [str(i)]
         for k in dec.touched:
             if not skip[k]:
-                parts.append("%d=%r" % (k, dec.value(k, True, False)))
+                parts.append("%d=%r" % (k, dec.raw(k) if raw else dec.value(k, True, False)))
         w("\t".join(parts))
         w("\n")
     i += 1
@@ -139,7 +141,8 @@ def find_mapping_entries(dbc, bus=None, warn=None):
     """Entries of the vehicle mapping that takes signals from `dbc` (bus index set to 0)."""
     real = os.path.realpath(dbc)
     dbs = {}
-    for mp in sorted(glob.glob(os.path.join(REPO, "firmware", "vehicles", "*", "*.json"))):
+    root = os.environ.get("OVMS_VEHICLES_DIR") or os.path.join(REPO, "firmware", "vehicles")
+    for mp in sorted(glob.glob(os.path.join(root, "*", "*.json"))):
         try:
             m = dbc2table.load_mapping(mp)
         except dbc2table.CompileError:
@@ -161,14 +164,16 @@ def find_mapping_entries(dbc, bus=None, warn=None):
 
 
 def decode(dbc, frames, messages="all", bus=None, skip_unsupported=False, warn=None,
-           micropython=None):
-    """Yield (frame, {signal: value}) for every frame the DBC defines (device decoder)."""
+           micropython=None, raw=False):
+    """Yield (frame, {signal: value}) for every frame the DBC defines (device decoder).
+    dbc: path or cantools Database; raw: raw values (cantools scaling=False,
+    decode_choices=False) instead of physical values."""
     if messages == "mapped":
         entries, _ = find_mapping_entries(dbc, bus, warn)
         table = dbc2table.build(entries, warn)
     else:
         table = dbc2table.compile_dbc(dbc, 0, skip_unsupported, warn)
-    names = _names(table)
+    names = dbc2table.signal_names(table)
     with tempfile.TemporaryDirectory() as tmp:
         tf = os.path.join(tmp, "table.bin")
         rf = os.path.join(tmp, "frames.bin")
@@ -182,7 +187,7 @@ def decode(dbc, frames, messages="all", bus=None, skip_unsupported=False, warn=N
         heap = max(4 << 20, 3 * os.path.getsize(rf) + 2 * len(table) + (1 << 20))
         mp = micropython or find_tool("micropython", "OVMS_MICROPYTHON")
         proc = subprocess.Popen([mp, "-X", "heapsize=%d" % heap, sf, tf, rf,
-                                 "1" if messages == "mapped" else "0"],
+                                 "1" if messages == "mapped" else "0", "1" if raw else "0"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             for line in proc.stdout:
@@ -198,22 +203,6 @@ def decode(dbc, frames, messages="all", bus=None, skip_unsupported=False, warn=N
             rc = proc.wait()
         if rc != 0:
             raise RuntimeError("micropython decoder failed (%d): %s" % (rc, err[-2000:]))
-
-
-def _names(table):
-    """Signal names by index, read from the table on the host."""
-    h = struct.unpack_from(dbc2table.HDR, table)
-    nmsg, nsig, npc, ncv, nch = h[3], h[4], h[5], h[6], h[9]
-    om = struct.calcsize(dbc2table.HDR) + struct.calcsize(dbc2table.RANGE)
-    os_ = om + nmsg * struct.calcsize(dbc2table.MSG)
-    ostr = (os_ + nsig * struct.calcsize(dbc2table.SIG) + npc * struct.calcsize(dbc2table.PIECE)
-            + ncv * struct.calcsize(dbc2table.CONV) + nch * struct.calcsize(dbc2table.CHOICE))
-    out = []
-    for k in range(nsig):
-        off = struct.unpack_from(dbc2table.SIG, table, os_ + k * struct.calcsize(dbc2table.SIG))[10]
-        e = table.index(b"\0", ostr + off)
-        out.append(table[ostr + off:e].decode("utf-8"))
-    return out
 
 
 def _parse(tok):
@@ -233,6 +222,8 @@ def main(argv=None):
     ap.add_argument("--messages", choices=("all", "mapped"), default="all")
     ap.add_argument("--skip-unsupported", action="store_true",
                     help="drop messages the decoder cannot represent (warn) instead of failing")
+    ap.add_argument("--raw", action="store_true",
+                    help="print raw values (no scale/offset, no VAL_ labels)")
     a = ap.parse_args(argv)
 
     def warn(msg):
@@ -240,7 +231,8 @@ def main(argv=None):
     try:
         frames = read_log(a.log, a.bus, warn)
         out = sys.stdout
-        for fr, sig in decode(a.dbc, frames, a.messages, a.bus, a.skip_unsupported, warn):
+        for fr, sig in decode(a.dbc, frames, a.messages, a.bus, a.skip_unsupported, warn,
+                              raw=a.raw):
             out.write(json.dumps({"t": fr[0], "id": fr[2], "signals": sig}) + "\n")
     except dbc2table.CompileError as e:
         print("candecode: error: %s" % e, file=sys.stderr)

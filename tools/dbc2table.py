@@ -32,30 +32,35 @@ Vehicle mapping file (JSON)
 
 Table format (all little-endian; version 1)
 -------------------------------------------
-    header   "<4sBBHHHHHHII": b"OVDT", version, 0, nmsg, nsig, npiece, nconv, maxsig, 0,
+    header   "<4sBBHHHHHHHII": b"OVDT", version, flags (bit 0: wide references), nmsg,
+             nsig, npiece, nconv, maxsig (most signals in one message), nmux, 0,
              nchoice, strings_len
     ranges   16 x "<H": [start, end) message indexes for group g = bus*2 + extended
-    messages nmsg x "<IHHHHI": frame id, first signal, signal count, multiplexer signal
+    messages nmsg x "<IHHHHR": frame id, first signal, signal count, multiplexer signal
              (0xFFFF none), length (bytes), name
-    signals  nsig x "<HBBBBHIHHIIIHHI": first piece, piece count (1|2), bytes needed,
-             bit length, 0, flags, multiplexer values lo, hi (signal decoded when
-             lo <= multiplexer raw value <= hi), conversion, metric conversion, name,
-             metric name, unit, message index, choice count, first choice
-    pieces   npiece x "<BBBBI": LSB byte b0, right shift sh0, direction (0 Intel: +1,
-             1 Motorola: -1), byte count n, mask
+    signals  nsig x "<HBBBBHHHHRRRHHR": first piece, piece count (1|2), bytes needed,
+             bit length, 0, flags (F_* below), multiplexer range (0xFFFF: not
+             multiplexed), conversion, metric conversion, name, metric name, unit,
+             message index, choice count, first choice
+    muxes    nmux x "<II": multiplexer raw values lo, hi (signal decoded when lo <= mux <= hi)
+    pieces   npiece x "<BBBB": LSB byte b0, right shift sh0 | direction << 3 (0 Intel: +1,
+             1 Motorola: -1), byte count n, bit count (1..32)
     convs    nconv x "<ddBBBB": scale, offset, scale is int, offset is int, 0, 0
-    choices  nchoice x "<qI": raw value, label
+    choices  nchoice x "<qR": raw value, label
     strings  NUL-terminated UTF-8; name fields are offsets here (0 = "")
+R is "H" (narrow) or "I" when flags bit 0 is set (strings or choices beyond 65535).
 Signals of one message are contiguous, its multiplexer (if any) first.  A signal
 multiplexed on several disjoint value ranges (SG_MUL_VAL_ with one multiplexer) appears
-once per range; at most one of them matches a frame.  Messages are
-sorted by (bus, extended, id) so the device finds them by binary search.
+once per range; at most one of them matches a frame.  Messages are sorted by
+(bus, extended, id) so the device finds them by binary search.  The table is read in
+place (it can be a frozen bytes object in flash); the decoder copies only the per-frame
+data (about 17 bytes per signal) into RAM.
 
 Extraction (32-bit safe): each signal is one piece (<= 32 bits) or, for 33..64 bits, two
 (low 32 bits, then the high bits).  A piece is read as
     v = d[b0] >> sh0; pos = 8 - sh0; b = b0
     repeat n-1 times: b += step; v |= d[b] << pos; pos += 8
-    v &= mask
+    v &= (1 << bits) - 1          (computed as ((1 << (bits-1)) << 1) - 1)
 Every shift is < 32 and bits above 31 are masked off, so a 32-bit machine word suffices.
 Sign extension, two-piece combination, IEEE float reinterpretation and scale/offset
 happen when a value is read, not per frame.
@@ -69,13 +74,17 @@ import sys
 
 MAGIC = b"OVDT"
 VERSION = 1
-HDR = "<4sBBHHHHHHII"
+HDR = "<4sBBHHHHHHHII"
 RANGE = "<16H"
-MSG = "<IHHHHI"
-SIG = "<HBBBBHIIHHIIIHHI"
-PIECE = "<BBBBI"
+MUX = "<II"
+PIECE = "<BBBB"
 CONV = "<ddBBBB"
-CHOICE = "<qI"
+
+
+def formats(wide):
+    """(MSG, SIG, CHOICE) struct formats for narrow/wide references."""
+    r = "I" if wide else "H"
+    return "<IHHHH" + r, "<HBBBBHHHH%s%s%sHH%s" % (r, r, r, r), "<q" + r
 
 # signal flags (table "flags" field; Decoder.info() returns bits | flags << 8)
 F_SIGNED = 0x01
@@ -359,7 +368,7 @@ def build(entries, warn=None, messages=()):
         return conv_idx[k]
 
     ranges = [0] * 16
-    msgs, sigs, pieces, choices = [], [], [], []
+    msgs, sigs, pieces, choices, muxes = [], [], [], [], []
     maxsig = 1
     for mi, key in enumerate(keys):
         bus, ext, fid = key
@@ -397,7 +406,7 @@ def build(entries, warn=None, messages=()):
                 flags |= F_BIGENDIAN
             if e.aux:
                 flags |= F_AUX
-            runs = [(0, 0)]
+            runs = [None]
             if s.multiplexer_ids:
                 flags |= F_MUXED
                 top = 1 << (mx.length - 1 if mx.is_signed else mx.length)
@@ -433,27 +442,61 @@ def build(entries, warn=None, messages=()):
             ch = sorted((int(k), str(v)) for k, v in (s.choices or {}).items())
             cfirst = len(choices)
             for v, label in ch:
-                choices.append(struct.pack(CHOICE, v, strings.add(label)))
+                choices.append((v, strings.add(label)))
             p0 = len(pieces)
-            for p in ps:
-                pieces.append(struct.pack(PIECE, *p))
-            for lo, hi in runs:
-                sigs.append(struct.pack(SIG, p0, len(ps), need, s.length, 0, flags, lo, hi, c,
-                                        mc, strings.add(s.name), strings.add(e.metric),
-                                        strings.add(e.unit or ""), mi, len(ch), cfirst))
+            for b0, sh, dr, nb, mask in ps:
+                pieces.append(struct.pack(PIECE, b0, sh | dr << 3, nb, mask.bit_length()))
+            for run in runs:
+                mux = 0xFFFF
+                if run is not None:
+                    mux = len(muxes)
+                    muxes.append(struct.pack(MUX, *run))
+                sigs.append((p0, len(ps), need, s.length, 0, flags, mux, c, mc,
+                             strings.add(s.name), strings.add(e.metric),
+                             strings.add(e.unit or ""), mi, len(ch), cfirst))
         n = len(sigs) - first
         maxsig = max(maxsig, n)
         muxk = first if mx is not None else 0xFFFF
-        msgs.append(struct.pack(MSG, fid, first, n, muxk, min(msg.length, 0xFFFF),
-                                strings.add(msg.name)))
+        msgs.append((fid, first, n, muxk, min(msg.length, 0xFFFF), strings.add(msg.name)))
     for what, n in (("messages", len(msgs)), ("signals", len(sigs)), ("pieces", len(pieces)),
-                    ("conversions", len(convs))):
+                    ("conversions", len(convs)), ("multiplexer ranges", len(muxes))):
         if n > 0xFFFE:
             raise CompileError("too many %s (%d)" % (what, n))
-    hdr = struct.pack(HDR, MAGIC, VERSION, 0, len(msgs), len(sigs), len(pieces), len(convs),
-                      maxsig, 0, len(choices), len(strings.buf))
-    return b"".join([hdr, struct.pack(RANGE, *ranges)] + msgs + sigs + pieces + convs
-                    + choices + [bytes(strings.buf)])
+    wide = len(strings.buf) > 0xFFFF or len(choices) > 0xFFFF
+    fm, fs, fc = formats(wide)
+    hdr = struct.pack(HDR, MAGIC, VERSION, 1 if wide else 0, len(msgs), len(sigs), len(pieces),
+                      len(convs), maxsig, len(muxes), 0, len(choices), len(strings.buf))
+    return b"".join([hdr, struct.pack(RANGE, *ranges)] + [struct.pack(fm, *m) for m in msgs]
+                    + [struct.pack(fs, *x) for x in sigs] + muxes + pieces + convs
+                    + [struct.pack(fc, *c) for c in choices] + [bytes(strings.buf)])
+
+
+def layout(table):
+    """Header fields and section offsets of a table (host-side reader)."""
+    h = struct.unpack_from(HDR, table)
+    wide = h[2] & 1
+    fm, fs, fc = formats(wide)
+    L = {"nmsg": h[3], "nsig": h[4], "npiece": h[5], "nconv": h[6], "maxsig": h[7],
+         "nmux": h[8], "nchoice": h[10], "nstr": h[11], "MSG": fm, "SIG": fs, "CHOICE": fc}
+    o = struct.calcsize(HDR) + struct.calcsize(RANGE)
+    for name, fmt, n in (("msgs", fm, h[3]), ("sigs", fs, h[4]), ("muxes", MUX, h[8]),
+                         ("pieces", PIECE, h[5]), ("convs", CONV, h[6]),
+                         ("choices", fc, h[10])):
+        L[name] = o
+        o += struct.calcsize(fmt) * n
+    L["strings"] = o
+    return L
+
+
+def signal_names(table):
+    """DBC signal name of every table signal, in index order."""
+    L = layout(table)
+    size = struct.calcsize(L["SIG"])
+    out = []
+    for k in range(L["nsig"]):
+        off = L["strings"] + struct.unpack_from(L["SIG"], table, L["sigs"] + k * size)[9]
+        out.append(table[off:table.index(b"\0", off)].decode("utf-8"))
+    return out
 
 
 def _dedup_messages(db):
@@ -571,10 +614,11 @@ def to_module(table, source=""):
 
 
 def summary(table):
-    """(nmsg, nsig, npiece, nconv, nchoice, bytes) of a table."""
-    h = struct.unpack_from(HDR, table)
-    return {"messages": h[3], "signals": h[4], "pieces": h[5], "conversions": h[6],
-            "choices": h[9], "bytes": len(table)}
+    """Counts and size of a table."""
+    L = layout(table)
+    return {"messages": L["nmsg"], "signals": L["nsig"], "pieces": L["npiece"],
+            "conversions": L["nconv"], "choices": L["nchoice"], "strings": L["nstr"],
+            "bytes": len(table)}
 
 
 def main(argv=None):

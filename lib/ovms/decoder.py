@@ -4,26 +4,23 @@ import struct
 import micropython
 from micropython import const
 
-# Table layout: see tools/dbc2table.py (module docstring).  Hot data is copied into three
-# typed arrays so the viper code indexes them with ptr32/ptr16/ptr8 (aligned on every port):
-#   _u32 (array 'I'): [0] last message index + 1, [1] batch read offset, [2..7] section
-#                     offsets, then frame ids | piece masks | raw piece values |
-#                     multiplexer lo | multiplexer hi
+# Table layout: see tools/dbc2table.py (module docstring).  The table is read in place (a
+# frozen bytes object stays in flash); only per-frame data is copied into three typed
+# arrays the viper code indexes with ptr32/ptr16/ptr8 (aligned on every port):
+#   _u32 (array 'I'): [0] last message index + 1, [1] batch read offset, [2..9] section
+#                     offsets, [11] signals written by the last frame; then frame ids |
+#                     raw piece values | multiplexer ranges (lo, hi)
 #   _u16 (array 'H'): 16 group ranges | per message (first sig, count, mux sig) |
-#                     per signal (word, first piece) | touched list
+#                     per signal (word, first piece, mux range) | touched list
 #                     word = bytes needed | (pieces - 1) << 7 | muxed << 8 | is muxer << 9
-#   _u8 (bytearray):  per piece (b0, sh0, dir, nbytes) | per signal "seen" flag
+#   _u8 (bytearray):  per piece (b0, sh0 | dir << 3, nbytes, nbits) | per signal "seen"
 # Batch records (feed_batch): 4 bytes LE id | extended << 29 | bus << 30, 1 byte dlc,
 # dlc data bytes; records follow each other without padding.
 
-_HDR = "<4sBBHHHHHHII"
-_HDR_LEN = const(26)
+_HDR = "<4sBBHHHHHHHII"
+_HDR_LEN = const(28)
 _RNG_LEN = const(32)
-_MSG_LEN = const(16)
-_SIG_LEN = const(40)
-_PIECE_LEN = const(8)
 _CONV_LEN = const(20)
-_CHOICE_LEN = const(12)
 _NONE = const(0xFFFF)
 
 SIGNED = const(0x100)
@@ -49,13 +46,12 @@ def _run(u32, u16, u8, mod, tupd, tgt, buf, nfr: int, grp: int, cid: int, dl: in
     d = ptr8(buf)
     blen = int(len(buf))
     oid = int(w[2])
-    omask = int(w[3])
-    oraw = int(w[4])
-    omux = int(w[5])
-    omi = int(w[6])
-    osg = int(w[7])
-    otch = int(w[8])
-    oseen = int(w[9])
+    oraw = int(w[3])
+    omux = int(w[4])
+    omi = int(w[5])
+    osg = int(w[6])
+    otch = int(w[7])
+    oseen = int(w[8])
     total = 0
     pos = int(w[1])
     single = 0
@@ -102,7 +98,8 @@ def _run(u32, u16, u8, mod, tupd, tgt, buf, nfr: int, grp: int, cid: int, dl: in
         muxv = 0
         cnt = 0
         while k < kend:
-            a = int(h[osg + (k << 1)])
+            s = osg + k * 3
+            a = int(h[s])
             if (a & 0x7F) > dl:
                 k += 1
                 continue
@@ -110,18 +107,20 @@ def _run(u32, u16, u8, mod, tupd, tgt, buf, nfr: int, grp: int, cid: int, dl: in
                 if muxok == 0:
                     k += 1
                     continue
-                if muxv < int(w[omux + k]) or muxv > int(w[omux + k + int(w[10])]):
+                j = omux + (int(h[s + 2]) << 1)
+                if muxv < int(w[j]) or muxv > int(w[j + 1]):
                     k += 1
                     continue
-            p = int(h[osg + (k << 1) + 1])
+            p = int(h[s + 1])
             np = ((a >> 7) & 1) + 1
             ch = 0
             while np > 0:
                 pb = p << 2
                 i = base + int(b[pb])
                 sh = int(b[pb + 1])
-                st = 1 - (int(b[pb + 2]) << 1)
-                nb = int(b[pb + 3])
+                st = 1 - ((sh >> 2) & 2)
+                sh &= 7
+                nb = int(b[pb + 2])
                 v = int(d[i]) >> sh
                 sh = 8 - sh
                 while nb > 1:
@@ -129,7 +128,7 @@ def _run(u32, u16, u8, mod, tupd, tgt, buf, nfr: int, grp: int, cid: int, dl: in
                     v |= int(d[i]) << sh
                     sh += 8
                     nb -= 1
-                v &= int(w[omask + p])
+                v &= ((1 << (int(b[pb + 3]) - 1)) << 1) - 1
                 if int(w[oraw + p]) != v:
                     w[oraw + p] = v
                     ch = 1
@@ -155,107 +154,114 @@ def _run(u32, u16, u8, mod, tupd, tgt, buf, nfr: int, grp: int, cid: int, dl: in
     return total
 
 
+def _zeros(code, n):
+    return array.array(code, bytes((4 if code == "I" else 2) * n))
+
+
 class Decoder:
     """Decoder(table): table = bytes from dbc2table (may be a frozen bytes object)."""
 
     def __init__(self, table):
         t = table
+        if len(t) < _HDR_LEN + _RNG_LEN:
+            raise ValueError("not a decode table (short)")
         hd = struct.unpack_from(_HDR, t, 0)
         if hd[0] != b"OVDT" or hd[1] != 1:
             raise ValueError("not a decode table (magic/version)")
-        nmsg, nsig, npc, ncv, maxsig, nch = hd[3], hd[4], hd[5], hd[6], hd[7], hd[9]
+        r = "I" if hd[2] & 1 else "H"
+        self._fm = "<IHHHH" + r
+        self._fs = "<HBBBBHHHH%s%s%sHH%s" % (r, r, r, r)
+        self._fc = "<q" + r
+        self._lm = struct.calcsize(self._fm)
+        self._ls = struct.calcsize(self._fs)
+        self._lc = struct.calcsize(self._fc)
+        nmsg, nsig, npc, ncv, maxsig, nmux, nch = hd[3], hd[4], hd[5], hd[6], hd[7], hd[8], hd[10]
         self._om = _HDR_LEN + _RNG_LEN
-        self._os = self._om + nmsg * _MSG_LEN
-        self._op = self._os + nsig * _SIG_LEN
-        self._oc = self._op + npc * _PIECE_LEN
+        self._os = self._om + nmsg * self._lm
+        omx = self._os + nsig * self._ls
+        self._op = omx + nmux * 8
+        self._oc = self._op + npc * 4
         self._och = self._oc + ncv * _CONV_LEN
-        self._ostr = self._och + nch * _CHOICE_LEN
-        if len(t) != self._ostr + hd[10] or maxsig < 1:
+        self._ostr = self._och + nch * self._lc
+        if len(t) != self._ostr + hd[11] or maxsig < 1 or not hd[11] or t[-1] != 0:
             raise ValueError("corrupt decode table (length)")
         self._t = t
         self.nsignals = nsig
         self.nmessages = nmsg
-        self._ncv = ncv
-        self._nch = nch
         oid = 16
-        omask = oid + nmsg
-        oraw = omask + npc
+        oraw = oid + nmsg
         omux = oraw + npc
-        u32 = array.array("I", bytes(4 * (omux + 2 * nsig)))
-        u32[2] = oid
-        u32[3] = omask
-        u32[4] = oraw
-        u32[5] = omux
+        u32 = _zeros("I", omux + 2 * nmux)
         omi = 16
         osg = omi + 3 * nmsg
-        otch = osg + 2 * nsig
-        u16 = array.array("H", bytes(2 * (otch + maxsig)))
-        u32[6] = omi
-        u32[7] = osg
-        u32[8] = otch
-        u32[9] = 4 * npc
-        u32[10] = nsig
+        otch = osg + 3 * nsig
+        u16 = _zeros("H", otch + maxsig)
         u8 = bytearray(4 * npc + nsig)
+        for i, v in enumerate((oid, oraw, omux, omi, osg, otch, 4 * npc)):
+            u32[2 + i] = v
         rng = struct.unpack_from("<16H", t, _HDR_LEN)
         for g in range(8):
             if not rng[2 * g] <= rng[2 * g + 1] <= nmsg:
                 raise ValueError("corrupt decode table (ranges)")
             u16[2 * g] = rng[2 * g]
             u16[2 * g + 1] = rng[2 * g + 1]
-        for i in range(npc):
-            b0, sh, dr, nb, mask = struct.unpack_from("<BBBBI", t, self._op + i * _PIECE_LEN)
-            last = b0 + (nb - 1 if dr == 0 else 1 - nb)
-            if sh > 7 or dr > 1 or nb < 1 or not 0 <= last < 64 or b0 >= 64:
-                raise ValueError("corrupt decode table (piece %d)" % i)
-            u8[4 * i] = b0
-            u8[4 * i + 1] = sh
-            u8[4 * i + 2] = dr
-            u8[4 * i + 3] = nb
-            u32[omask + i] = mask
+        last = -1
         for i in range(nmsg):
-            fid, first, n, mux, ln, _ = struct.unpack_from("<IHHHHI", t, self._om + i * _MSG_LEN)
+            fid, first, n, mux, _, _ = struct.unpack_from(self._fm, t, self._om + i * self._lm)
             if first + n > nsig or (mux != _NONE and not first <= mux < first + n) or n > maxsig:
                 raise ValueError("corrupt decode table (message %d)" % i)
             u32[oid + i] = fid
             u16[omi + 3 * i] = first
             u16[omi + 3 * i + 1] = n
             u16[omi + 3 * i + 2] = mux
+        for i in range(nmux):
+            lo, hi = struct.unpack_from("<II", t, omx + 8 * i)
+            u32[omux + 2 * i] = lo
+            u32[omux + 2 * i + 1] = hi
+        for i in range(4 * npc):
+            u8[i] = t[self._op + i]
+        for i in range(npc):
+            b0, sd, nb, bits = u8[4 * i], u8[4 * i + 1], u8[4 * i + 2], u8[4 * i + 3]
+            end = b0 + (nb - 1 if sd < 8 else 1 - nb)
+            if sd > 15 or nb < 1 or not 0 <= end < 64 or b0 >= 64 or not 1 <= bits <= 32:
+                raise ValueError("corrupt decode table (piece %d)" % i)
         for k in range(nsig):
-            p0, np, need, bits, _, fl, lo, hi = struct.unpack_from("<HBBBBHII", t, self._os + k * _SIG_LEN)
-            if p0 + np > npc or not 1 <= np <= 2 or need > 64 or bits > 64:
+            p0, np, need, bits, _, fl, mx = struct.unpack_from(self._fs[:8], t, self._os + k * self._ls)
+            if p0 + np > npc or not 1 <= np <= 2 or need > 64 or bits > 64 or \
+                    (fl & 0x10 and mx >= nmux):
                 raise ValueError("corrupt decode table (signal %d)" % k)
             for p in range(p0, p0 + np):
-                b0, nb, dr = u8[4 * p], u8[4 * p + 3], u8[4 * p + 2]
-                if max(b0, b0 + (nb - 1 if dr == 0 else 1 - nb)) >= need:
+                b0, nb, sd = u8[4 * p], u8[4 * p + 2], u8[4 * p + 1]
+                if max(b0, b0 + (nb - 1 if sd < 8 else 1 - nb)) >= need:
                     raise ValueError("corrupt decode table (signal %d bytes)" % k)
-            u16[osg + 2 * k] = need | ((np - 1) << 7) | ((fl & 0x10) << 4) | ((fl & 0x08) << 6)
-            u16[osg + 2 * k + 1] = p0
-            u32[omux + k] = lo
-            u32[omux + nsig + k] = hi
+            u16[osg + 3 * k] = need | ((np - 1) << 7) | ((fl & 0x10) << 4) | ((fl & 0x08) << 6)
+            u16[osg + 3 * k + 1] = p0
+            u16[osg + 3 * k + 2] = mx
         self._u32 = u32
         self._u16 = u16
         self._u8 = u8
         self._otch = otch
         self._oraw = oraw
         self._mod = bytearray(1)
-        self._tupd = array.array("i", [0])
-        self._tgt = array.array("H", bytes(2 * nsig)) if nsig else array.array("H", [0])
+        self._tupd = _zeros("I", 1)
+        self._tgt = _zeros("H", max(nsig, 1))
         for k in range(nsig):
             self._tgt[k] = _NONE
-        self._empty = bytearray(0)
 
     # ---------------------------------------------------------------- hot path
     def bind(self, mod, tupd, targets):
         """mod: bytearray per metric (0xFF on raw change); tupd: array('i') per metric (set to
         `now` on every write); targets: array('H') signal index -> metric index (0xFFFF none)."""
         n = self.nsignals
-        if len(targets) < n or getattr(targets, "typecode", "H") != "H":
+        if not isinstance(targets, array.array) or len(targets) < n \
+                or len(bytes(targets)) != 2 * len(targets):
             raise ValueError("targets must be array('H') of >= %d entries" % n)
-        if not isinstance(mod, bytearray) or getattr(tupd, "typecode", "") not in ("i", "I", "l"):
+        if not isinstance(mod, bytearray) or not isinstance(tupd, array.array) \
+                or len(bytes(tupd)) != 4 * len(tupd):
             raise ValueError("mod must be a bytearray, tupd an array('i')")
         for k in range(n):
             m = targets[k]
-            if m != _NONE and (m >= len(mod) or m >= len(tupd)):
+            if m != _NONE and not 0 <= m < min(len(mod), len(tupd)):
                 raise ValueError("target %d of signal %d beyond metric table" % (m, k))
         self._mod = mod
         self._tupd = tupd
@@ -310,7 +316,7 @@ class Decoder:
     def _sig(self, k):
         if not 0 <= k < self.nsignals:
             raise IndexError("signal index")
-        return struct.unpack_from("<HBBBBHIIHHIIIHHI", self._t, self._os + k * _SIG_LEN)
+        return struct.unpack_from(self._fs, self._t, self._os + k * self._ls)
 
     def _str(self, off):
         t = self._t
@@ -324,13 +330,13 @@ class Decoder:
         """(message name, signal name, metric name, unit, flags); flags = bit length |
         SIGNED | FLOAT | CHOICES | MUXER | MUXED | INT | MINT | AUX | BIGENDIAN."""
         s = self._sig(k)
-        mname = struct.unpack_from("<I", self._t, self._om + s[13] * _MSG_LEN + 12)[0]
-        return (self._str(mname), self._str(s[10]), self._str(s[11]), self._str(s[12]),
+        mname = struct.unpack_from(self._fm, self._t, self._om + s[12] * self._lm)[5]
+        return (self._str(mname), self._str(s[9]), self._str(s[10]), self._str(s[11]),
                 s[3] | (s[5] << 8))
 
     def msg_info(self, i):
         """(bus, extended, frame id, name, length) of message i."""
-        fid, _, _, _, ln, nm = struct.unpack_from("<IHHHHI", self._t, self._om + i * _MSG_LEN)
+        fid, _, _, _, ln, nm = struct.unpack_from(self._fm, self._t, self._om + i * self._lm)
         rng = struct.unpack_from("<16H", self._t, _HDR_LEN)
         g = 0
         while not rng[2 * g] <= i < rng[2 * g + 1]:
@@ -339,12 +345,12 @@ class Decoder:
 
     def signal_message(self, k):
         """Message index of signal k."""
-        return self._sig(k)[13]
+        return self._sig(k)[12]
 
     def conv(self, k, convert=True):
         """(scale, offset) of signal k (convert: with the mapping's factor/add)."""
         s = self._sig(k)
-        c = s[9] if convert else s[8]
+        c = s[8] if convert else s[7]
         sc, of, si, oi = struct.unpack_from("<ddBB", self._t, self._oc + c * _CONV_LEN)
         return (int(sc) if si else sc, int(of) if oi else of)
 
@@ -352,8 +358,8 @@ class Decoder:
         """[(raw value, label)] of signal k (VAL_ table; empty if none)."""
         s = self._sig(k)
         out = []
-        for i in range(s[15], s[15] + s[14]):
-            v, so = struct.unpack_from("<qI", self._t, self._och + i * _CHOICE_LEN)
+        for i in range(s[14], s[14] + s[13]):
+            v, so = struct.unpack_from(self._fc, self._t, self._och + i * self._lc)
             out.append((v, self._str(so)))
         return out
 
@@ -378,17 +384,17 @@ class Decoder:
         one; convert: apply the mapping's factor/add (False: the DBC value)."""
         s = self._sig(k)
         r = self.raw(k)
-        if choices and s[14]:
+        if choices and s[13]:
             key = r
             if isinstance(r, float):
                 key = int(r) if r - r == 0 else None
             if key is not None:
                 t = self._t
-                for i in range(s[15], s[15] + s[14]):
-                    v, so = struct.unpack_from("<qI", t, self._och + i * _CHOICE_LEN)
+                for i in range(s[14], s[14] + s[13]):
+                    v, so = struct.unpack_from(self._fc, t, self._och + i * self._lc)
                     if v == key:
                         return self._str(so)
-        c = s[9] if convert else s[8]
+        c = s[8] if convert else s[7]
         sc, of, si, oi = struct.unpack_from("<ddBB", self._t, self._oc + c * _CONV_LEN)
         if si and oi and sc == 1 and of == 0:
             return r
