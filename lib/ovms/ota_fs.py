@@ -1,0 +1,93 @@
+"""ota_fs: small flash-file helpers for OTA staging (mkdirs, rmtree, sizes, hashing, checks)."""
+import os
+import binascii
+import ota_boot
+
+
+class OTAError(Exception):
+    """A refused or failed update; the message is shown to the user."""
+
+
+def fp(path):
+    return ota_boot.ROOT + path
+
+
+def hexs(b):
+    return binascii.hexlify(b).decode()
+
+
+def mkdirs(d):
+    p = ""
+    for part in d.split("/"):
+        if part:
+            p += "/" + part
+            try:
+                os.mkdir(p)
+            except OSError:
+                pass
+
+
+def rmtree(d):
+    try:
+        for e in list(os.ilistdir(d)):
+            p = d + "/" + e[0]
+            if e[1] == 0x4000:
+                rmtree(p)
+            else:
+                os.remove(p)
+        os.rmdir(d)
+    except OSError:
+        pass
+
+
+def du(d):
+    n = 0
+    try:
+        for e in os.ilistdir(d):
+            n += du(d + "/" + e[0]) if e[1] == 0x4000 else os.stat(d + "/" + e[0])[6]
+    except OSError:
+        pass
+    return n
+
+
+def size(p):
+    try:
+        return os.stat(p)[6]
+    except OSError:
+        return -1
+
+
+def rm(p):
+    try:
+        os.remove(p)
+    except OSError:
+        pass
+
+
+def hash_file(p, n, h, buf):
+    """Feed the first n bytes of file p into hash h."""
+    mv = memoryview(buf)
+    with open(p, "rb") as f:
+        while n > 0:
+            k = f.readinto(mv[:min(n, len(buf))])
+            if not k:
+                raise OTAError("cannot read back " + p)
+            h.update(mv[:k])
+            n -= k
+
+
+def free():
+    try:
+        s = os.statvfs(ota_boot.ROOT or "/")
+        return s[0] * s[3]
+    except OSError:
+        return 1 << 30
+
+
+def check_path(p):
+    if not isinstance(p, str) or not p.startswith("lib/") or ".." in p or "//" in p \
+            or p.endswith("/") or "\\" in p:
+        raise OTAError("invalid manifest: bad file path %r" % (p,))
+    for c in p:
+        if not (c.isalpha() or c.isdigit() or c in "_-./"):
+            raise OTAError("invalid manifest: bad file path %r" % (p,))

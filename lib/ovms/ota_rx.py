@@ -1,0 +1,301 @@
+"""ota_rx: the OTA transfer protocol: chunks with offsets, signed header check, resume after reboot."""
+import os
+import json
+import hashlib
+from micropython import const
+import ota_boot
+from ovms import ota
+from ovms.ota_fs import OTAError, fp, mkdirs, rmtree, du, rm, free, check_path
+from ovms.ota_fs import size as fsize
+from ovms.ota_rsa import load_key, verify
+
+# Bundle = header + data. Header: b"MOTA", format 1, 0, u16 sig length S, u32 manifest length M
+# (big-endian), S bytes RSA PKCS#1 v1.5 SHA-256 signature over the M manifest bytes, the manifest
+# (JSON: format, kind "app"|"firmware", version, arch, mpy, size, files [[path, size, sha256hex]],
+# deadline?). Data: the files' contents concatenated in manifest order.
+MAX_APP = 2 * 1024 * 1024       # largest app bundle accepted
+_HDR = const(12)
+_MAX_SIG = const(1024)
+_MAX_MAN = const(16384)
+_RESERVE = const(16384)         # flash left free after staging
+
+
+class Receiver:
+    """MQTT-agnostic OTA receiver: handle(op, payload) -> JSON reply bytes.
+
+    ops: status | begin {"id","size"} | data <u32 offset><bytes> | end | abort | reboot.
+    Every reply carries "op" and, while a transfer runs, "next" (the offset the device wants).
+    After replying to "reboot" the caller resets the device (.reboot is True)."""
+
+    def __init__(self):
+        self.reboot = False
+        self._last = None           # reply of the last successful end (a repeated end gets it)
+        self._buf = bytearray(1024)
+        self._clear()
+        try:
+            self._resume()
+        except Exception as e:
+            print("ota: cannot resume the staged transfer:", e)
+            self._clear()
+
+    def _clear(self):
+        s = getattr(self, "sink", None)
+        if s:
+            try:
+                s.close()
+            except OSError:
+                pass
+        self.sink = self.man = self.slot = self.id = None
+        self.size = self.next = self.hl = 0
+
+    def handle(self, op, payload=b""):
+        """Process one request; never raises."""
+        try:
+            if op == "status":
+                r = ota.status(self)
+            elif op == "begin":
+                r = self._begin(payload)
+            elif op == "data":
+                r = self._data(payload)
+            elif op == "end":
+                r = self._end()
+            elif op == "abort":
+                self._abort()
+                r = {"ok": True}
+            elif op == "reboot":
+                self.reboot = True
+                r = {"ok": True}
+            else:
+                r = {"error": "unknown OTA operation %r" % (op,)}
+        except OTAError as e:
+            self._abort()
+            r = {"error": str(e)}
+        except Exception as e:      # never let a bad bundle crash the device
+            self._abort()
+            r = {"error": "OTA %s failed: %s %s" % (op, type(e).__name__, e)}
+        r["op"] = op
+        if self.id and "next" not in r and "error" not in r:
+            r["next"] = self.next
+        return json.dumps(r).encode()
+
+    # /ota/stage.json {"id","size","slot","fw"} + /ota/stage.hdr (the header bytes received so far)
+    def _meta(self, fw=0):
+        mkdirs(fp("/ota"))
+        with open(fp("/ota/stage.tmp"), "w") as f:
+            json.dump({"id": self.id, "size": self.size, "slot": self.slot, "fw": fw}, f)
+        os.rename(fp("/ota/stage.tmp"), fp("/ota/stage.json"))
+
+    def _abort(self):
+        self._last = None
+        self._clear()
+        rm(fp("/ota/stage.json"))
+        rm(fp("/ota/stage.hdr"))
+
+    def _begin(self, payload):
+        try:
+            req = json.loads(payload)
+            bid = str(req["id"])
+            n = int(req["size"])
+        except (ValueError, KeyError, TypeError):
+            return {"error": "begin needs a JSON payload {\"id\": ..., \"size\": ...}"}
+        if ota_boot.trial:
+            return {"error": "version %s is on trial: retry after it is committed or rolled back"
+                    % ota.version(ota_boot.booted)}
+        if n <= _HDR:
+            return {"error": "bundle too small (%d bytes)" % n}
+        self._abort()
+        self.id = bid
+        self.size = n
+        mkdirs(fp("/ota"))
+        open(fp("/ota/stage.hdr"), "wb").close()
+        self._meta()
+        return {"ok": True, "next": 0}
+
+    def _data(self, payload):
+        if not self.id:
+            return {"error": "no transfer in progress: send begin first"}
+        if len(payload) < 4:
+            return {"error": "data chunk without offset", "next": self.next}
+        off = int.from_bytes(payload[:4], "big")
+        mv = memoryview(payload)[4:]
+        if off != self.next:                # duplicate or out of order: tell the host where we are
+            return {"next": self.next}
+        if off + len(mv) > self.size:
+            raise OTAError("oversized bundle: more data than the declared %d bytes" % self.size)
+        while len(mv):
+            if not self.sink:               # header: 12 fixed bytes, then signature + manifest
+                k = min(len(mv), (self.hl or _HDR) - self.next)
+                with open(fp("/ota/stage.hdr"), "ab") as f:
+                    f.write(mv[:k])
+                self.next += k
+                mv = mv[k:]
+                if self.next == _HDR:
+                    self._parse_hl()
+                if self.next == self.hl:
+                    self._accept()
+            else:
+                self.sink.write(mv)
+                self.next += len(mv)
+                break
+        return {"next": self.next}
+
+    def _parse_hl(self):
+        with open(fp("/ota/stage.hdr"), "rb") as f:
+            h = f.read(_HDR)
+        if h[:4] != b"MOTA" or h[4] != 1:
+            raise OTAError("not an OTA bundle (bad magic or format)")
+        sl = int.from_bytes(h[6:8], "big")
+        ml = int.from_bytes(h[8:12], "big")
+        if not 0 < sl <= _MAX_SIG or not 0 < ml <= _MAX_MAN:
+            raise OTAError("invalid bundle header (signature %d, manifest %d bytes)" % (sl, ml))
+        self.hl = _HDR + sl + ml
+        if self.hl > self.size:
+            raise OTAError("bundle truncated: its header needs %d bytes, bundle has %d"
+                           % (self.hl, self.size))
+
+    def _read_hdr(self):
+        """(signature, manifest bytes) of the staged header."""
+        with open(fp("/ota/stage.hdr"), "rb") as f:
+            h = f.read()
+        if len(h) != self.hl:
+            raise OTAError("staged header is damaged")
+        sl = int.from_bytes(h[6:8], "big")
+        return h[_HDR:_HDR + sl], h[_HDR + sl:]
+
+    def _manifest(self, mb):
+        try:
+            m = json.loads(mb)
+            kind = m["kind"]
+            files = m["files"]
+            total = 0
+            for p, n, d in files:
+                if not isinstance(n, int) or n < 0 or len(d) != 64:
+                    raise ValueError
+                total += n
+            str(m["version"])
+        except (ValueError, KeyError, TypeError):
+            raise OTAError("invalid manifest")
+        if m.get("format") != 1 or kind not in ("app", "firmware") or not files:
+            raise OTAError("invalid manifest: unsupported format or kind")
+        if total != m.get("size"):
+            raise OTAError("invalid manifest: file sizes do not add up")
+        if self.hl + total != self.size:
+            raise OTAError("%s: %d bytes, its manifest says %d" % (
+                "bundle truncated" if self.size < self.hl + total else "oversized bundle",
+                self.size, self.hl + total))
+        if kind == "firmware" and len(files) != 1:
+            raise OTAError("invalid manifest: a firmware bundle holds one image")
+        return m
+
+    def _accept(self):
+        """Header complete: check the signature and manifest, then prepare the target."""
+        sig, mb = self._read_hdr()
+        if not verify(hashlib.sha256(mb).digest(), sig, load_key()):
+            raise OTAError("signature verification failed: bundle not signed with this "
+                           "module's OTA key, or tampered with")
+        m = self.man = self._manifest(mb)
+        if m["kind"] == "firmware":
+            self._accept_fw(m)
+        else:
+            self._accept_app(m)
+        self._meta()
+        self.sink.start()
+
+    def _accept_fw(self, m):
+        import esp32
+        from ovms.ota_sink import FwSink
+        run = esp32.Partition(esp32.Partition.RUNNING)
+        part = run.get_next_update()
+        cap = part.ioctl(4, 0) * part.ioctl(5, 0)
+        if m["size"] > cap:
+            raise OTAError("oversized firmware: %d bytes, partition %s holds %d"
+                           % (m["size"], part.info()[4], cap))
+        if esp32.Partition(esp32.Partition.BOOT).info()[4] != run.info()[4]:
+            run.set_boot()              # never leave the boot pointer on a half-written image
+        s = ota_boot.load()
+        if (s.get("fw") or {}).get("label") == part.info()[4]:
+            s["fw"] = None
+            ota_boot.save(s)
+        self.sink = FwSink(part, m, self._meta)
+        self.slot = self.sink.slot
+
+    def _accept_app(self, m):
+        from ovms.ota_sink import AppSink
+        a, mpy = ota.arch()
+        if m.get("mpy") is not None and (m["mpy"] != mpy or m.get("arch") not in ("", a)):
+            raise OTAError("bundle compiled for %s (mpy %s), this module runs %s (mpy %s)"
+                           % (m.get("arch"), m["mpy"], a, mpy))
+        for f in m["files"]:
+            check_path(f[0])
+        if m["size"] > MAX_APP:
+            raise OTAError("oversized app bundle: %d bytes, limit %d" % (m["size"], MAX_APP))
+        s = ota_boot.load()
+        run = ota_boot.booted or s.get("run") or "f"
+        slot = "b" if run == "a" or (run == "f" and s.get("prev") == "a") else "a"
+        need = m["size"] + _RESERVE + 512 * len(m["files"])
+        avail = free() + du(fp("/app/" + slot))
+        if need > avail:
+            raise OTAError("oversized app bundle: needs %d bytes of flash, %d free" % (need, avail))
+        ch = False
+        for k in ("stg", "prev", "run"):   # the slot is about to be overwritten: drop references
+            if s.get(k) == slot:
+                s[k] = run if k == "run" else None
+                ch = True
+        if ch:
+            ota_boot.save(s)
+        rmtree(fp("/app/" + slot))
+        mkdirs(fp("/app/" + slot + "/lib"))
+        self.slot = slot
+        self.sink = AppSink(slot, m, self._buf)
+
+    def _resume(self):
+        """After a reboot: rebuild the transfer position from what is on flash."""
+        try:
+            with open(fp("/ota/stage.json")) as f:
+                st = json.load(f)
+        except (OSError, ValueError):
+            return
+        self.id, self.size, slot = st["id"], st["size"], st["slot"]
+        s = ota_boot.load()
+        if slot and (slot in (s.get("stg"), s.get("run"), ota_boot.booted)
+                     or slot == (s.get("fw") or {}).get("label")):
+            self._abort()                   # finished already; only the clean-up was cut off
+            return
+        hs = fsize(fp("/ota/stage.hdr"))
+        if hs < 0:
+            raise OTAError("header missing")
+        self.next = hs
+        if hs >= _HDR:
+            self._parse_hl()
+        if not slot:                        # header not accepted yet
+            if self.hl and hs > self.hl:
+                raise OTAError("header too long")
+            if self.hl and hs == self.hl:
+                self._accept()
+            return
+        sig, mb = self._read_hdr()
+        m = self.man = self._manifest(mb)
+        self.slot = slot
+        if m["kind"] == "firmware":
+            import esp32
+            from ovms.ota_sink import FwSink
+            part = esp32.Partition(esp32.Partition.RUNNING).get_next_update()
+            self.sink = FwSink(part, m, self._meta)
+            self.next = self.hl + self.sink.resume(st.get("fw", 0))
+        else:
+            from ovms.ota_sink import AppSink
+            self.sink = AppSink(slot, m, self._buf)
+            self.next = self.hl + self.sink.resume()
+
+    def _end(self):
+        if not self.id:
+            return self._last or {"error": "no transfer in progress: send begin first"}
+        if self.next != self.size or not self.sink:
+            return {"error": "bundle truncated: received %d of %d bytes" % (self.next, self.size)}
+        sig, mb = self._read_hdr()
+        msg = self.sink.finish(sig, mb)
+        r = {"ok": True, "staged": self.man["version"], "slot": self.slot, "next": self.size,
+             "msg": msg}
+        self._abort()
+        self._last = r
+        return r

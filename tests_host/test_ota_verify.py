@@ -1,0 +1,285 @@
+"""OTA bundles: host build + RSA signing, device-side verification on the micropython binary, and
+clear refusals of bad bundles (wrong signature/key, wrong hash, truncated, oversized, malformed)."""
+import json
+import os
+import stat
+import struct
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding
+
+import cli_ota
+from test_ota_helpers import (app_bundle, check_slot, device, device_arch, flash_root, keypair,
+                              lines, snapshot_config, _Args)
+from util import LIB, REPO, run_mpy
+
+
+def _push(tmp_path, root, bundle, bid=None, ch=512):
+    p = os.path.join(str(tmp_path), "bundle.bin")
+    with open(p, "wb") as f:
+        f.write(bundle)
+    rc, out = device(root, "push", p, bid or cli_ota.bundle_id(bundle), str(ch))
+    return out
+
+
+def _state(root):
+    try:
+        with open(os.path.join(root, "ota", "state.json")) as f:
+            return json.load(f)
+    except OSError:
+        return {}
+
+
+def _nothing_staged(root):
+    assert not _state(root).get("stg")
+    for s in ("a", "b"):
+        assert not os.path.exists(os.path.join(root, "app", s, "manifest.json"))
+    assert not os.path.exists(os.path.join(root, "ota", "stage.json"))
+
+
+def _resign(bundle, mutate_manifest, key="main"):
+    """Re-sign a bundle after changing its manifest (a validly signed but bad bundle)."""
+    sig, mb, man, hl = cli_ota.parse_bundle(bundle)
+    data = bundle[hl:]
+    mutate_manifest(man)
+    mb = json.dumps(man, separators=(",", ":"), sort_keys=True).encode()
+    sig = cli_ota.sign(keypair(key)[2], mb)
+    return b"MOTA\x01\x00" + struct.pack(">HI", len(sig), len(mb)) + sig + mb, data
+
+
+def test_keygen_writes_private_0600_and_public(tmp_path):
+    path = str(tmp_path / "ota.pem")
+    assert cli_ota.keygen(_Args(key_file=path)) == 0
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    pub = serialization.load_pem_public_key(open(path + ".pub", "rb").read())
+    assert pub.key_size == 3072
+    assert cli_ota.keygen(_Args(key_file=path)) == 1      # never overwrites a key
+
+
+def test_rsa_verify_on_device_good_bad_and_timing():
+    priv_path, pub_pem, key = keypair()
+    other = keypair("other")[2]
+    msg = b'{"kind":"app","version":"1.2.3"}'
+    good = cli_ota.sign(key, msg)
+    bad_key = cli_ota.sign(other, msg)
+    flipped = bytes([good[0] ^ 1]) + good[1:]
+    r = run_mpy("""
+import time, hashlib
+from ovms.ota_rsa import parse_key, verify
+key = parse_key(%r)
+d = hashlib.sha256(%r).digest()
+print(verify(d, %r, key), verify(d, %r, key), verify(d, %r, key), verify(d, %r[:-1], key))
+print(verify(hashlib.sha256(b'other').digest(), %r, key))
+t = time.ticks_us()
+for i in range(5):
+    verify(d, %r, key)
+print("us", time.ticks_diff(time.ticks_us(), t) // 5)
+""" % (pub_pem, msg, good, bad_key, flipped, good, good, good))
+    l1, l2, l3 = r.stdout.split("\n")[:3]
+    assert l1 == "True False False False"
+    assert l2 == "False"
+    us = int(l3.split()[1])
+    print("RSA-3072 verify on the unix micropython binary: %d us" % us)
+    assert us < 200000
+
+
+def test_public_key_formats_and_garbage():
+    pub_pem = keypair()[1]
+    pub = serialization.load_pem_public_key(pub_pem.encode())
+    pkcs1 = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.PKCS1).decode()
+    ec_pem = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    r = run_mpy("""
+from ovms.ota_rsa import parse_key
+from ovms.ota_fs import OTAError
+a = parse_key(%r); b = parse_key(%r)
+print(a == b, a[1], a[2])
+for bad in (%r, "-----BEGIN PUBLIC KEY-----\\nAAAA\\n-----END PUBLIC KEY-----", "hello", ""):
+    try:
+        parse_key(bad)
+        print("accepted")
+    except OTAError as e:
+        print("refused:", e)
+""" % (pub_pem, pkcs1, ec_pem))
+    out = r.stdout.splitlines()
+    assert out[0] == "True 65537 384"
+    assert out[1] == "refused: bad OTA public key: not an RSA key"
+    assert all(ln.startswith("refused: bad OTA public key") for ln in out[2:5]), out
+
+
+def test_good_bundle_is_staged_verified_and_config_untouched(tmp_path):
+    root = flash_root(tmp_path)
+    cfg = snapshot_config(root)
+    b = app_bundle(tmp_path, "2.0.0")
+    out = _push(tmp_path, root, b)
+    assert lines(out, "STAGED") == ["2.0.0"], out
+    st = _state(root)
+    assert st["stg"] == "a" and not st.get("run")
+    check_slot(root, "a", "2.0.0", keypair()[1])
+    assert not os.path.exists(os.path.join(root, "ota", "stage.json"))     # cleaned up
+    assert not any(f.endswith(".part") for d, _, fs in os.walk(root) for f in fs)
+    assert snapshot_config(root) == cfg
+
+
+def test_real_app_from_this_repo_stages_in_100k_heap(tmp_path):
+    """The whole lib/ of this repo, compiled for the device arch, goes through at 1 KiB chunks."""
+    root = flash_root(tmp_path)
+    arch, mpy = device_arch()
+    b = cli_ota.app_bundle(REPO, keypair()[2], "repo-head", arch, mpy)
+    out = _push(tmp_path, root, b, ch=1024)
+    assert lines(out, "STAGED") == ["repo-head"], out
+    man = check_slot(root, "a", "repo-head", keypair()[1])
+    want = sorted("lib/" + os.path.relpath(os.path.join(d, f), LIB)[:-3] + ".mpy"
+                  for d, _, fs in os.walk(LIB) for f in fs
+                  if f.endswith(".py") and f != "ota_boot.py" and "__pycache__" not in d)
+    assert sorted(p for p, _, _ in man["files"] if p.endswith(".mpy")) == want
+
+
+@pytest.mark.parametrize("case", ["wrong_key", "tampered_manifest", "wrong_hash", "no_key",
+                                  "bad_magic", "truncated_file", "extra_bytes", "wrong_arch",
+                                  "bad_path", "oversized_manifest"])
+def test_bad_bundles_are_refused_with_a_clear_message(tmp_path, case):
+    root = flash_root(tmp_path)
+    cfg = snapshot_config(root)
+    good = app_bundle(tmp_path, "3.0.0")
+    sig, mb, man, hl = cli_ota.parse_bundle(good)
+    expect = {
+        "wrong_key": "signature verification failed",
+        "tampered_manifest": "signature verification failed",
+        "wrong_hash": "hash mismatch for lib/",
+        "no_key": "no OTA public key on the device",
+        "bad_magic": "not an OTA bundle",
+        "truncated_file": "bundle truncated: %d bytes, its manifest says %d" % (
+            len(good) - 100, len(good)),
+        "extra_bytes": "oversized bundle: %d bytes, its manifest says %d" % (
+            len(good) + 100, len(good)),
+        "wrong_arch": "bundle compiled for xtensawin",
+        "bad_path": "invalid manifest: bad file path",
+        "oversized_manifest": "oversized app bundle",
+    }[case]
+    if case == "wrong_key":
+        b = app_bundle(tmp_path, "3.0.0", key="other")
+    elif case == "tampered_manifest":
+        b = good[:12 + len(sig)] + mb.replace(b'"3.0.0"', b'"3.9.0"') + good[hl:]
+        assert len(b) == len(good) and b != good
+    elif case == "wrong_hash":
+        i = hl + man["files"][3][1] // 2 + sum(n for _, n, _ in man["files"][:3])
+        b = good[:i] + bytes([good[i] ^ 0x55]) + good[i + 1:]
+    elif case == "no_key":
+        os.remove(os.path.join(root, "ota", "pubkey.pem"))
+        b = good
+    elif case == "bad_magic":
+        b = b"ZIP!" + good[4:]
+    elif case == "truncated_file":
+        b = good[:len(good) - 100]
+    elif case == "extra_bytes":
+        b = good + b"\0" * 100
+    elif case == "wrong_arch":
+        head, data = _resign(good, lambda m: m.update(arch="xtensawin"))
+        b = head + data
+    elif case == "bad_path":
+        head, data = _resign(good, lambda m: m["files"][0].__setitem__(0, "lib/../boot.mpy"))
+        b = head + data
+    elif case == "oversized_manifest":
+        def grow(m):
+            m["files"].append(["lib/ovms/huge.bin", 3 << 20, "0" * 64])
+            m["size"] += 3 << 20
+        head, data = _resign(good, grow)
+        b = head + data         # begin declares the full 3 MiB more; refused at the header
+        p = os.path.join(str(tmp_path), "big.bin")
+        with open(p, "wb") as f:
+            f.write(b)
+        r = run_mpy("""
+import json, ota_boot
+ota_boot.ROOT = %r
+from ovms import ota
+rx = ota.receiver()
+n = %d + (3 << 20)
+print(rx.handle("begin", json.dumps({"id": "big", "size": n})))
+with open(%r, "rb") as f:
+    off = 0
+    while True:
+        d = f.read(1024)
+        if not d:
+            break
+        j = json.loads(rx.handle("data", off.to_bytes(4, "big") + d))
+        if "error" in j:
+            print("ERR", j["error"])
+            break
+        off = j["next"]
+""" % (root, len(b), p))
+        out = r.stdout.splitlines()
+        assert any(ln.startswith("ERR " + expect) for ln in out), out
+        _nothing_staged(root)
+        assert snapshot_config(root) == cfg
+        return
+    out = _push(tmp_path, root, b)
+    errs = lines(out, "ERR")
+    assert len(errs) == 1 and errs[0].startswith(expect), out
+    assert not lines(out, "STAGED")
+    _nothing_staged(root)
+    assert snapshot_config(root) == cfg
+    # the device stays usable: the good bundle goes through afterwards
+    if case != "no_key":
+        out = _push(tmp_path, root, good)
+        assert lines(out, "STAGED") == ["3.0.0"], out
+
+
+def test_protocol_misuse_gets_errors_not_crashes(tmp_path):
+    """Malformed requests, truncated transfers and data past the end: clear errors, no crash."""
+    root = flash_root(tmp_path)
+    b = app_bundle(tmp_path, "4.0.0")
+    p = os.path.join(str(tmp_path), "b.bin")
+    with open(p, "wb") as f:
+        f.write(b)
+    r = run_mpy("""
+import json, ota_boot
+ota_boot.ROOT = %r
+from ovms import ota
+rx = ota.receiver()
+def h(op, pl=b""):
+    j = json.loads(rx.handle(op, pl))
+    print(op, j.get("error") or j.get("next"))
+    return j
+h("data", b"\\0\\0\\0\\0abc")
+h("end")
+h("bogus")
+h("begin", b"not json")
+h("begin", b'{"id": "x"}')
+h("begin", b'{"id": "x", "size": 5}')
+n = %d
+h("begin", json.dumps({"id": "t1", "size": n}))
+h("data", b"\\0\\0")
+f = open(%r, "rb")
+data = f.read(3000)
+h("data", (0).to_bytes(4, "big") + data[:1000])
+h("data", (0).to_bytes(4, "big") + data[:1000])        # duplicate: ignored, tells where it is
+h("data", (2000).to_bytes(4, "big") + data[2000:])     # out of order: ignored
+h("data", (1000).to_bytes(4, "big") + data[1000:2000])
+h("end")                                               # truncated transfer
+st = json.loads(rx.handle("status"))
+print("rx", st["rx"]["next"], st["rx"]["size"])
+f.seek(2000)
+off = 2000
+while off < n - 500:
+    j = h("data", off.to_bytes(4, "big") + f.read(min(1024, n - 500 - off)))
+    off = j["next"]
+h("data", off.to_bytes(4, "big") + b"x" * 600)         # 100 bytes past the declared end
+h("status")
+""" % (root, len(b), p))
+    out = r.stdout.splitlines()
+    assert out[0] == "data no transfer in progress: send begin first"
+    assert out[1] == "end no transfer in progress: send begin first"
+    assert out[2] == "bogus unknown OTA operation 'bogus'"
+    assert out[3].startswith("begin begin needs a JSON payload")
+    assert out[4].startswith("begin begin needs a JSON payload")
+    assert out[5] == "begin bundle too small (5 bytes)"
+    assert out[6] == "begin 0"
+    assert out[7] == "data data chunk without offset"
+    assert out[8:12] == ["data 1000", "data 1000", "data 1000", "data 2000"]
+    assert out[12] == "end bundle truncated: received 2000 of %d bytes" % len(b)
+    assert out[13] == "rx 2000 %d" % len(b)      # a truncated transfer stays resumable
+    assert out[-2].startswith("data oversized bundle: more data than the declared")
+    assert out[-1].startswith("status")
+    _nothing_staged(root)

@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""deploy: compile lib/ with mpy-cross and copy it plus boot.py/main.py to a module with mpremote."""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BOOT_HELPER = "ota_boot.py"     # lives in /lib, never in an OTA slot
+SKIP_DIRS = ("__pycache__",)
+
+
+def tool(name):
+    """Path of a toolchain executable: the one beside this Python (venv) first, then PATH."""
+    p = os.path.join(os.path.dirname(sys.executable), name)
+    return p if os.path.exists(p) else (shutil.which(name) or name)
+
+
+def lib_files(lib):
+    """Sorted relative paths of every deployable file under lib/ (sources and data files)."""
+    out = []
+    for d, dirs, files in os.walk(lib):
+        dirs[:] = sorted(x for x in dirs if x not in SKIP_DIRS and not x.startswith("."))
+        for f in files:
+            if f.startswith(".") or f.endswith((".pyc", "~")):
+                continue
+            out.append(os.path.relpath(os.path.join(d, f), lib).replace(os.sep, "/"))
+    return sorted(out)
+
+
+def compile_lib(lib, out, march="xtensawin", compile_py=True, exclude=()):
+    """Compile lib/**.py to out/**.mpy (other files copied). Returns [(relpath in out, abspath)]."""
+    done = []
+    for rel in lib_files(lib):
+        if rel in exclude:
+            continue
+        src = os.path.join(lib, rel)
+        if compile_py and rel.endswith(".py"):
+            name, rel = rel, rel[:-3] + ".mpy"
+            dst = os.path.join(out, rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            cmd = [tool("mpy-cross")] + (["-march=" + march] if march else []) + \
+                ["-o", dst, "-s", name, src]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                raise SystemExit("mpy-cross failed for %s:\n%s" % (src, r.stderr))
+        else:
+            dst = os.path.join(out, rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copyfile(src, dst)
+        done.append((rel, dst))
+    return done
+
+
+def build(source=REPO, out=None, march="xtensawin", compile_py=True):
+    """Build the deploy tree (out/lib/..., out/boot.py, out/main.py); returns out."""
+    out = out or os.path.join(source, "build", "deploy")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    compile_lib(os.path.join(source, "lib"), os.path.join(out, "lib"), march, compile_py)
+    for f in ("boot.py", "main.py"):
+        if os.path.exists(os.path.join(source, f)):
+            shutil.copyfile(os.path.join(source, f), os.path.join(out, f))
+    return out
+
+
+# Runs on the device before copying: remove the old app package (stale .py would shadow .mpy).
+_CLEAN = """import os
+def _rm(p):
+    try:
+        for e in os.ilistdir(p):
+            _rm(p + '/' + e[0])
+        os.rmdir(p)
+    except OSError:
+        try:
+            os.remove(p)
+        except OSError:
+            pass
+for _p in %r:
+    _rm(_p)
+try:
+    os.mkdir('/lib')
+except OSError:
+    pass
+"""
+# Runs after copying: boot the deployed (factory) app next, keep OTA slots as fallbacks.
+_SELECT = """import ota_boot
+s = ota_boot.load()
+if s.get('run') not in (None, 'f') or s.get('stg'):
+    s['prev'] = s.get('run') or s.get('prev')
+    s['run'] = 'f'
+    s['stg'] = None
+    s['tries'] = 0
+    ota_boot.save(s)
+"""
+
+
+def mpremote_cmds(out, port):
+    """The mpremote command lines that install the deploy tree `out` on `port`."""
+    base = [tool("mpremote"), "connect", port]
+    top = sorted(os.listdir(os.path.join(out, "lib")))
+    clean = ["/lib/" + t[:-4] + ".py" if t.endswith(".mpy") else "/lib/" + t for t in top]
+    clean += ["/lib/" + t for t in top]
+    cmds = [base + ["exec", _CLEAN % (sorted(set(clean)),)],
+            base + ["fs", "cp", "-r"] + [os.path.join(out, "lib", t) for t in top] + [":/lib/"]]
+    files = [os.path.join(out, f) for f in ("boot.py", "main.py") if os.path.exists(
+        os.path.join(out, f))]
+    if files:
+        cmds.append(base + ["fs", "cp"] + files + [":/"])
+    cmds.append(base + ["exec", _SELECT, "soft-reset"])
+    return cmds
+
+
+def deploy(port, source=REPO, march="xtensawin", compile_py=True, dry_run=False, out=None):
+    out = build(source, out, march, compile_py)
+    for c in mpremote_cmds(out, port):
+        print("+ " + " ".join(repr(a) if "\n" in a else a for a in c), file=sys.stderr)
+        if not dry_run:
+            r = subprocess.run(c)
+            if r.returncode:
+                print("deploy: mpremote failed (%d)" % r.returncode, file=sys.stderr)
+                return r.returncode
+    return 0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="deploy.py", description=__doc__)
+    p.add_argument("--port", required=True, help="serial port (/dev/ttyUSB0 or a virtual pty)")
+    p.add_argument("--arch", default="xtensawin",
+                   help="mpy-cross -march (xtensawin for ESP32/S3, rv32imc for C3, x64 for the "
+                        "virtual device when lib uses native code)")
+    p.add_argument("--source", default=REPO, help="repo to deploy (default: this one)")
+    p.add_argument("--no-compile", action="store_true", help="copy .py sources instead of .mpy")
+    p.add_argument("--dry-run", action="store_true", help="build and print the mpremote commands")
+    a = p.parse_args(argv)
+    return deploy(a.port, a.source, a.arch, not a.no_compile, a.dry_run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
