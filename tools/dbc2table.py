@@ -576,11 +576,20 @@ def mapping_entries(path, warn=None, dbs=None):
         idx, p = buses[bus]
         db = dbs[p]
         mref, sname = src.get("message"), src.get("signal")
-        try:
-            msg = db.get_message_by_frame_id(mref) if isinstance(mref, int) \
-                else db.get_message_by_name(mref)
-        except KeyError:
-            raise CompileError('%s: unknown message "%s" in %s' % (where, mref, p)) from None
+        if isinstance(mref, int) and not isinstance(mref, bool):
+            hits = [m for m in db.messages if m.frame_id == mref & 0x1FFFFFFF
+                    and (m.is_extended_frame or not mref & 0x80000000)]
+            msg = hits[-1] if len(hits) == 1 else None
+            if len(hits) > 1:
+                raise CompileError("%s: frame id %d is both a standard and an extended message "
+                                   "in %s: use the message name" % (where, mref, p))
+        else:
+            try:
+                msg = db.get_message_by_name(mref)
+            except (KeyError, TypeError):
+                msg = None
+        if msg is None:
+            raise CompileError('%s: unknown message "%s" in %s' % (where, mref, p))
         try:
             sig = msg.get_signal_by_name(sname)
         except KeyError:
