@@ -1,0 +1,1 @@
+"""Runs first at every boot: kept tiny (no network)."""

@@ -1,0 +1,51 @@
+"""Virtual-device link: sockets to the host side (tools/vdev.py) that plays the hardware."""
+import _thread
+import os
+import socket
+import struct
+
+SEQPACKET = 5
+
+_path = os.getenv("VDEV_HW")
+_ctl = None
+state = {"wifi": 1, "rssi": -58}
+
+
+def connect(hello):
+    """Open a record socket to the host and introduce ourselves."""
+    s = socket.socket(socket.AF_UNIX, SEQPACKET)
+    s.connect(struct.pack("H", socket.AF_UNIX) + _path.encode() + b"\0")
+    s.write(hello)
+    return s
+
+
+def _reader(s):
+    buf = bytearray(64)
+    while True:
+        try:
+            n = s.readinto(buf)
+        except OSError:
+            return
+        if not n:
+            return
+        words = bytes(buf[:n]).split()
+        if len(words) == 2 and words[0] in (b"WIFI", b"RSSI"):
+            state[words[0].decode().lower()] = int(words[1])
+
+
+def start():
+    """Open the control link (called once at boot)."""
+    global _ctl
+    if _path and _ctl is None:
+        _ctl = connect(b"CTL")
+        _thread.start_new_thread(_reader, (_ctl,))
+
+
+def ctl(msg):
+    """Send one control message (bytes) to the host; ignore a missing host."""
+    if _ctl is None:
+        return
+    try:
+        _ctl.write(msg)
+    except OSError:
+        pass

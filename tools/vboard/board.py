@@ -1,0 +1,240 @@
+"""Virtual ESP32 boot ROM + REPL: mounts the flash dir, runs boot.py/main.py, serves the (raw) REPL."""
+import os
+import select
+import sys
+
+import _hw
+
+_hw.start()
+import machine  # noqa: E402,F401  (shims load before the flash replaces the host filesystem)
+import network  # noqa: E402,F401
+import ntptime  # noqa: E402,F401
+
+try:
+    import esp32  # noqa: F401
+except ImportError:
+    pass
+
+EXIT_SOFT = 80      # soft reset, friendly REPL next
+EXIT_SOFT_RAW = 81  # soft reset, raw REPL next (main.py skipped, as on a board)
+BANNER = ("MicroPython v1.29.0 on 2026-07-05; ESP32 module (virtual micro-ovms device) with ESP32\r\n"
+          'Type "help()" for more information.\r\n')
+
+root = os.getenv("VDEV_ROOT")
+mode = os.getenv("VDEV_MODE") or "power"
+os.umount("/")
+os.mount(os.VfsPosix(root), "/")
+os.chdir("/")
+sys.path[:] = ["", ".frozen", "/lib"]
+
+out = sys.stdout
+inp = sys.stdin.buffer
+_poll = select.poll()
+_poll.register(sys.stdin, select.POLLIN)
+ns = {"__name__": "__main__"}
+
+
+def write(s):
+    out.write(s)
+
+
+def getc():
+    """Next input byte; Ctrl-C (delivered as SIGINT by the host) reads as 3."""
+    while True:
+        try:
+            if _poll.poll(200):
+                c = inp.read(1)
+                if not c:
+                    sys.exit(0)  # the host closed the port: power off
+                return c[0]
+        except KeyboardInterrupt:
+            return 3
+
+
+def soft_reset(raw):
+    write("MPY: soft reboot\r\n")
+    sys.exit(EXIT_SOFT_RAW if raw else EXIT_SOFT)
+
+
+def run_file(name):
+    """Run a file from flash in the REPL namespace; True if it ended with SystemExit."""
+    try:
+        os.stat(name)
+    except OSError:
+        return False
+    try:
+        with open(name) as f:
+            src = f.read()
+        exec(compile(src, name, "exec"), ns)
+    except SystemExit:
+        return True
+    except BaseException as e:  # noqa: B036  (a board prints every escape, incl. KeyboardInterrupt)
+        sys.print_exception(e)
+    return False
+
+
+def execute(src, mode_, eof):
+    """Compile and run source; with eof, frame stdout/stderr with Ctrl-D like the raw REPL."""
+    exit_ = False
+    try:
+        try:
+            exec(compile(src, "<stdin>", mode_), ns)
+        finally:
+            if eof:
+                write("\x04")
+    except SystemExit:
+        exit_ = True
+    except BaseException as e:  # noqa: B036
+        sys.print_exception(e)
+    if eof:
+        write("\x04")
+    return exit_
+
+
+def raw_paste():
+    """Raw-paste mode: flow-controlled upload, then compile and run."""
+    window = 128
+    write("R\x01")
+    out.buffer.write(bytes((window & 255, window >> 8)))
+    buf = bytearray()
+    left = window
+    while True:
+        c = getc()
+        if c == 4:
+            write("\x04")
+            break
+        if c == 3:
+            write("\x04")
+            return False
+        buf.append(c)
+        left -= 1
+        if left == 0:
+            write("\x01")
+            left = window
+    return execute(bytes(buf), "exec", True)
+
+
+def raw_repl():
+    """The raw REPL (Ctrl-A); returns when the host asks for the friendly REPL (Ctrl-B)."""
+    while True:
+        write("raw REPL; CTRL-B to exit\r\n")
+        restart = False
+        while not restart:
+            write(">")
+            line = bytearray()
+            while True:
+                c = getc()
+                if c == 1:
+                    if len(line) == 2 and line[0] == 5 and line[1] == ord("A"):
+                        if raw_paste():
+                            soft_reset(True)
+                        break
+                    restart = True
+                    break
+                if c == 2:
+                    write("\r\n")
+                    return
+                if c == 3:
+                    line = bytearray()
+                elif c == 4:
+                    write("OK")
+                    if not line:
+                        write("\r\n")
+                        soft_reset(True)
+                    if execute(bytes(line), "exec", True):
+                        soft_reset(True)
+                    break
+                else:
+                    line.append(c)
+
+
+def readline(prompt):
+    """Friendly REPL line editor. Returns str, or an int control code (1, 2, 3, 4)."""
+    write(prompt)
+    line = bytearray()
+    while True:
+        c = getc()
+        if c in (1, 2, 4) and not line:
+            return c
+        if c == 3:
+            write("\r\n")
+            return 3
+        if c in (10, 13):
+            write("\r\n")
+            return line.decode()
+        if c in (8, 127):
+            if line:
+                line.pop()
+                write("\b \b")
+        elif c == 27:
+            getc()
+            getc()
+        elif c >= 32 or c == 9:
+            line.append(c)
+            out.buffer.write(bytes((c,)))
+
+
+def needs_more(src):
+    s = src.rstrip()
+    if s.endswith(":") or s.endswith("\\"):
+        return True
+    depth = 0
+    for ch in src:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+    return depth > 0
+
+
+def friendly_repl():
+    write(BANNER)
+    while True:
+        r = readline(">>> ")
+        if r == 1:
+            write("\r\n")
+            raw_repl()
+            continue
+        if r == 2:
+            write("\r\n" + BANNER)
+            continue
+        if r == 4:
+            write("\r\n")
+            soft_reset(False)
+        if r == 3 or not r.strip():
+            continue
+        src = r
+        if needs_more(src):
+            while True:
+                more = readline("... ")
+                if more == 3:
+                    src = ""
+                    break
+                if not isinstance(more, str) or not more.strip():
+                    break
+                src += "\n" + more
+            if not src:
+                continue
+        if execute(src + "\n", "single", False):
+            soft_reset(False)
+
+
+def main():
+    if run_file("boot.py"):
+        soft_reset(mode == "softraw")
+    if mode == "softraw":
+        raw_repl()
+    elif run_file("main.py"):
+        soft_reset(False)
+    friendly_repl()
+
+
+try:
+    main()
+except KeyboardInterrupt:
+    write("\r\n")
+while True:
+    try:
+        friendly_repl()
+    except KeyboardInterrupt:
+        write("\r\n")

@@ -1,0 +1,480 @@
+#!/usr/bin/env python3
+"""Virtual ESP32: runs the firmware on the micropython unix binary with a pty, a CAN bus and a WDT.
+
+    python tools/vdev.py run --root DIR [--can-log FILE] [--speed X] [--pty PATH] [--heap 100K]
+
+DIR is the module's flash filesystem (populated from the repo on first run). The serial port is a
+pty (`pty: <path>` is printed when ready) that mpremote can use like a board's USB serial.
+Killing this process is a power cut; running it again on the same DIR is the next power-on.
+"""
+import argparse
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tty
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BOARD = os.path.join(REPO, "tools", "vboard", "board.py")
+EXIT_SOFT, EXIT_SOFT_RAW = 80, 81
+PWRON, HARD, WDT, DEEPSLEEP, SOFT = 1, 2, 3, 4, 5
+REC = struct.Struct("<IBBH8s")  # CAN record shared with tools/vboard/machine.py
+FLAG_RTR, FLAG_EXT = 1, 2
+
+
+def micropython_binary():
+    here = os.path.join(os.path.dirname(sys.executable), "micropython")
+    return here if os.path.exists(here) else (shutil.which("micropython") or "micropython")
+
+
+def parse_candump(path):
+    """Frames of a `candump -L` log: (t, controller, record bytes); canN -> controller N+1."""
+    frames = []
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) < 3 or not parts[0].startswith("("):
+                continue
+            try:
+                t = float(parts[0].strip("()"))
+                iface = parts[1]
+                ident, _, data = parts[2].partition("#")
+                digits = "".join(ch for ch in iface if ch.isdigit())
+                ctrl = int(digits or 0) + 1
+                fid = int(ident, 16)
+                flags = FLAG_EXT if len(ident) > 3 or fid > 0x7FF else 0
+                if data.startswith("R"):
+                    flags |= FLAG_RTR
+                    dlc = int(data[1:] or 0)
+                    payload = b""
+                else:
+                    payload = bytes.fromhex(data)
+                    dlc = len(payload)
+            except ValueError:
+                continue  # a garbled log line is skipped, like a frame with a CRC error
+            if dlc > 8:
+                continue
+            frames.append((t, ctrl, REC.pack(fid, flags, dlc, 0, payload.ljust(8, b"\0"))))
+    frames.sort(key=lambda fr: fr[0])
+    return frames
+
+
+def _tgkill(pid, sig):
+    """Signal the main thread of pid (where MicroPython checks for KeyboardInterrupt)."""
+    nr = {"x86_64": 234, "aarch64": 131}.get(platform.machine())
+    if nr:
+        try:
+            if ctypes.CDLL(None, use_errno=True).syscall(nr, pid, pid, sig) == 0:
+                return
+        except OSError:
+            pass
+    os.kill(pid, sig)
+
+
+def _die_with_parent():
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def populate(root):
+    """First power-on: copy boot.py, main.py and lib/ from the repo onto the flash."""
+    if os.path.isdir(root) and os.listdir(root):
+        return False
+    os.makedirs(root, exist_ok=True)
+    for name in ("boot.py", "main.py"):
+        if os.path.exists(os.path.join(REPO, name)):
+            shutil.copy(os.path.join(REPO, name), root)
+    shutil.copytree(os.path.join(REPO, "lib"), os.path.join(root, "lib"), dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    try:
+        sys.path.insert(0, os.path.join(REPO, "tools"))
+        import vehicles  # builds the compiled vehicle tables for the flash
+        vehicles.install(os.path.join(root, "lib"))
+    except Exception as e:  # noqa: BLE001  (the device still boots without vehicle tables)
+        print("vdev: vehicle tables not installed: %s" % e, file=sys.stderr)
+    return True
+
+
+class Bus:
+    """Replays a candump log onto the controllers the firmware opened; records what it sends."""
+
+    def __init__(self, frames, speed, once, tx_log):
+        self.frames, self.speed, self.once = frames, speed, once
+        self.conns = {}
+        self.cond = threading.Condition()
+        self.dropped = 0
+        self.tx_log = tx_log
+        self.tx_lock = threading.Lock()
+
+    def attach(self, ctrl, conn):
+        conn.send(b"B" if self.speed == 0 else b"P")
+        with self.cond:
+            old = self.conns.get(ctrl)
+            self.conns[ctrl] = conn
+            self.cond.notify_all()
+        if old:
+            old.close()
+        threading.Thread(target=self._tx, args=(ctrl, conn), daemon=True).start()
+
+    def _tx(self, ctrl, conn):
+        while True:
+            try:
+                rec = conn.recv(64)
+            except OSError:
+                rec = b""
+            if not rec:
+                with self.cond:
+                    if self.conns.get(ctrl) is conn:
+                        del self.conns[ctrl]
+                return
+            fid, flags, dlc, _, data = REC.unpack(rec[:16])
+            ident = ("%08X" if flags & FLAG_EXT else "%03X") % fid
+            body = ("R%d" % dlc) if flags & FLAG_RTR else data[:dlc].hex().upper()
+            with self.tx_lock, open(self.tx_log, "a") as f:
+                f.write("(%.6f) can%d %s#%s\n" % (time.time(), ctrl - 1, ident, body))
+
+    def inject_state(self, ctrl, state):
+        with self.cond:
+            conn = self.conns.get(ctrl)
+        if conn:
+            conn.send(REC.pack(0, 0, 0, 1, bytes([state]).ljust(8, b"\0")))
+
+    def run(self):
+        frames = self.frames
+        if not frames:
+            return
+        t0 = frames[0][0]
+        period = frames[-1][0] - t0 + 0.01
+        start = time.monotonic()
+        cycle = 0
+        while True:
+            for t, ctrl, rec in frames:
+                if self.speed > 0:
+                    wait = start + ((t - t0) + cycle * period) / self.speed - time.monotonic()
+                    if wait > 0.001:
+                        time.sleep(wait)
+                    conn = self.conns.get(ctrl)
+                    if conn is None:
+                        continue
+                    try:
+                        conn.send(rec, socket.MSG_DONTWAIT)
+                    except OSError:
+                        self.dropped += 1  # device frozen or rebooting: the bus does not wait
+                else:
+                    self._send_paced(ctrl, rec)
+            if self.once:
+                return
+            cycle += 1
+
+    def _send_paced(self, ctrl, rec):
+        while True:
+            with self.cond:
+                while not self.conns:
+                    self.cond.wait()
+                conn = self.conns.get(ctrl)
+            if conn is None:
+                return
+            try:
+                conn.send(rec)
+                return
+            except OSError:
+                with self.cond:
+                    if self.conns.get(ctrl) is conn:
+                        del self.conns[ctrl]
+
+
+class Device:
+    def __init__(self, a):
+        self.a = a
+        self.root = os.path.abspath(a.root)
+        self.run_dir = tempfile.mkdtemp(prefix="vdev-")
+        self.hw_path = os.path.join(self.run_dir, "hw.sock")
+        self.child = None
+        self.child_lock = threading.Lock()
+        self.pending_in = bytearray()
+        self.next_boot = None  # (mode, cause) requested by the firmware
+        self.cause = PWRON
+        self.wdt_timeout = 0
+        self.wdt_fed = 0.0
+        self.last_sigint = 0.0
+        self.ctl_conn = None
+        self.wifi = 1
+        self.uid = hashlib.sha256(os.path.realpath(self.root).encode()).hexdigest()[:12]
+        tx_log = a.tx_log or (self.root.rstrip("/") + ".cantx.log")
+        frames = parse_candump(a.can_log) if a.can_log else []
+        self.bus = Bus(frames, a.speed, a.once, tx_log)
+        self.console = open(a.log, "ab") if a.log else None
+
+    # --- hardware socket: control link and CAN controllers ---
+    def serve_hw(self):
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        srv.bind(self.hw_path)
+        srv.listen(8)
+        while True:
+            conn, _ = srv.accept()
+            hello = conn.recv(64).split()
+            if hello[:1] == [b"CTL"]:
+                self.ctl_conn = conn
+                conn.send(b"WIFI %d" % self.wifi)
+                threading.Thread(target=self._ctl, args=(conn,), daemon=True).start()
+            elif hello[:1] == [b"CAN"]:
+                self.bus.attach(int(hello[1]), conn)
+            else:
+                conn.close()
+
+    def _ctl(self, conn):
+        while True:
+            try:
+                msg = conn.recv(64)
+            except OSError:
+                return
+            if not msg:
+                return
+            words = msg.split()
+            cmd = words[0]
+            if cmd == b"FEED":
+                self.wdt_fed = time.monotonic()
+            elif cmd == b"WDT":
+                self.wdt_timeout = int(words[1]) / 1000.0
+                self.wdt_fed = time.monotonic()
+            elif cmd == b"RESET":
+                self.reboot("power", SOFT)
+            elif cmd == b"SOFT":
+                self.reboot("soft", None)
+            elif cmd == b"DEEPSLEEP":
+                self.reboot("power", DEEPSLEEP)
+
+    def reboot(self, mode, cause):
+        self.next_boot = (mode, cause)
+        with self.child_lock:
+            if self.child and self.child.poll() is None:
+                self.child.kill()
+
+    def watchdog(self):
+        while True:
+            time.sleep(0.05)
+            if self.wdt_timeout and time.monotonic() - self.wdt_fed > self.wdt_timeout:
+                self.say("watchdog timeout: resetting")
+                self.wdt_timeout = 0
+                self.reboot("power", WDT)
+
+    # --- host control (tests): wifi 0|1, rssi N, busoff|active [controller] ---
+    def serve_control(self):
+        path = os.path.join(self.run_dir, "control.sock")
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        srv.listen(4)
+        self.control_path = path
+        threading.Thread(target=self._control_loop, args=(srv,), daemon=True).start()
+
+    def _control_loop(self, srv):
+        states = {"active": 1, "warning": 2, "passive": 3, "busoff": 4}
+        while True:
+            conn, _ = srv.accept()
+            with conn:
+                words = conn.recv(256).decode(errors="replace").split()
+                reply = "ok"
+                if words[:1] == ["wifi"] and len(words) == 2:
+                    self.wifi = int(words[1])
+                    self._push(b"WIFI %d" % self.wifi)
+                elif words[:1] == ["rssi"] and len(words) == 2:
+                    self._push(b"RSSI %d" % int(words[1]))
+                elif words[:1] and words[0] in states:
+                    self.bus.inject_state(int(words[1]) if len(words) > 1 else 1, states[words[0]])
+                elif words[:1] == ["status"]:
+                    reply = "dropped %d wdt %.1f" % (self.bus.dropped, self.wdt_timeout)
+                else:
+                    reply = "error: unknown command"
+                conn.sendall(reply.encode() + b"\n")
+
+    def _push(self, msg):
+        try:
+            if self.ctl_conn:
+                self.ctl_conn.send(msg)
+        except OSError:
+            pass
+
+    # --- serial port ---
+    def open_pty(self):
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        tty.setraw(self.master)
+        os.set_blocking(self.master, False)
+        self.pty_name = os.ttyname(self.slave)
+        if self.a.pty:
+            if os.path.lexists(self.a.pty):
+                os.unlink(self.a.pty)
+            os.symlink(self.pty_name, self.a.pty)
+
+    def host_to_device(self):
+        import select
+        while True:
+            select.select([self.master], [], [])
+            try:
+                data = os.read(self.master, 4096)
+            except BlockingIOError:
+                continue
+            except OSError:
+                time.sleep(0.05)
+                continue
+            for i, chunk in enumerate(data.split(b"\x03")):
+                if i:
+                    self.interrupt()
+                if chunk:
+                    self.to_device(chunk)
+
+    def interrupt(self):
+        now = time.monotonic()
+        with self.child_lock:
+            ch = self.child
+        if ch and ch.poll() is None and now - self.last_sigint > 0.25:
+            self.last_sigint = now
+            _tgkill(ch.pid, signal.SIGINT)
+
+    def to_device(self, data):
+        with self.child_lock:
+            ch = self.child
+            if ch is None or ch.poll() is not None:
+                self.pending_in += data
+                return
+        try:
+            os.write(ch.stdin.fileno(), data)
+        except OSError:
+            self.pending_in += data
+
+    def device_to_host(self, ch):
+        fd = ch.stdout.fileno()
+        prev_cr = False
+        while True:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            if self.console:
+                self.console.write(data)
+                self.console.flush()
+            out = bytearray()
+            for b in data:  # a board's console is cooked: lone \n goes out as \r\n
+                if b == 10 and not prev_cr:
+                    out += b"\r"
+                out.append(b)
+                prev_cr = b == 13
+            self.emit(bytes(out))
+
+    def emit(self, data):
+        try:
+            os.write(self.master, data)
+        except OSError:
+            pass  # nobody reading the port: output is lost, as on a board's USB serial
+
+    def say(self, text):
+        print("vdev: " + text, file=sys.stderr, flush=True)
+
+    # --- power ---
+    def boot(self, mode):
+        env = dict(os.environ, VDEV_ROOT=self.root, VDEV_HW=self.hw_path, VDEV_MODE=mode,
+                   VDEV_CAUSE=str(self.cause), VDEV_UID=self.uid, VDEV_CAN_RING=str(self.a.ring))
+        with self.child_lock:
+            self.child = subprocess.Popen(
+                [micropython_binary(), "-X", "heapsize=" + self.a.heap, BOARD],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                env=env, cwd=self.run_dir, preexec_fn=_die_with_parent)
+            ch = self.child
+            if self.pending_in:
+                data, self.pending_in = bytes(self.pending_in), bytearray()
+                try:
+                    os.write(ch.stdin.fileno(), data)
+                except OSError:
+                    pass
+        threading.Thread(target=self.device_to_host, args=(ch,), daemon=True).start()
+        return ch
+
+    def run(self):
+        if populate(self.root):
+            self.say("flash %s populated from the repo" % self.root)
+        self.open_pty()
+        for fn in (self.serve_hw, self.watchdog, self.host_to_device, self.bus.run):
+            threading.Thread(target=fn, daemon=True).start()
+        self.serve_control()
+        mode = "power"
+        ch = self.boot(mode)
+        print("pty: %s" % self.pty_name, flush=True)
+        print("control: %s" % self.control_path, flush=True)
+        print("can-tx: %s" % self.bus.tx_log, flush=True)
+        while True:
+            rc = ch.wait()
+            req, self.next_boot = self.next_boot, None
+            if req:
+                mode, cause = req
+                if cause is not None:
+                    self.cause = cause
+            elif rc == EXIT_SOFT:
+                mode = "soft"
+            elif rc == EXIT_SOFT_RAW:
+                mode = "softraw"
+            else:
+                self.say("device stopped (exit %s): rebooting" % rc)
+                self.emit(b"\r\nvdev: device crashed (exit %d), rebooting\r\n" % rc)
+                mode, self.cause = "power", HARD
+            if mode == "power":
+                self.wdt_timeout = 0  # a hardware reset stops the watchdog
+                time.sleep(0.1)
+            ch.stdout.close()
+            ch.stdin.close()
+            ch = self.boot(mode)
+
+    def cleanup(self):
+        with self.child_lock:
+            if self.child and self.child.poll() is None:
+                self.child.kill()
+        if self.a.pty and os.path.islink(self.a.pty):
+            os.unlink(self.a.pty)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="vdev.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="power on a virtual device")
+    r.add_argument("--root", required=True, help="flash filesystem directory")
+    r.add_argument("--can-log", help="candump -L log replayed on the bus (can0 -> CAN(1))")
+    r.add_argument("--speed", type=float, default=1.0,
+                   help="replay speed factor (0 = as fast as the firmware drains)")
+    r.add_argument("--pty", help="make PATH a link to the serial port")
+    r.add_argument("--heap", default="100K", help="MicroPython GC heap (ESP32: about 110K)")
+    r.add_argument("--once", action="store_true", help="play the log once (default: loop)")
+    r.add_argument("--ring", type=int, default=16, help="CAN RX ring slots (ESP32 driver: 16)")
+    r.add_argument("--tx-log", help="where frames sent by the firmware go (default DIR.cantx.log)")
+    r.add_argument("--log", help="also append the device console output to this file")
+    a = p.parse_args(argv)
+    dev = Device(a)
+
+    def stop(*_):
+        dev.cleanup()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, stop)
+    try:
+        dev.run()
+    finally:
+        dev.cleanup()
+
+
+if __name__ == "__main__":
+    main()
