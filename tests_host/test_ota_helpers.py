@@ -15,7 +15,7 @@ from util import LIB, MICROPYTHON, TOOLS
 import cli_ota
 
 VBOARD = os.path.join(TOOLS, "vboard")
-OTA_MODULES = ("ota.py", "ota_rx.py", "ota_sink.py", "ota_fs.py", "ota_rsa.py")
+OTA_MODULES = ("ota.py", "ota_rx.py", "ota_app.py", "ota_fw.py", "ota_fs.py", "ota_rsa.py")
 _KEYDIR = tempfile.mkdtemp(prefix="ota-keys-")
 
 
@@ -197,9 +197,13 @@ print("DONE")
 
 def device_cmd(root, *args, heap="100K", esp32_dir=None):
     """argv + env for one simulated power-on of the device on flash dir `root`."""
-    code = "import sys\nsys.path[:0] = %r\n" % ([LIB, VBOARD],) + DEVICE
-    path = os.path.join(os.path.dirname(root), "device.py")
+    top = os.path.dirname(root)
+    vb = os.path.join(top, "vb")        # only the esp32 emulation (not the vdev machine shim)
+    code = "import sys\nsys.path[:0] = %r\n" % ([LIB, vb],) + DEVICE
+    path = os.path.join(top, "device.py")
     if not os.path.exists(path):
+        os.makedirs(vb, exist_ok=True)
+        shutil.copy(os.path.join(VBOARD, "esp32.py"), vb)
         with open(path, "w") as f:
             f.write(code)
     env = dict(os.environ, VBOARD_ESP32=esp32_dir or os.path.join(os.path.dirname(root), "esp32"))

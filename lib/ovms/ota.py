@@ -28,6 +28,8 @@ def receiver():
     """The shared OTA receiver: receiver().handle(op, payload) -> reply bytes (see ovms.ota_rx)."""
     global _rx
     if _rx is None:
+        import gc
+        gc.collect()
         from ovms.ota_rx import Receiver
         _rx = Receiver()
     return _rx

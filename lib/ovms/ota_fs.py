@@ -1,5 +1,6 @@
 """ota_fs: small flash-file helpers for OTA staging (mkdirs, rmtree, sizes, hashing, checks)."""
 import os
+import json
 import binascii
 import ota_boot
 
@@ -91,3 +92,29 @@ def check_path(p):
     for c in p:
         if not (c.isalpha() or c.isdigit() or c in "_-./"):
             raise OTAError("invalid manifest: bad file path %r" % (p,))
+
+
+def check_manifest(mb, hl, size):
+    """Parse and check signed manifest bytes against the header length and bundle size."""
+    try:
+        m = json.loads(mb)
+        kind = m["kind"]
+        files = m["files"]
+        total = 0
+        for p, n, d in files:
+            if not isinstance(n, int) or n < 0 or len(d) != 64:
+                raise ValueError
+            total += n
+        str(m["version"])
+    except (ValueError, KeyError, TypeError):
+        raise OTAError("invalid manifest")
+    if m.get("format") != 1 or kind not in ("app", "firmware") or not files:
+        raise OTAError("invalid manifest: unsupported format or kind")
+    if total != m.get("size"):
+        raise OTAError("invalid manifest: file sizes do not add up")
+    if hl + total != size:
+        raise OTAError("%s: %d bytes, its manifest says %d" % (
+            "bundle truncated" if size < hl + total else "oversized bundle", size, hl + total))
+    if kind == "firmware" and len(files) != 1:
+        raise OTAError("invalid manifest: a firmware bundle holds one image")
+    return m

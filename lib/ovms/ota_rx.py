@@ -5,7 +5,7 @@ import hashlib
 from micropython import const
 import ota_boot
 from ovms import ota
-from ovms.ota_fs import OTAError, fp, mkdirs, rmtree, du, rm, free, check_path
+from ovms.ota_fs import OTAError, fp, mkdirs, rm, check_manifest
 from ovms.ota_fs import size as fsize
 from ovms.ota_rsa import load_key, verify
 
@@ -13,11 +13,9 @@ from ovms.ota_rsa import load_key, verify
 # (big-endian), S bytes RSA PKCS#1 v1.5 SHA-256 signature over the M manifest bytes, the manifest
 # (JSON: format, kind "app"|"firmware", version, arch, mpy, size, files [[path, size, sha256hex]],
 # deadline?). Data: the files' contents concatenated in manifest order.
-MAX_APP = 2 * 1024 * 1024       # largest app bundle accepted
 _HDR = const(12)
 _MAX_SIG = const(1024)
 _MAX_MAN = const(16384)
-_RESERVE = const(16384)         # flash left free after staging
 
 
 class Receiver:
@@ -162,91 +160,22 @@ class Receiver:
         sl = int.from_bytes(h[6:8], "big")
         return h[_HDR:_HDR + sl], h[_HDR + sl:]
 
-    def _manifest(self, mb):
-        try:
-            m = json.loads(mb)
-            kind = m["kind"]
-            files = m["files"]
-            total = 0
-            for p, n, d in files:
-                if not isinstance(n, int) or n < 0 or len(d) != 64:
-                    raise ValueError
-                total += n
-            str(m["version"])
-        except (ValueError, KeyError, TypeError):
-            raise OTAError("invalid manifest")
-        if m.get("format") != 1 or kind not in ("app", "firmware") or not files:
-            raise OTAError("invalid manifest: unsupported format or kind")
-        if total != m.get("size"):
-            raise OTAError("invalid manifest: file sizes do not add up")
-        if self.hl + total != self.size:
-            raise OTAError("%s: %d bytes, its manifest says %d" % (
-                "bundle truncated" if self.size < self.hl + total else "oversized bundle",
-                self.size, self.hl + total))
-        if kind == "firmware" and len(files) != 1:
-            raise OTAError("invalid manifest: a firmware bundle holds one image")
-        return m
-
     def _accept(self):
         """Header complete: check the signature and manifest, then prepare the target."""
         sig, mb = self._read_hdr()
         if not verify(hashlib.sha256(mb).digest(), sig, load_key()):
             raise OTAError("signature verification failed: bundle not signed with this "
                            "module's OTA key, or tampered with")
-        m = self.man = self._manifest(mb)
+        m = self.man = check_manifest(mb, self.hl, self.size)
         if m["kind"] == "firmware":
-            self._accept_fw(m)
+            from ovms import ota_fw
+            self.sink = ota_fw.prepare(m, self._meta)
         else:
-            self._accept_app(m)
+            from ovms import ota_app
+            self.sink = ota_app.prepare(m, self._buf)
+        self.slot = self.sink.slot
         self._meta()
         self.sink.start()
-
-    def _accept_fw(self, m):
-        import esp32
-        from ovms.ota_sink import FwSink
-        run = esp32.Partition(esp32.Partition.RUNNING)
-        part = run.get_next_update()
-        cap = part.ioctl(4, 0) * part.ioctl(5, 0)
-        if m["size"] > cap:
-            raise OTAError("oversized firmware: %d bytes, partition %s holds %d"
-                           % (m["size"], part.info()[4], cap))
-        if esp32.Partition(esp32.Partition.BOOT).info()[4] != run.info()[4]:
-            run.set_boot()              # never leave the boot pointer on a half-written image
-        s = ota_boot.load()
-        if (s.get("fw") or {}).get("label") == part.info()[4]:
-            s["fw"] = None
-            ota_boot.save(s)
-        self.sink = FwSink(part, m, self._meta)
-        self.slot = self.sink.slot
-
-    def _accept_app(self, m):
-        from ovms.ota_sink import AppSink
-        a, mpy = ota.arch()
-        if m.get("mpy") is not None and (m["mpy"] != mpy or m.get("arch") not in ("", a)):
-            raise OTAError("bundle compiled for %s (mpy %s), this module runs %s (mpy %s)"
-                           % (m.get("arch"), m["mpy"], a, mpy))
-        for f in m["files"]:
-            check_path(f[0])
-        if m["size"] > MAX_APP:
-            raise OTAError("oversized app bundle: %d bytes, limit %d" % (m["size"], MAX_APP))
-        s = ota_boot.load()
-        run = ota_boot.booted or s.get("run") or "f"
-        slot = "b" if run == "a" or (run == "f" and s.get("prev") == "a") else "a"
-        need = m["size"] + _RESERVE + 512 * len(m["files"])
-        avail = free() + du(fp("/app/" + slot))
-        if need > avail:
-            raise OTAError("oversized app bundle: needs %d bytes of flash, %d free" % (need, avail))
-        ch = False
-        for k in ("stg", "prev", "run"):   # the slot is about to be overwritten: drop references
-            if s.get(k) == slot:
-                s[k] = run if k == "run" else None
-                ch = True
-        if ch:
-            ota_boot.save(s)
-        rmtree(fp("/app/" + slot))
-        mkdirs(fp("/app/" + slot + "/lib"))
-        self.slot = slot
-        self.sink = AppSink(slot, m, self._buf)
 
     def _resume(self):
         """After a reboot: rebuild the transfer position from what is on flash."""
@@ -274,18 +203,16 @@ class Receiver:
                 self._accept()
             return
         sig, mb = self._read_hdr()
-        m = self.man = self._manifest(mb)
+        m = self.man = check_manifest(mb, self.hl, self.size)
         self.slot = slot
         if m["kind"] == "firmware":
-            import esp32
-            from ovms.ota_sink import FwSink
-            part = esp32.Partition(esp32.Partition.RUNNING).get_next_update()
-            self.sink = FwSink(part, m, self._meta)
-            self.next = self.hl + self.sink.resume(st.get("fw", 0))
+            from ovms import ota_fw
+            self.sink, done = ota_fw.reopen(m, self._meta, st.get("fw", 0))
         else:
-            from ovms.ota_sink import AppSink
+            from ovms.ota_app import AppSink
             self.sink = AppSink(slot, m, self._buf)
-            self.next = self.hl + self.sink.resume()
+            done = self.sink.resume()
+        self.next = self.hl + done
 
     def _end(self):
         if not self.id:

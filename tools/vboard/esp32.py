@@ -2,8 +2,9 @@
 import os
 import json
 
-# Partition files live in DIR (one sparse <label>.bin each, plus otadata.json). The virtual device
-# sets VBOARD_ESP32 to a directory beside its flash root; the default is inside the flash root.
+# Partition files live in DIR (one sparse <label>.bin each, plus otadata.json): VBOARD_ESP32 if
+# set (a host path), else /.esp32 inside the mounted flash. The bootloader step (rollback of an
+# unconfirmed image) runs at the first use in a process, i.e. once per boot, after the mount.
 DIR = os.getenv("VBOARD_ESP32") or "/.esp32"
 BLOCK = 4096
 # Mirrors firmware/boards/MICRO_OVMS/partitions.csv (4 MiB): label, type, subtype, offset, size.
@@ -50,6 +51,14 @@ def _other(label):
     return "ota_1" if label == "ota_0" else "ota_0"
 
 
+def _run():
+    """Label of the running app partition (runs the bootloader step on first use)."""
+    global _running
+    if _running is None:
+        _running = _bootloader()
+    return _running
+
+
 def _bootloader():
     """What the second-stage bootloader does at power-on: pick the image, roll back if unconfirmed."""
     d = _otadata()
@@ -72,8 +81,9 @@ class Partition:
 
     def __init__(self, id, block_size=BLOCK):
         if id == Partition.RUNNING:
-            id = _running
+            id = _run()
         elif id == Partition.BOOT:
+            _run()
             id = _otadata()["boot"]
         for row in TABLE:
             if row[0] == id:
@@ -149,9 +159,10 @@ class Partition:
     def set_boot(self):
         if self._row[1] != 0:
             raise OSError(22)
+        run = _run()
         d = _otadata()
         lab = self._row[0]
-        if lab != _running:
+        if lab != run:
             if not self._valid():
                 raise OSError(-ESP_ERR_OTA_VALIDATE_FAILED)
             d["st"][lab] = "new"
@@ -159,15 +170,14 @@ class Partition:
         _save(d)
 
     def get_next_update(self):
-        if self._row[0] != _running:
+        if self._row[0] != _run():
             raise OSError(-ESP_ERR_NOT_FOUND)
         return Partition(_other(self._row[0]))
 
     @staticmethod
     def mark_app_valid_cancel_rollback():
+        run = _run()
         d = _otadata()
-        d["st"][_running] = "valid"
+        d["st"][run] = "valid"
         _save(d)
 
-
-_running = _bootloader()

@@ -1,13 +1,43 @@
-"""ota_sink: writes bundle data into an app slot (files) or a firmware partition, verifies, switches."""
+"""ota_app: stages an app bundle's files in the free slot /app/<a|b>/, verifies and marks it staged."""
 import os
 import hashlib
 from micropython import const
 import ota_boot
-from ovms.ota_fs import OTAError, fp, hexs, mkdirs, rm, hash_file
+from ovms import ota
+from ovms.ota_fs import OTAError, fp, hexs, mkdirs, rmtree, du, rm, free, hash_file, check_path
 from ovms.ota_fs import size as fsize
 
-_BLK = const(4096)
-_FW_SAVE = const(16)            # firmware: persist progress every 16 blocks (64 KiB)
+MAX_APP = 2 * 1024 * 1024       # largest app bundle accepted
+_RESERVE = const(16384)         # flash left free after staging
+
+
+def prepare(m, buf):
+    """Check an app manifest against this module, free the target slot; returns an AppSink."""
+    a, mpy = ota.arch()
+    if m.get("mpy") is not None and (m["mpy"] != mpy or m.get("arch") not in ("", a)):
+        raise OTAError("bundle compiled for %s (mpy %s), this module runs %s (mpy %s)"
+                       % (m.get("arch"), m["mpy"], a, mpy))
+    for f in m["files"]:
+        check_path(f[0])
+    if m["size"] > MAX_APP:
+        raise OTAError("oversized app bundle: %d bytes, limit %d" % (m["size"], MAX_APP))
+    s = ota_boot.load()
+    run = ota_boot.booted or s.get("run") or "f"
+    slot = "b" if run == "a" or (run == "f" and s.get("prev") == "a") else "a"
+    need = m["size"] + _RESERVE + 512 * len(m["files"])
+    avail = free() + du(fp("/app/" + slot))
+    if need > avail:
+        raise OTAError("oversized app bundle: needs %d bytes of flash, %d free" % (need, avail))
+    ch = False
+    for k in ("stg", "prev", "run"):       # the slot is about to be overwritten: drop references
+        if s.get(k) == slot:
+            s[k] = run if k == "run" else None
+            ch = True
+    if ch:
+        ota_boot.save(s)
+    rmtree(fp("/app/" + slot))
+    mkdirs(fp("/app/" + slot + "/lib"))
+    return AppSink(slot, m, buf)
 
 
 class AppSink:
@@ -113,76 +143,3 @@ class AppSink:
         s["dl"] = self.man.get("deadline")
         ota_boot.save(s)
         return "version %s staged in slot %s: reboot to switch" % (self.man["version"], self.slot)
-
-
-class FwSink:
-    """A firmware image -> the next OTA partition in 4 KiB blocks; set_boot once verified."""
-
-    def __init__(self, part, man, save):
-        self.part, self.man, self._save = part, man, save
-        self.slot = part.info()[4]
-        self._buf = bytearray(_BLK)
-        self._blk = self._fill = 0
-        self._h = hashlib.sha256()
-
-    def resume(self, done):
-        """Re-hash the blocks written before a reboot; returns the data offset to continue at."""
-        self._blk = done // _BLK
-        for i in range(self._blk):
-            self.part.readblocks(i, self._buf)
-            self._h.update(self._buf)
-        return self._blk * _BLK
-
-    def start(self):
-        pass
-
-    def close(self):
-        pass
-
-    def write(self, mv):
-        buf = self._buf
-        while len(mv):
-            k = min(len(mv), _BLK - self._fill)
-            buf[self._fill:self._fill + k] = mv[:k]
-            self._h.update(mv[:k])
-            self._fill += k
-            mv = mv[k:]
-            if self._fill == _BLK:
-                self.part.writeblocks(self._blk, buf)
-                self._blk += 1
-                self._fill = 0
-                if self._blk % _FW_SAVE == 0:
-                    self._save(self._blk * _BLK)
-
-    def finish(self, sig, mb):
-        buf = self._buf
-        if self._fill:
-            for i in range(self._fill, _BLK):
-                buf[i] = 0xFF
-            self.part.writeblocks(self._blk, buf)
-            self._fill = 0
-        want = self.man["files"][0][2]
-        if hexs(self._h.digest()) != want:
-            raise OTAError("hash mismatch for the firmware image: bundle corrupted")
-        n = self.man["size"]
-        h = hashlib.sha256()
-        i = 0
-        while n > 0:                                # read the partition back
-            self.part.readblocks(i, buf)
-            h.update(buf if n >= _BLK else memoryview(buf)[:n])
-            n -= _BLK
-            i += 1
-        if hexs(h.digest()) != want:
-            raise OTAError("firmware read-back mismatch: flash write failed")
-        s = ota_boot.load()
-        s["fw"] = {"ver": self.man["version"], "label": self.slot, "st": "staged"}
-        s["fail"] = None
-        s["dl"] = self.man.get("deadline")
-        ota_boot.save(s)            # before set_boot: a power cut in between only loses the switch
-        try:
-            self.part.set_boot()
-        except OSError as e:
-            s["fw"] = None
-            ota_boot.save(s)
-            raise OTAError("firmware image rejected by set_boot (%s): not a valid image" % e)
-        return "firmware %s written to %s: reboot to switch" % (self.man["version"], self.slot)
