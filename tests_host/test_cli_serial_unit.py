@@ -20,7 +20,9 @@ SERVER = """
 import sys
 sys.path[:0] = [%r]
 from ovms import config
-config.init(%r)
+config._root = %r
+if %r:
+    config.load()
 g = {'__name__': '__main__'}
 inp = sys.stdin.buffer
 out = sys.stdout
@@ -44,8 +46,10 @@ class ExecDouble:
     contract (stdout, then the exception text if one was raised; globals kept between execs).
     Heap 256K: here lib/ is compiled from source on the device double, the device runs .mpy."""
 
-    def __init__(self, root):
-        self.p = subprocess.Popen([MICROPYTHON, "-X", "heapsize=256K", "-c", SERVER % (LIB, str(root))],
+    def __init__(self, root, booted=True, app=False):
+        code = SERVER % (LIB, str(root), booted)
+        self.was_running = app  # Ctrl-C interrupted the firmware (rather than an idle REPL)
+        self.p = subprocess.Popen([MICROPYTHON, "-X", "heapsize=256K", "-c", code],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.sent = []
         self.closed = None
@@ -239,10 +243,35 @@ def test_large_file_is_sent_in_chunks(dev, tmp_path):
     assert sum(1 for c in d.sent if c.startswith("_of.write(")) == 10
 
 
+def test_firmware_is_restarted_if_it_was_running(tmp_path, monkeypatch, capsys):
+    state = {}
+
+    def opener(port, timeout):
+        state["dev"] = ExecDouble(tmp_path / "store", app=True)
+        return state["dev"]
+
+    monkeypatch.setattr(cli_serial, "open_device", opener)
+    assert ovms_cli.main(["--port", "/dev/null", "config", "set", "vehicle", "id", "X"]) == 0
+    assert state["dev"].closed == "reset"
+    assert capsys.readouterr().out == "Parameter has been set.\n"  # the reset adds nothing
+
+
+def test_boot_warnings_go_to_stderr_not_into_the_reply(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "store"
+    root.mkdir()
+    (root / "ovms.cfg").write_bytes(b"garbage")
+    monkeypatch.setattr(cli_serial, "open_device", lambda p, t: ExecDouble(root, booted=False))
+    assert ovms_cli.main(["--port", "/dev/null", "config", "set", "server.v3", "port", "x"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "Error: Invalid value 'x' for server.v3 port: expected an integer 0..65535\n"
+    assert err.startswith("device: config: %s is corrupt (bad header), moved to " % (root / "ovms.cfg"))
+    assert "device: config: booting on defaults" in err
+
+
 def test_no_firmware_on_the_device_is_a_link_error(tmp_path, monkeypatch, capsys):
     class Bare(ExecDouble):
         def __init__(self, root):
-            super().__init__(root)
+            super().__init__(root, booted=False)
             self.exec("import sys\nfor k in list(sys.modules):\n    if k.startswith('ovms'):\n"
                       "        del sys.modules[k]\nsys.path[:] = []")
 

@@ -1,14 +1,14 @@
 """ovms.py over the serial port: shell commands, config and provisioning through the raw REPL.
 
 Works the same on a real module (/dev/ttyUSB0) and on the virtual device's pty. It uses
-mpremote's serial transport: Ctrl-C + Ctrl-A enter the raw REPL (this interrupts the running
-firmware, as any mpremote use does), the command runs in the device's shell, and the firmware is
-restarted with a soft reset (Ctrl-B, Ctrl-D: boot.py + main.py run again) unless --no-reset.
+mpremote's serial transport: Ctrl-C + Ctrl-A enter the raw REPL (this stops the running
+firmware, as any mpremote use does), the command runs in the device's shell, and if the firmware
+was running it is restarted with a soft reset (Ctrl-B, Ctrl-D: boot.py + main.py run again), so
+the module is left as it was found. provision always soft-resets (to apply the new settings).
 
 The serial console is a secure (enable-mode) session: whoever holds the cable already has the
 Python REPL, so a password there would protect nothing.
 """
-import os
 import sys
 import time
 
@@ -44,7 +44,10 @@ def command_line(words):
 
 
 class Device:
-    """A raw-REPL session with the module (mpremote's SerialTransport)."""
+    """A raw-REPL session with the module (mpremote's SerialTransport).
+
+    was_running tells whether Ctrl-C interrupted something (the firmware, or a boot in progress)
+    rather than finding an idle REPL prompt: then close() restarts the firmware."""
 
     def __init__(self, port, timeout=10.0):
         from mpremote.transport import TransportError
@@ -56,11 +59,27 @@ class Device:
         except (TransportError, OSError) as e:
             raise LinkError("cannot open %s: %s" % (port, e))
         try:
+            self.was_running = self._interrupt()
             self.t.enter_raw_repl(soft_reset=False, timeout_overall=timeout)
         except (TransportError, OSError) as e:
             self.t.close()
             raise LinkError("no MicroPython raw REPL on %s: %s" % (port, e))
-        self.in_raw = True
+
+    def _quiet_read(self, quiet, overall):
+        # everything the device sends until it has been quiet for `quiet` seconds
+        return self.t.read_until(1, b"\x00\xff\x00", timeout=quiet, timeout_overall=overall)
+
+    def _interrupt(self):
+        self._quiet_read(0.05, 0.5)          # stale output (e.g. an earlier boot's log)
+        end = time.monotonic() + self.timeout
+        while True:
+            self.t.serial.write(b"\r\x03")
+            seen = self._quiet_read(0.4, 2.0).decode("utf-8", "replace")
+            # no answer at all: the module is between reboots, ask again
+            if seen.strip() or time.monotonic() > end:
+                break
+        # an idle friendly REPL only answers with a fresh prompt
+        return seen.replace(">>> ", "").strip() != ""
 
     def exec(self, code):
         """Run Python on the device; returns its stdout (text). LinkError on an exception."""
@@ -81,7 +100,7 @@ class Device:
             if reset:
                 self.t.serial.write(b"\x04")
                 seen = self.t.read_until(1, b"soft reboot", timeout=min(self.timeout, 5))
-                seen += self.t.read_until(1, b"\n", timeout=1)
+                seen += self._quiet_read(0.3, 2.0)  # let the boot get going
         except (self._terr, OSError):
             pass
         finally:
@@ -92,11 +111,29 @@ class Device:
         return seen.decode("utf-8", "replace")
 
 
+PREP = """
+try:
+    from ovms import config as _ocf
+    if not _ocf.loaded():
+        for _w in _ocf.load():
+            print(_w)
+except ImportError:
+    pass
+"""
+
+
+def prepare(dev):
+    """Load the device's config if the firmware has not yet (interrupted early in its boot);
+    its warnings go to stderr, never into a command's reply."""
+    for w in dev.exec(PREP).splitlines():
+        print("device: " + w, file=sys.stderr)
+
+
 SHELL_SETUP = """
 try:
     from ovms import shell as _osh
 except ImportError as e:
-    raise SystemExit('no ovms.shell on the device: %s' % e)
+    raise ImportError('no ovms.shell on the device: %s' % e)
 _ocs = _osh.Session('serial', max_out=1 << 20)
 _ocs.secure = True
 """
@@ -306,15 +343,18 @@ def main(args):
         print("error: %s" % e, file=sys.stderr)
         return LINK_ERROR
     rc = LINK_ERROR
-    reset = args.cmd == "provision"
+    reset = False
     try:
+        reset = dev.was_running
+        prepare(dev)
         if args.cmd == "shell":
             rc = cmd_shell(dev, args)
         elif args.cmd == "config":
             rc = cmd_config(dev, args)
         else:
             rc = cmd_provision(dev, args, files)
-            reset = rc == OK
+            if rc == OK:
+                reset = "provision"
     except LinkError as e:
         print("error: %s" % e, file=sys.stderr)
         rc = LINK_ERROR
@@ -325,6 +365,6 @@ def main(args):
             except LinkError:
                 pass
         out = dev.close(reset=reset)
-        if reset:
+        if reset == "provision":
             print("soft reset: %s" % ("done" if "soft reboot" in out else "sent"))
     return rc

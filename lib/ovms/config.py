@@ -460,6 +460,11 @@ def load():
     return w
 
 
+def loaded():
+    """True once load() (or init()) has run in this boot."""
+    return _loaded
+
+
 def init(root="/store"):
     """Use root as the config directory and load from it; returns the load() warnings."""
     global _root
