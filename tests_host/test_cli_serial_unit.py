@@ -136,6 +136,19 @@ def test_shell_command(dev, capsys):
     assert rc == 1 and out.startswith("Unrecognised command")
 
 
+def test_interactive_shell_keeps_one_session(dev, capsys, monkeypatch):
+    lines = iter(["config set vehicle id ONE", "", "disable", "config set vehicle id TWO", "enable",
+                  "config get vehicle id", "exit", "never reached"])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
+    rc = dev(["shell"])
+    out = capsys.readouterr().out
+    # the secure mode left with `disable` stays off for the next line of the same session
+    assert out.splitlines() == ["Parameter has been set.", "Secure mode disabled",
+                                "Error: Secure command requires 'enable' mode", "Secure mode",
+                                "ONE"]
+    assert rc == 0
+
+
 def test_config_set_get_list_rm(dev, capsys):
     assert dev(["config", "set", "server.v3", "server", "mqtt.example.org"]) == 0
     assert dev(["config", "set", "wifi.ssid", "My Home Net", 'p "a" ss\\word']) == 0

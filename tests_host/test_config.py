@@ -38,17 +38,17 @@ out([config.get('server.v3', 'port'), config.get('server.v3', 'tls'), config.get
 out([config.get('vehicle', 'id', 'X'), config.get('server.v3', 'port', 1883), config.get('usr', 'nothing'),
      config.get('nope', 'x', 5), config.get('wifi.ssid', 'none'), config.get('usr', 'nothing', 'dflt')])
 config.set('server.v3', 'port', '8883')
-config.set('server.v3', 'tls', 'true')
+config.set('server.v3', 'tls', 'false')
 config.set('vehicle', 'can.mode', 'NORMAL')
 out([config.get('server.v3', 'port'), config.get('server.v3', 'tls'), config.get('vehicle', 'can.mode'),
      config.display('server.v3', 'port'), config.display('server.v3', 'tls')])
 """)
     assert out[0] == ["config: no config in %s yet, using defaults" % tmp_path]
-    assert out[1] == [0, False, "listen", 500000, "", "/store/ca.pem", 120]
+    assert out[1] == [0, True, "listen", 500000, "", "/store/ca.pem", 120]  # TLS unless told otherwise
     # the schema default wins over the caller's (one source of truth, as `config list` shows);
     # the caller's default is for free-form and unknown instances
     assert out[2] == ["", 0, None, 5, None, "dflt"]
-    assert out[3] == [8883, True, "normal", "8883", "yes"]
+    assert out[3] == [8883, False, "normal", "8883", "no"]
 
 
 @pytest.mark.parametrize("word,canon", [("yes", "yes"), ("no", "no"), ("TRUE", "yes"), ("false", "no"),
@@ -114,7 +114,7 @@ out(config.check('server.v3', 'tls', 'TRUE'))
         assert p in out[0]
     assert out[0] == sorted(out[0])
     assert out[1] == ["module", "server.v3"]
-    assert out[2] == ["integer 0..65535 (default 0)", "yes|no (default no)",
+    assert out[2] == ["integer 0..65535 (default 0)", "yes|no (default yes)",
                       "one of listen|normal (default listen)", "text, max 32 chars (default '')",
                       "secret text, max 64 chars", "unknown"]
     assert out[3] == "yes"

@@ -361,6 +361,11 @@ def _esc(s):
     return s
 
 
+def root():
+    """Directory of the config store (other modules keep their state files beside it)."""
+    return _root
+
+
 def path(suffix=""):
     """Path of the config file (suffix '.bak' = last-good copy, '.tmp' = write in progress)."""
     return (_root if _root != "/" else "") + "/" + _NAME + suffix

@@ -19,7 +19,7 @@ vehicle can.bitrate i 500000 10000:1000000
 vehicle minsoc i 0 0:100
 server.v3 server s - 128
 server.v3 port i 0 0:65535
-server.v3 tls b no -
+server.v3 tls b yes -
 server.v3 user s - 64
 server.v3 clientid s - 64
 server.v3 topic.prefix s - 96
