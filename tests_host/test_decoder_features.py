@@ -502,7 +502,8 @@ for seed in range(30):
     d.feed_batch(buf, 1000, 3)
     d.feed_batch(buf, 1000, 3, random.randrange(0, 400))
 rec = bytearray(b"\x00\x02\x00\x00\x08" + b"\x11" * 8)
-print(d.feed_batch(rec[:-1], 1, 4), d.feed_batch(rec, 5, 4), d.pos, d.feed_batch(rec, 0, 4))
+print(d.feed_batch(rec[:-1], 1, 4), d.feed_batch(rec, 5, 4), d.pos, d.feed_batch(rec, 0, 4),
+      d.feed_batch(rec, 1, 4, -3), d.feed_batch(rec, 1, 4, 10 ** 6))
 print("OK")
 """
 
@@ -515,7 +516,7 @@ def test_garbage_frames_do_not_crash(tmp_path):
     res = eval(res)
     nsig_200 = len(dbc2table.load_dbc(PCAN).get_message_by_frame_id(0x200).signals)
     assert res == [0, 0, 0, nsig_200, 0, 0, 0, 0, 0, 0, nsig_200]
-    assert out[1] == "0 %d 13 0" % nsig_200
+    assert out[1] == "0 %d 13 0 0 0" % nsig_200
     assert out[-1] == "OK"
 
 

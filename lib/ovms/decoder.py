@@ -205,7 +205,6 @@ class Decoder:
                 raise ValueError("corrupt decode table (ranges)")
             u16[2 * g] = rng[2 * g]
             u16[2 * g + 1] = rng[2 * g + 1]
-        last = -1
         for i in range(nmsg):
             fid, first, n, mux, _, _ = struct.unpack_from(self._fm, t, self._om + i * self._lm)
             if first + n > nsig or (mux != _NONE and not first <= mux < first + n) or n > maxsig:
@@ -284,7 +283,9 @@ class Decoder:
         """Decode `nframes` records packed in `buf` from offset `start` (format: 4-byte LE
         id | ext << 29 | bus << 30, 1-byte dlc, dlc data bytes).  Returns the number of
         signals written; `pos` is the offset after the last record read."""
-        if nframes <= 0:
+        if nframes <= 0 or not 0 <= start <= len(buf):
+            self._u32[0] = 0
+            self._u32[11] = 0
             return 0
         self._u32[1] = start
         return _run(self._u32, self._u16, self._u8, self._mod, self._tupd, self._tgt, buf,
