@@ -89,6 +89,12 @@ def _expect(vdir, exp_path, bus="can0"):
             labels[(r["msg"], s)] = r.get("choices", {}).get(s)
     std = vehicles.standard_metrics()
     types = {row[0]: row[1] for row in vehicles.compile_vehicle(vdir)["metrics"]}
+    from dbc2table import load_dbc
+    db = load_dbc(os.path.join(vdir, mp["buses"][bus]))
+    for name, src in mp["metrics"].items():
+        if types.get(name) is None and name not in vehicles.standard_metrics():
+            sig = db.get_message_by_name(src["message"]).get_signal_by_name(src["signal"])
+            types[name] = vehicles._infer_type(sig, src)
     out = {}
     for name, src in mp["metrics"].items():
         key = (src["message"], src["signal"])
@@ -369,7 +375,7 @@ def test_raw_command_frames_and_cli(tmp_path, built):
                                                {"id": 1953, "ext": True, "data": ""}]}})
     v = vehicles.compile_vehicle(d)
     assert v["commands"]["lock"] == ((0, 0x7A0, 0, b"\x02\x11", ()), (0, 1953, 1, b"", ()))
-    assert v["metrics"][1][:3] == ("xtx.gear", "s", "")       # VAL_ labels -> string metric
+    assert v["metrics"][1][:4] == ("xtx.gear", None, None, None)   # the device infers: string
     import subprocess
     import sys
     out = tmp_path / "out"
@@ -411,3 +417,47 @@ for fid, data in ((%d, %r), (%d, %r)):
 print(m.text("v.d.fl"), m.text("v.d.fr"), m.text("xtx.p.wheel.fl"), m.unit("xtx.p.wheel.fl"))
 """ % (doors.frame_id, bytes(f1), wheels.frame_id, bytes(f2)), out, lib=built)
     assert r.stdout.strip() == "yes no 42.5 km/h"
+
+
+def test_footprint_300_metrics(tmp_path, built):
+    """Metric table + decoder + vehicle table for a 300-metric vehicle in a 100K heap.
+
+    Target <= 16 KB with the decode table frozen in flash (the device build); the table
+    bytes themselves are reported too (they are on the heap when loaded from a file)."""
+    from dbc2table import load_dbc
+    kn = json.load(open(os.path.join(VEH, "kn", "vehicle.json")))
+    std = vehicles.standard_metrics()
+    db = load_dbc(os.path.join(VEH, "kn", "pcan.dbc"))
+    metrics = {k: v for k, v in kn["metrics"].items() if k in std}
+    used = {(v["message"], v["signal"]) for v in metrics.values()}
+    extra = 300 - len(std)
+    for msg in db.messages:
+        for s in msg.signals:
+            if len(metrics) - len([k for k in metrics if k in std]) >= extra:
+                break
+            if (msg.name, s.name) not in used and msg.length <= 8:
+                metrics["xtx.%s.%s" % (msg.name.lower(), s.name.lower())[:60]] = \
+                    {"message": msg.name, "signal": s.name}
+    d = _vdir(tmp_path, {"metrics": metrics})
+    out = str(tmp_path / "out")
+    os.remove(vehicles.build(d, out, mpy=True))
+    r = mpy("""
+import gc
+from ovms import metrics as m, metrics_tab, metrics_io, decoder, vehicle
+def mem():
+    gc.collect()
+    return gc.mem_alloc()
+metrics_tab.drop()
+a = mem()
+m._init()
+b = mem()
+v = vehicle.load("TX")
+c = mem()
+print(m.count(), v.decoder.nsignals, b - a, c - b, c - a, len(v.decoder._t), gc.mem_free())
+""", out, lib=built, heap="100K")
+    count, nsig, table, veh, total, tbytes, free = [int(x) for x in r.stdout.split()]
+    print("300-metric vehicle: %d metrics, %d signals: standard table %d B, vehicle %d B "
+          "(decode table %d B), total %d B, without the table %d B, heap free %d B"
+          % (count, nsig, table, veh, tbytes, total, total - tbytes, free))
+    assert count == 300
+    assert total - tbytes <= 16 * 1024

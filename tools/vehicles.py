@@ -82,6 +82,8 @@ def _coerce(t, v, where):
 
 
 def _infer_type(sig, entry):
+    """Type letter of a vehicle metric; without "map" the same rule the device applies to
+    the decode table's flags (ovms.vehicle._infer), so such metrics need no METRICS row."""
     if "map" in entry:
         vals = [v for v in entry["map"].values() if v is not None]
         if vals and all(isinstance(v, bool) for v in vals):
@@ -91,7 +93,7 @@ def _infer_type(sig, entry):
         if vals and all(isinstance(v, str) for v in vals):
             return "s"
         return "f"
-    if sig.length == 1 and sig.scale == 1 and sig.offset == 0:
+    if sig.length == 1:
         return "b"
     if sig.choices:
         return "s"
@@ -283,8 +285,13 @@ def compile_vehicle(vdir, warn=None):
             xl = (float(v[0]), float(v[1]))
         if "map" in src and "valid" in src:
             _err(where, 'use either "map" or "valid"')
-        metrics.append((mname, None if standard else t, unit, stale, flags,
-                        None if db is None else float(db), mi, xl))
+        row = (mname, None if standard else t, unit, stale, flags,
+               None if db is None else float(db), mi, xl)
+        if not standard and "map" not in src and t == _infer_type(e.sig, {
+                "factor": src.get("factor", 1), "add": src.get("add", 0)}) and \
+                unit == (src.get("unit", e.sig.unit) or "") and stale == 120:
+            row = (mname, None, None, None, flags, row[5], mi, xl)     # device infers the rest
+        metrics.append(row)
     derived = []
     for mname, spec in (mp.get("derived") or {}).items():
         where = '%s: derived "%s"' % (path, mname)

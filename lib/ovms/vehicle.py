@@ -50,16 +50,15 @@ class Vehicle:
         for row in getattr(mod, "METRICS", ()):
             opts[row[0]] = row
         derived = getattr(mod, "DERIVED", ())
-        new = []
+        new = 0             # metrics to add (a signal feeding two new metrics counts twice)
         for k in range(n):
             nm = d.info(k)[2]
-            if nm and metrics.find(nm) < 0 and nm not in new:
-                new.append(nm)
+            if nm and metrics.find(nm) < 0:
+                new += 1
         for row in derived:
-            if metrics.find(row[0]) < 0 and row[0] not in new:
-                new.append(row[0])
-        metrics.reserve(len(new))
-        new = None
+            if metrics.find(row[0]) < 0:
+                new += 1
+        metrics.reserve(new)
         metrics.attach(d)
         tg = array.array("H", b"\xff\xff" * max(n, 1))
         for k in range(n):
