@@ -16,25 +16,35 @@ def _val(m, i):
 
 def _list(session, args):
     m = _m()
-    f = args[0] if args else ""
+    every = False
+    f = ""
+    for a in args:
+        if a == "-a":
+            every = True
+        elif f:
+            return "Usage: metrics list [-a] [<filter>]"
+        else:
+            f = a
     while f.endswith("*"):
         f = f[:-1]
     o = shell.Out(session)
-    hit = False
+    hit = 0
     for i in range(m.count()):
         n = m.name(i)
         if f and f not in n:
             continue
-        hit = True
-        if m.defined(i):
-            a = m.age(i)
-            a = "%6ds%s" % (a, "S" if m.stale(i) else " ") if a is not None else "        "
-        else:
-            a = "        "
+        hit += 1
+        d = m.defined(i)
+        if not d and not every:
+            continue
+        a = m.age(i) if d else None
+        a = "%6ds%s" % (a, "S" if m.stale(i) else " ") if a is not None else "        "
         if not o.add("%-40s [%s] %s" % (n, a, _val(m, i))):
             break
     if not hit:
         return "Unrecognised metric name"
+    if not o.lines and not o.full:
+        return "No values yet (%d metrics match; metrics list -a shows them)" % hit
     return o.text()
 
 
@@ -66,7 +76,7 @@ def _set(session, args):
 
 
 shell.register("metrics", "Metrics framework", None)
-shell.register("metrics list", "Show metrics: name [age, S = stale] value",
-               _list, "[<filter>]", 0, 1, False)
+shell.register("metrics list", "Show metrics with values: name [age, S = stale] value (-a: all)",
+               _list, "[-a] [<filter>]", 0, 2, False)
 shell.register("metrics get", "Show one metric value", _get, "<metric>", 1, 1, False)
 shell.register("metrics set", "Set a metric value", _set, "<metric> <value>", 2, -1, True)

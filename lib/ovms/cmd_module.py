@@ -19,13 +19,18 @@ def _metric(name):
         return None, ""
 
 
+def _cap(s):
+    s = str(s)
+    return s[:1].upper() + s[1:]
+
+
 def _stat(session, args):
     o = shell.Out(session)
     ch, _ = _metric("v.c.charging")
     if ch:
         mode, _ = _metric("v.c.mode")
         st, _ = _metric("v.c.state")
-        o.add("%s - %s" % (str(mode or "standard").capitalize(), str(st or "charging").capitalize()))
+        o.add("%s - %s" % (_cap(mode or "standard"), _cap(st or "charging")))
     else:
         o.add("Not charging")
     for name, label, fmt in (("v.b.soc", "SOC", "%.1f"), ("v.b.range.ideal", "Ideal range", "%.0f"),

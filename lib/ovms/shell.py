@@ -87,13 +87,61 @@ def lazy(name, title, module):
 def _resolve(n):
     m = n[_LAZY]
     if m:
-        n[_LAZY] = None
-        try:
-            __import__("ovms." + m)
-        except Exception as e:
-            n[_LAZY] = m
-            return "Error: command module %s failed to load: %r" % (m, e)
+        for k in (0, 1):
+            n[_LAZY] = None
+            try:
+                __import__("ovms." + m)
+                return None
+            except MemoryError:
+                n[_LAZY] = m
+                if k:
+                    return "Error: Out of memory loading the %s commands" % m
+                unload()    # make room: the other command modules load again when used
+            except Exception as e:
+                n[_LAZY] = m
+                return "Error: Command module %s failed to load: %r" % (m, e)
     return None
+
+
+def unload():
+    """Drop the built-in command modules to free heap; they load again on next use.
+    (Commands that other modules registered under these top-level names are dropped too.)"""
+    import sys
+    import gc
+    import ovms
+    for name, title, m in _BUILTIN:
+        n = _root[_CH].get(name)
+        if n is not None:
+            n[_T] = title
+            n[_H] = None
+            n[_U] = ""
+            n[_MIN] = n[_MAX] = 0
+            n[_SEC] = False
+            n[_CH] = None
+            n[_LAZY] = m
+        m = "ovms." + m
+        if m in sys.modules:
+            del sys.modules[m]
+            try:
+                delattr(ovms, m[5:])
+            except AttributeError:
+                pass
+    gc.collect()
+
+
+def _relieve():
+    # after a command: if the heap is short (< 1/4 free), unload the command modules
+    import gc
+    f = gc.mem_free()
+    if f * 4 < f + gc.mem_alloc():
+        import sys
+        for x in _BUILTIN:
+            if "ovms." + x[2] in sys.modules:
+                gc.collect()
+                f = gc.mem_free()
+                if f * 4 < f + gc.mem_alloc():
+                    unload()
+                return
 
 
 def _find(ch, w):
@@ -167,12 +215,32 @@ class Out:
         if self.n > self.limit:
             self.full = True
             return False
-        self.lines.append(s)
+        try:
+            self.lines.append(s)
+        except MemoryError:     # out of heap: end the reply here (marked truncated)
+            self.full = True
+            return False
         return True
 
     def text(self):
-        t = "\n".join(self.lines)
-        return t + TRUNC if self.full else t
+        # a fragmented heap may have no block for the whole reply: collect, then shorten
+        ls = self.lines
+        k = len(ls)
+        retry = True
+        while True:
+            try:
+                if k == len(ls) and not self.full:
+                    return "\n".join(ls)
+                return "\n".join(ls[:k] + [TRUNC[1:]])
+            except MemoryError:
+                import gc
+                gc.collect()
+                if k == 0:
+                    raise
+                if retry:
+                    retry = False
+                else:
+                    k = k * 3 // 4
 
 
 def _limit(t, m):
@@ -386,7 +454,7 @@ def _run(line, session):
                 return "Error: Command too long (max %d characters)" % MAX_LINE
             try:
                 line = str(line, "utf-8")
-            except Exception:
+            except ValueError:      # UnicodeError (MemoryError goes up: "Out of memory")
                 return "Error: Command is not valid UTF-8 text"
         else:
             return "Error: Command must be text"
@@ -410,6 +478,7 @@ _GEN = type((lambda: (yield))())
 
 def _exec(line, session):
     # -> reply text, or a coroutine returned by an async handler; never raises
+    session.penalty = 0
     try:
         t = _run(line, session)
         if isinstance(t, _GEN):
@@ -418,7 +487,12 @@ def _exec(line, session):
         t = "Error: Out of memory"
     except Exception as e:
         t = _err(e)
-    return _fix(t, session)
+    try:
+        t = _fix(t, session)
+    except MemoryError:
+        t = "Error: Out of memory (reply too large)"
+    _relieve()
+    return t
 
 
 def _err(e):
@@ -468,6 +542,8 @@ async def run_async(line, session=None):
     if isinstance(t, _GEN):
         try:
             t = _fix(await t, session)
+        except MemoryError:
+            t = "Error: Out of memory"
         except Exception as e:
             t = _err(e)
     if session.penalty:
@@ -554,7 +630,7 @@ def repl(session=None):
 register("help", "Show commands (help <command> for details)", _helpcmd, "[<command>]", 0, -1, False)
 register("enable", "Enter secure mode (password module)", _enable, "[<password>]", 0, 1, False)
 register("disable", "Leave secure mode", _disable, "", 0, 0, False)
-for _n, _t, _m in (
+_BUILTIN = (
         ("metrics", "Metrics framework", "cmd_metrics"),
         ("config", "Configuration framework", "cmd_config"),
         ("stat", "Show vehicle status", "cmd_module"),
@@ -566,6 +642,8 @@ for _n, _t, _m in (
         ("lock", "Lock vehicle", "cmd_vehicle"),
         ("unlock", "Unlock vehicle", "cmd_vehicle"),
         ("climatecontrol", "Climate control", "cmd_vehicle"),
-        ("charge", "Charge control", "cmd_vehicle")):
+        ("charge", "Charge control", "cmd_vehicle"),
+        ("ota", "OTA updates", "cmd_ota"))
+for _n, _t, _m in _BUILTIN:
     lazy(_n, _t, _m)
 del _n, _t, _m
