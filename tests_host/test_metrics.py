@@ -440,3 +440,20 @@ from ovms import metrics_io, metrics_tab
 m.set("v.b.soc", "12.5"); m.tick(); print(m.text("v.b.soc"))
 """, heap="100K")
     assert r.stdout.split()[-1] == "12.5"
+
+
+def test_housekeeping_task_ticks_and_saves(tmp_path):
+    path = str(tmp_path / "m.sav")
+    r = mpy("""
+import asyncio
+async def main():
+    t = asyncio.create_task(m.run(%r, save_every=0))
+    m.set("v.b.soc", 42.0)
+    m.set("v.b.voltage", 400.0); m.set("v.b.current", 10.0)
+    await asyncio.sleep_ms(1500)
+    t.cancel()
+    print(m.get("v.b.power"), m.persist_due())
+asyncio.run(main())
+""" % path)
+    assert r[0] == "4.0 False"
+    assert mpy('print(m.load(%r), m.get("v.b.soc"))' % path)[0] == "2 42.0"

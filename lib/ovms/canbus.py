@@ -316,11 +316,12 @@ class CanBus:
             pass
 
 
-def start(vehicle=None, listen_only=True, cans=None, hw=(1,)):
+def start(vehicle=None, listen_only=True, cans=None, hw=(1,), bitrate=None):
     """Create one CanBus per vehicle bus (or can0 when no vehicle) and start their tasks.
 
-    cans: {bus index: machine.CAN-like object} to use instead of machine.CAN(hw[i]).
-    Returns the CanBus list (also kept for send() and status())."""
+    listen_only: config "vehicle can.mode" != "normal"; bitrate: override (config
+    "vehicle can.bitrate"), default the vehicle's; cans: {bus index: machine.CAN-like
+    object} instead of machine.CAN(hw[n]). Returns the CanBus list (kept for send/status)."""
     stop()
     idx = []
     if vehicle is not None:
@@ -333,7 +334,7 @@ def start(vehicle=None, listen_only=True, cans=None, hw=(1,)):
         if cans is None and n >= len(hw):
             print("canbus: no controller for can%d (vehicle bus ignored)" % i)
             continue
-        b = CanBus("can%d" % i, i, vehicle.bitrate(i) if vehicle else 500000,
+        b = CanBus("can%d" % i, i, bitrate or (vehicle.bitrate(i) if vehicle else 500000),
                    vehicle.decoder if vehicle else None,
                    vehicle.ids(i) if vehicle else None, listen_only,
                    cans.get(i) if cans else None, hw[n] if n < len(hw) else n + 1)

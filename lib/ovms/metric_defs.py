@@ -4,7 +4,7 @@
 #   type : f float, i int, b bool, s string, v float vector, w int vector,
 #          D DateUTC (int, Unix seconds), T TimeUTC (int, seconds of the day)
 #   stale: 0 never, 1 = 10 s, 2 = 120 s, 3 = 3600 s, 4 = 65535 s (OVMS SM_STALE_*)
-#   unit : one character of metrics._UCH (see metrics.UNITS for the labels):
+#   unit : one character of metrics.UNIT_CHARS (labels in metrics.UNITS):
 #          - none, % percent, k km, V volt, A amp, W kW, E kWh, C degC, H Ah,
 #          c Wh/km, s km/h, m metre, S seconds, M minutes, d dBm, p kPa,
 #          g degrees, r rpm, n Nm, w W, a m/s2, h hours

@@ -525,6 +525,12 @@ def persist_due():
     return _io().persist_due()
 
 
+def run(path=None, save_every=600):
+    """Coroutine: tick() every second and save(path) at most every save_every seconds
+    when a persisted metric changed. Start with asyncio.create_task(metrics.run(path))."""
+    return _io().run(path, save_every)
+
+
 def derive(fn):
     """Register fn() to run on every tick() (derived metrics)."""
     if fn not in _derived:

@@ -229,3 +229,19 @@ def load(path):
         M._mod[i] = 0xFF & ~(1 << M.PERSIST)
         n += 1
     return n
+
+
+async def run(path=None, save_every=600):
+    """Housekeeping task: tick() every second; save(path) when persisted metrics changed
+    and save_every seconds have passed since the last save (flash wear)."""
+    import asyncio
+    last = M.uptime()
+    while True:
+        M.tick()
+        if path and M.uptime() - last >= save_every and persist_due():
+            try:
+                save(path)
+            except OSError as e:
+                print("metrics: cannot save", path, e)
+            last = M.uptime()
+        await asyncio.sleep_ms(1000)
