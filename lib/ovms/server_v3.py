@@ -1,0 +1,585 @@
+"""OVMS v3 MQTT protocol: metric/notify/event topics, commands, peers, delta publishing."""
+# Topics (prefix = server.v3 topic.prefix, default ovms/<user>/<vehicle id>/):
+#   metric/<name with . -> />       retained, QoS 0, metrics.text() (OVMS AsString format)
+#   metric/s/v3/connected           "yes" once connected; last will "no" (retained)
+#   stale/<name with . -> />        retained "yes" while the metric is stale (see below)
+#   notify/<type>/<subtype path>    QoS 1, from the persistent flash outbox (ovms.outbox)
+#   event/<name path> (+ legacy "event" = name)  QoS 0, only while connected
+#   client/<cid>/response/<id>      QoS 1, reply to client/<cid>/command/<id> (ovms.shell)
+#   client/<cid>/metric/done        QoS 1, count of metrics republished for
+#                                   client/<cid>/request/metric ("*" or "a.b*,c.d" patterns)
+# Subscriptions: client/+/active (QoS 1; peers expire after 120 s; s.v3.peers),
+# client/+/command/+ (QoS 2, so a QoS 2 command runs exactly once), client/+/request/metric.
+# Retained commands and requests replayed by the broker are ignored (they would run again on
+# every reconnect), and so are empty ones (that is how a retained message is deleted).
+#
+# Stale marking (the choice): a stale metric keeps its last value on metric/<path> (the last
+# known SOC or parking position is still the best information a client can get), and a
+# separate retained marker stale/<path> = "yes" says the value is old. When the metric is
+# fresh again the marker is deleted (empty retained payload). OVMS clients that do not know
+# the marker keep working unchanged; aware clients subscribe to stale/#. Markers are
+# republished on every reconnect (the broker may have lost them) and, on the first connect
+# after boot, read back from the broker (subscribe, ping round trip, unsubscribe) so stale
+# markers left from before a reboot are cleared once those metrics are fresh again.
+#
+# Secrets: values of secret config entries (passwords, keys) are replaced by ******** in
+# every command reply, notification and string metric before it is published;
+# client/+/request/config is not served at all.
+import asyncio
+from micropython import const
+
+from ovms import config, metrics
+from ovms.mqtt import MQTTClient, ssl_context
+from ovms.outbox import Outbox
+from ovms.v3_sched import Scheduler
+
+_POLL_MS = const(250)     # change collection / priority latency
+_CHUNK = const(16)        # publications between yields to the event loop
+_PEER_TTL = const(120)
+_MAX_PEERS = const(16)
+_MAX_REQS = const(4)
+_STALE_S = const(1)       # seconds between stale-marker scans (32 metrics per poll)
+_LINK = ("server", "port", "tls", "user", "clientid", "topic.prefix", "ca",
+         "updatetime.keepalive")
+MASK = "********"
+
+
+def _cfg(inst):
+    return config.get("server.v3", inst)
+
+
+def _store_path():
+    return getattr(config, "_root", "/store").rstrip("/") + "/v3notify.q"
+
+
+class Server:
+    """One OVMS v3 server: builds the MQTT link from config, runs it, publishes."""
+
+    def __init__(self, outbox=None):
+        self.ob = outbox if outbox is not None else Outbox(_store_path())
+        self.client = None
+        self.sched = None
+        self.prefix = ""
+        self.peers = {}
+        self.ready = False
+        self.state = "stopped"
+        self.published = 0
+        self.notified = 0
+        self.requests = 0
+        self._reqs = []
+        self._secrets = []
+        self._tasks = []
+        self._stop = False
+        self._sendall = False
+        self._first = True      # first connect this boot: read stale markers back
+        self._restart = asyncio.Event()
+        self._nev = asyncio.Event()
+        self._rev = asyncio.Event()
+        self._ci = metrics.find("s.v3.connected")
+        self._pi = metrics.find("s.v3.peers")
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    async def run(self):
+        """Run until stop(): (re)build the link whenever its config changes."""
+        config.on_change(self._on_config)
+        self._load_secrets()
+        try:
+            while not self._stop:
+                self._restart.clear()
+                try:
+                    c = self._build()
+                except Exception as e:
+                    c = None
+                    self.state = "error: %s" % (e,)
+                if c is None:
+                    if not self.state.startswith("error"):
+                        self.state = "not configured (config set server.v3 server <host>)"
+                    await self._restart.wait()
+                    continue
+                self.client = c
+                self.state = "connecting"
+                ct = asyncio.create_task
+                self._tasks = [ct(c.run()), ct(self._publisher()), ct(self._notifier()),
+                               ct(self._requests())]
+                await self._restart.wait()
+                await self._close()
+        finally:
+            try:
+                config.off_change(self._on_config)
+            except Exception:
+                pass
+            await self._close()
+            self.state = "stopped"
+
+    async def stop(self):
+        self._stop = True
+        self._restart.set()
+
+    async def _close(self):
+        c = self.client
+        self.ready = False
+        for t in self._tasks[1:]:
+            t.cancel()
+        if c is not None:
+            if c.up:
+                try:
+                    await c.publish(self.prefix + "metric/s/v3/connected", "no", retain=True)
+                except Exception:
+                    pass
+            await c.disconnect()
+        for t in self._tasks[:1]:
+            t.cancel()
+        self._tasks = []
+        self.client = None
+        self._set("s.v3.connected", False)
+
+    def _build(self):
+        host = _cfg("server")
+        if not host:
+            return None
+        tls = _cfg("tls") if config.is_set("server.v3", "tls") else True
+        ctx = None
+        if tls:
+            ca = _cfg("ca")
+            try:
+                ctx = ssl_context(cafile=ca)
+            except OSError:
+                raise ValueError("cannot read CA file %s (server.v3 ca)" % ca)
+        user = _cfg("user") or ""
+        vid = config.get("vehicle", "id") or ""
+        pfx = _cfg("topic.prefix") or ("ovms/%s/" % user + ("%s/" % vid if vid else ""))
+        if not pfx.endswith("/"):
+            pfx += "/"
+        self.prefix = pfx
+        self._pb = pfx.encode()
+        c = MQTTClient(_cfg("clientid") or vid or "ovms", host, _cfg("port") or 0,
+                       user or None, config.get("password", "server.v3") or None,
+                       keepalive=_cfg("updatetime.keepalive"), ssl=ctx)
+        c.set_last_will(pfx + "metric/s/v3/connected", "no", retain=True)
+        c.set_callback(self._on_msg)
+        c.on_up = self._on_up
+        c.on_down = self._on_down
+        c.log = _log
+        kw = self._sched_cfg()
+        if self.sched is None:
+            self.sched = Scheduler(**kw)
+        else:
+            self.sched.configure(**kw)
+        return c
+
+    def _sched_cfg(self):
+        iv = tuple(_cfg("updatetime." + k)
+                   for k in ("on", "charging", "connected", "awake", "idle"))
+        return {"intervals": iv, "include": _cfg("metrics.include"),
+                "exclude": _cfg("metrics.exclude"),
+                "priority": (_cfg("metrics.priority") or "") + ",s.v3.*"}
+
+    def _on_config(self, param, inst):
+        if config.secret(param, inst):
+            self._load_secrets()
+        if ((param == "server.v3" and inst in _LINK) or (param == "vehicle" and inst == "id")
+                or (param == "password" and inst == "server.v3")):
+            self._restart.set()
+        elif param == "server.v3" and self.sched is not None:
+            self.sched.configure(**self._sched_cfg())
+
+    def _load_secrets(self):
+        s = []
+        try:
+            for p in config.params():
+                for i in config.instances(p):
+                    if config.secret(p, i):
+                        v = config.get(p, i)
+                        if isinstance(v, str) and len(v) >= 4:
+                            s.append(v)
+        except Exception as e:
+            _log("cannot read secrets: %r" % (e,))
+        self._secrets = s
+
+    def scrub(self, s):
+        """s with every secret config value replaced by ********."""
+        for v in self._secrets:
+            if v in s:
+                s = s.replace(v, MASK)
+        return s
+
+    # ---- connection events ----------------------------------------------------------
+
+    async def _on_up(self, session_present):
+        c = self.client
+        p = self.prefix
+        self.ready = False
+        self.state = "subscribing"
+        await c.subscribe(p + "client/+/active", 1)
+        await c.subscribe(p + "client/+/command/+", 2)
+        await c.subscribe(p + "client/+/request/metric", 1)
+        self._set("s.v3.connected", True)
+        await c.publish(p + "metric/s/v3/connected", "yes", retain=True)
+        if self._first:
+            await c.subscribe(p + "stale/#", 0)
+            await c.sync()          # retained markers arrive before the PINGRESP
+            await c.unsubscribe(p + "stale/#")
+            self._first = False
+        await self._republish()
+        self.ready = True
+        self.state = "connected"
+        self._nev.set()
+
+    def _on_down(self, reason):
+        self.ready = False
+        self.state = "reconnecting (%s)" % reason
+        self._set("s.v3.connected", False)
+
+    def _set(self, name, v):
+        i = metrics.find(name)
+        if i >= 0:
+            try:
+                metrics.set(i, v)
+            except ValueError:
+                pass
+
+    # ---- metrics --------------------------------------------------------------------
+
+    async def _republish(self):
+        """Full republish (after a connect or `server v3 update all`)."""
+        s = self.sched
+        now = metrics.uptime()
+        k = 0
+        for i in s.all():
+            if i != self._ci:
+                await self._pub_metric(i, now)
+            else:
+                s.sent(i, now)
+            st = metrics.stale(i)
+            if st or s.marked(i):
+                await self._pub_marker(i, st)
+            k += 1
+            if not k % _CHUNK:
+                await asyncio.sleep_ms(0)
+
+    async def _pub_metric(self, i, now):
+        t = self.prefix + "metric/" + metrics.name(i).replace(".", "/")
+        v = metrics.text(i)
+        if metrics.typecode(i) == "s":
+            v = self.scrub(v)
+        await self.client.publish(t, v, retain=self._retain(t))
+        self.sched.sent(i, now)
+        self.published += 1
+
+    async def _pub_marker(self, i, stale):
+        t = self.prefix + "stale/" + metrics.name(i).replace(".", "/")
+        await self.client.publish(t, "yes" if stale else "", retain=True)
+        self.sched.set_marked(i, stale)
+
+    def _retain(self, t):
+        return not (_cfg("retain.depth.limit") and t.count("/") > 7)
+
+    async def _publisher(self):
+        last = 0
+        start = 0
+        while True:
+            await asyncio.sleep_ms(_POLL_MS)
+            c = self.client
+            if c is None or not c.up or not self.ready:
+                continue
+            s = self.sched
+            try:
+                now = metrics.uptime()
+                self._expire(now)
+                if self._sendall:
+                    self._sendall = False
+                    await self._republish()
+                s.collect()
+                k = 0
+                for i in s.due(now):
+                    await self._pub_metric(i, now)
+                    k += 1
+                    if not k % _CHUNK:
+                        await asyncio.sleep_ms(0)
+                if start or now - last >= _STALE_S:
+                    last = now
+                    ch, start = s.stale_changes(start, 32)
+                    for i, st in ch:
+                        await self._pub_marker(i, st)
+            except OSError:
+                pass    # link lost: the reconnect republishes everything
+            except Exception as e:
+                _log("publisher: %r" % (e,))
+
+    def update(self, what="modified"):
+        """`server v3 update all|modified`: full republish, or pending changes now."""
+        if what == "all":
+            self._sendall = True
+        elif self.sched is not None:
+            self.sched.flush()
+        return "Update (%s) scheduled" % what
+
+    # ---- incoming ---------------------------------------------------------------------
+
+    def _on_msg(self, topic, msg, retained, qos=0, dup=False):
+        pb = self._pb
+        if not topic.startswith(pb):
+            return
+        rest = topic[len(pb):]
+        try:
+            if rest.startswith(b"stale/"):
+                i = metrics.find(rest[6:].decode().replace("/", "."))
+                if i >= 0 and msg and self.sched is not None:
+                    self.sched.set_marked(i, True)
+                return
+            parts = rest.decode().split("/")
+        except UnicodeError:
+            return
+        if len(parts) < 3 or parts[0] != "client" or not parts[1]:
+            return
+        cid = parts[1]
+        kind = parts[2]
+        if kind == "active" and len(parts) == 3:
+            self._peer(cid, msg)
+        elif retained or len(parts) != 4 or not msg:
+            return
+        elif kind == "command":
+            self._command(cid, parts[3], msg, qos, dup)
+        elif kind == "request" and parts[3] == "metric":
+            if len(self._reqs) >= _MAX_REQS:
+                _log("too many metric requests: ignored one from %s" % cid)
+                return
+            self._reqs.append((cid, msg))
+            self._rev.set()
+
+    def _peer(self, cid, msg):
+        now = metrics.uptime()
+        p = self.peers
+        if msg in (b"", b"0"):
+            if p.pop(cid, None) is None:
+                return
+            _event("app.disconnected")
+        else:
+            if cid not in p:
+                if len(p) >= _MAX_PEERS:
+                    old = min(p, key=p.get)
+                    del p[old]
+                _event("app.connected")
+                if self.sched is not None:
+                    self.sched.flush()   # a new viewer: send what is pending now
+            p[cid] = now + _PEER_TTL
+        self._peers()
+
+    def _expire(self, now):
+        p = self.peers
+        gone = [k for k in p if p[k] <= now]
+        for k in gone:
+            del p[k]
+            _event("app.disconnected")
+        if gone:
+            self._peers()
+
+    def _peers(self):
+        n = len(self.peers)
+        if self.sched is not None:
+            self.sched.peers = n
+        self._set("s.v3.peers", n)
+
+    def _command(self, cid, cmd_id, msg, qos, dup):
+        try:
+            line = msg.decode()
+        except UnicodeError:
+            self.respond(cid, cmd_id, "Error: command is not valid UTF-8")
+            return
+        try:
+            from ovms import shell
+            shell.submit(cid, cmd_id, line, self._reply, qos, dup)
+        except Exception as e:
+            self.respond(cid, cmd_id, "Error: %r" % (e,))
+
+    async def _reply(self, cid, cmd_id, text):
+        self.respond(cid, cmd_id, text)
+
+    def respond(self, cid, cmd_id, text):
+        c = self.client
+        if c is not None:
+            c.queue("%sclient/%s/response/%s" % (self.prefix, cid, cmd_id), self.scrub(text),
+                    qos=1)
+
+    async def _requests(self):
+        while True:
+            if not self._reqs:
+                self._rev.clear()
+                await self._rev.wait()
+                continue
+            cid, msg = self._reqs.pop(0)
+            c = self.client
+            if c is None or not c.up or not self.ready:
+                continue
+            try:
+                pats = msg.decode().split(",")
+            except UnicodeError:
+                continue
+            n = 0
+            seen = set()
+            now = metrics.uptime()
+            try:
+                for p in pats:
+                    p = p.strip() or "*"
+                    if "*" in p:
+                        it = metrics.match(p)
+                    else:
+                        i = metrics.find(p)
+                        it = (i,) if i >= 0 else ()
+                    for i in it:
+                        if i in seen or not self.sched.included(i) or not metrics.defined(i):
+                            continue
+                        seen.add(i)
+                        await self._pub_metric(i, now)
+                        n += 1
+                        if not n % _CHUNK:
+                            await asyncio.sleep_ms(0)
+                c.queue("%sclient/%s/metric/done" % (self.prefix, cid), str(n), qos=1)
+                self.requests += 1
+            except OSError:
+                pass
+
+    # ---- notifications and events ---------------------------------------------------
+
+    def notify(self, type, subtype, text):
+        """Queue a notification on flash (kept across outages and reboots)."""
+        self.ob.put("notify/%s/%s" % (_seg(type), _seg(subtype).replace(".", "/")), text)
+        self._nev.set()
+        return True
+
+    async def _notifier(self):
+        while True:
+            c = self.client
+            h = self.ob.peek() if c is not None and c.up and self.ready else None
+            if h is None:
+                self._nev.clear()
+                try:
+                    await asyncio.wait_for_ms(self._nev.wait(), 1000)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            seq, t, p = h
+            try:
+                p = self.scrub(p.decode())
+            except UnicodeError:
+                pass
+            try:
+                await c.publish(self.prefix + t, p, qos=1)
+            except OSError:
+                await asyncio.sleep_ms(500)
+                continue
+            self.ob.pop(seq)
+            self.notified += 1
+
+    def event(self, name):
+        """Publish event/<name path> (and the legacy event topic) if connected."""
+        c = self.client
+        if c is None or not c.up or name.startswith("ticker.") or name.startswith("clock."):
+            return False
+        c.queue(self.prefix + "event/" + _seg(name).replace(".", "/"), "")
+        if _cfg("events.legacy_topic"):
+            c.queue(self.prefix + "event", name)
+        return True
+
+    # ---- status -----------------------------------------------------------------------
+
+    def status(self):
+        c = self.client
+        r = ["State: %s" % self.state]
+        if c is not None:
+            r.append("Server: %s://%s:%d as %s" % ("mqtts" if c.ssl else "mqtt", c.server,
+                                                 c.port, c.client_id.decode()))
+            r.append("Prefix: %s" % self.prefix)
+            r.append("Traffic: tx %d B, rx %d B (MQTT); connects %d, reconnects %d"
+                     % (c.tx_bytes, c.rx_bytes, c.connects, c.reconnects))
+            if c.last_error:
+                r.append("Last error: %s" % c.last_error)
+            r.append("Queued: %d message(s), %d dropped" % (c.queued(), c.dropped))
+        if self.sched is not None:
+            r.append("Metrics: %d published, %d pending, interval %d s"
+                     % (self.published, self.sched.pending(), self.sched.interval()))
+        r.append("Notifications: %d waiting, %d sent, %d dropped"
+                 % (len(self.ob), self.notified, self.ob.dropped))
+        r.append("Peers: %d" % len(self.peers))
+        return "\n".join(r)
+
+
+def _seg(s):
+    s = str(s)
+    for ch in "+#\0":
+        s = s.replace(ch, "_")
+    return s.strip("/") or "_"
+
+
+def _log(msg):
+    print("server.v3:", msg)
+
+
+def _event(name):
+    try:
+        from ovms import events
+        events.raise_event(name)
+    except Exception:
+        pass
+
+
+# ---- module API (one server per device) ---------------------------------------------
+
+_srv = None
+_task = None
+
+
+def server():
+    """The running Server, or None."""
+    return _srv
+
+
+def start(outbox=None):
+    """Start the server task (idempotent) and install the shell hooks; returns the Server."""
+    global _srv, _task
+    if _srv is None or _task is None or _task.done():
+        _srv = Server(outbox)
+        _task = asyncio.create_task(_srv.run())
+        try:
+            from ovms import shell
+            shell.hook("server_status", status)
+            shell.hook("server_update", lambda what="modified": _srv.update(what))
+        except Exception:
+            pass
+    return _srv
+
+
+async def stop():
+    """Stop the server: publish connected=no, DISCONNECT, end the task."""
+    global _srv, _task
+    if _srv is not None:
+        await _srv.stop()
+        if _task is not None:
+            try:
+                await asyncio.wait_for_ms(_task, 5000)
+            except Exception:
+                pass
+    _srv = _task = None
+
+
+def notify(type, subtype, text):
+    """Queue a notification (works before start(): it waits on flash)."""
+    global _srv
+    if _srv is None:
+        _srv = Server()
+    return _srv.notify(type, subtype, text)
+
+
+def event(name):
+    return _srv.event(name) if _srv is not None else False
+
+
+def status():
+    return _srv.status() if _srv is not None else "State: stopped"
+
+
+def kick():
+    """Reconnect at once (e.g. when the network came back)."""
+    if _srv is not None and _srv.client is not None:
+        _srv.client.kick()

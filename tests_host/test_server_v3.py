@@ -1,0 +1,392 @@
+"""OVMS v3 server (ovms.server_v3) on the micropython binary against a real mosquitto."""
+import os
+import time
+
+import pytest
+
+from test_mqtt_kit import (Dev, Proxy, broker, broker_dir, build_lib, dev_factory,  # noqa: F401
+                           peers)
+
+PFX = "ovms/bob/CAR1/"
+# The x64 unix port needs about twice the ESP32's heap for the same objects (8-byte
+# pointers); the whole app (config, metrics, shell, server, TLS link) runs in 256K here.
+HEAP = "256K"
+
+SETUP = r'''
+from ovms import config, metrics, shell
+config.init(%(store)r)
+config.update(%(cfg)r)
+from ovms import server_v3
+count = [0]
+def _count(session, args):
+    count[0] += 1
+    return "count=%%d" %% count[0]
+shell.register("testcount", "count calls", _count, secure=False)
+srv = None
+async def start():
+    global srv
+    srv = server_v3.start()
+    srv_up = srv
+    while srv.state != "connected":
+        await asyncio.sleep_ms(50)
+    ev("up")
+def watch():
+    async def w():
+        st = None
+        while True:
+            s = server_v3.server()
+            if s is not None and s.state != st:
+                st = s.state
+                ev("state", s=st)
+            await asyncio.sleep_ms(20)
+    asyncio.create_task(w())
+watch()
+'''
+
+
+def config_items(port, ca=None, extra=()):
+    items = [("server.v3", "server", "127.0.0.1"), ("server.v3", "port", port),
+             ("server.v3", "user", "bob"), ("vehicle", "id", "CAR1")]
+    if ca:
+        items.append(("server.v3", "ca", ca))
+    else:
+        items.append(("server.v3", "tls", False))
+    return items + list(extra)
+
+
+def device(dev_factory, tmp_path, port, ca=None, extra=(), store="store"):
+    st = tmp_path / store
+    st.mkdir(exist_ok=True)
+    return dev_factory(SETUP % {"store": str(st), "cfg": config_items(port, ca, extra)}, heap=HEAP)
+
+
+def metric_topics(peer):
+    return {m[0][len(PFX) + 7:].replace("/", "."): m[1].decode()
+            for m in peer.all() if m[0].startswith(PFX + "metric/")}
+
+
+def test_topics_values_retained_and_last_will_over_tls(broker, dev_factory, peers, tmp_path):
+    d = device(dev_factory, tmp_path, broker.tls_port, broker.ca)
+    d.call("""
+metrics.set("v.b.soc", 55.5)
+metrics.set("v.e.locked", True)
+metrics.set("v.d.fl", False)
+metrics.set("v.b.c.voltage", [3.9, 3.91, 3.925])
+metrics.set("v.p.odometer", 123456.7)
+metrics.set("v.p.latitude", 52.123456)
+metrics.set("v.c.state", "charging")
+metrics.set("v.e.gear", -1)
+metrics.set("v.c.timerstart", 3723)
+await start()
+""")
+    peer = peers(broker.port, subs=(PFX + "#",))
+    got = {}
+    for _ in range(50):
+        got = metric_topics(peer)
+        if len(got) >= 10:
+            break
+        time.sleep(0.1)
+    want = {"v.b.soc": "55.5", "v.e.locked": "yes", "v.d.fl": "no",
+            "v.b.c.voltage": "3.9,3.91,3.925", "v.p.odometer": "123456.7",
+            "v.p.latitude": "52.123456", "v.c.state": "charging", "v.e.gear": "-1",
+            "v.c.timerstart": "01:02:03", "s.v3.connected": "yes"}
+    for k, v in want.items():
+        assert got.get(k) == v, (k, got.get(k))
+    # every value is retained and equals metrics.text() on the device
+    texts = d.call("return {n: metrics.text(n) for n in %r}" % list(want))
+    assert texts == want
+    assert all(m[2] for m in peer.all() if m[0].startswith(PFX + "metric/"))
+    # only defined metrics, nothing else under metric/
+    assert set(got) == set(want)
+    # subscriptions are in place (module answers), then the device dies: last will
+    d.kill()
+    peer.wait_topic(PFX + "metric/s/v3/connected", b"no", timeout=10)
+
+
+def test_custom_prefix_gets_trailing_slash(broker, dev_factory, peers, tmp_path):
+    d = device(dev_factory, tmp_path, broker.port,
+               extra=[("server.v3", "topic.prefix", "fleet/car7")])
+    peer = peers(broker.port, subs=("fleet/#",))
+    peer.settle()
+    d.call('metrics.set("v.b.soc", 12)\nawait start()')
+    peer.wait_topic("fleet/car7/metric/v/b/soc", b"12")
+
+
+def test_delta_publishing_deadband_min_interval_priority_and_state(broker, dev_factory, peers,
+                                                                  tmp_path):
+    extra = [("server.v3", "updatetime.idle", 3), ("server.v3", "updatetime.on", 1),
+             ("server.v3", "updatetime.awake", 3)]
+    d = device(dev_factory, tmp_path, broker.port, extra=extra)
+    peer = peers(broker.port, subs=(PFX + "metric/#",))
+    peer.settle()
+    d.call("""
+metrics.configure("v.b.soc", deadband=1.0, min_interval=0)
+metrics.configure("v.b.voltage", deadband=0, min_interval=4)
+metrics.set("v.b.soc", 50.0)
+metrics.set("v.b.voltage", 350.0)
+metrics.set("v.e.locked", False)
+metrics.set("v.e.on", False)
+await start()
+""")
+    soc = PFX + "metric/v/b/soc"
+    peer.wait_topic(soc, b"50")
+    time.sleep(3.2)                      # let the idle interval (3 s) pass
+    # below the deadband: nothing goes out
+    d.call('metrics.set("v.b.soc", 50.6)')
+    time.sleep(3.6)
+    assert [m[1] for m in peer.got(soc)] == [b"50"]
+    # the drift adds up: 51.2 is 1.2 from the published 50 -> published at once (quiet)
+    t0 = time.monotonic()
+    d.call('metrics.set("v.b.soc", 51.2)')
+    m = peer.wait_topic(soc, b"51.2", timeout=5)
+    assert m[4] - t0 < 1.0
+    # a second change inside the interval waits for it (bound = 3 s)
+    t0 = time.monotonic()
+    d.call('metrics.set("v.b.soc", 53.0)')
+    m = peer.wait_topic(soc, b"53", timeout=6)
+    assert 1.5 < m[4] - t0 < 3.0 + 1.2, m[4] - t0
+    # priority metric (v.e.locked is flagged priority): immediate despite the interval
+    t0 = time.monotonic()
+    d.call('metrics.set("v.e.locked", True)')
+    m = peer.wait_topic(PFX + "metric/v/e/locked", b"yes", timeout=3)
+    assert m[4] - t0 < 0.8
+    # min_interval 4 s: a value changing every 0.25 s goes out at most every ~4 s, and
+    # the last value is published within the bound
+    n = d.start("""
+for k in range(40):
+    metrics.set("v.b.voltage", 351.0 + k)
+    await asyncio.sleep_ms(250)
+""")
+    d.result(n, timeout=20)
+    last = peer.wait_topic(PFX + "metric/v/b/voltage", b"390", timeout=6)
+    ts = [m[4] for m in peer.got(PFX + "metric/v/b/voltage")]
+    gaps = [b - a for a, b in zip(ts, ts[1:])]
+    assert len(ts) <= 5 and all(g > 3.0 for g in gaps[1:]), gaps
+    # state: car on -> interval 1 s
+    d.call('metrics.set("v.e.on", True)')
+    time.sleep(1.5)
+    t0 = time.monotonic()
+    d.call('metrics.set("v.b.soc", 60.0)')
+    d.call('metrics.set("v.b.soc", 62.0)')
+    peer.wait_topic(soc, b"62", timeout=3)
+    assert time.monotonic() - t0 < 1.8
+    assert d.call("return srv.sched.interval()") == 1
+
+
+def test_commands_run_once_with_qos2_and_reply_qos1(broker, dev_factory, peers, tmp_path):
+    d = device(dev_factory, tmp_path, broker.port)
+    d.call("await start()")
+    peer = peers(broker.port, subs=(PFX + "client/app1/response/#",))
+    peer.settle()
+    base = PFX + "client/app1/"
+    peer.publish(base + "command/7", "testcount", qos=2)
+    m = peer.wait_topic(base + "response/7")
+    assert m[1] == b"count=1" and m[3] == 1 and m[2] is False
+    peer.publish(base + "command/8", "testcount", qos=1)
+    peer.wait_topic(base + "response/8", b"count=2")
+    # an unknown command gets the shell's error text, bytes that are not UTF-8 an error
+    peer.publish(base + "command/9", "nosuchcommand", qos=1)
+    assert b"Unrecognised" in peer.wait_topic(base + "response/9")[1]
+    peer.publish(base + "command/10", b"\xff\xfe", qos=1)
+    assert peer.wait_topic(base + "response/10")[1].startswith(b"Error")
+    # a retained command runs once when it is sent, but not again when the broker
+    # replays it (retain flag set) after a reconnect
+    peer.publish(base + "command/11", "testcount", qos=1, retain=True)
+    peer.wait_topic(base + "response/11", b"count=3")
+    d.call("server_v3.kick()")
+    d.wait_event(lambda e: e["ev"] == "state" and e["s"] == "connected", start=len(d.events))
+    time.sleep(1.0)
+    peer.publish(base + "command/11", "", qos=1, retain=True)   # clear it
+    time.sleep(0.3)
+    assert d.call("return count[0]") == 3
+    assert len(peer.got(base + "response/11")) == 1
+    assert len(peer.got(base + "response/7")) == 1
+
+
+def test_request_metric_republishes_and_marks_completion(broker, dev_factory, peers, tmp_path):
+    d = device(dev_factory, tmp_path, broker.port)
+    d.call("""
+metrics.set("v.b.soc", 80)
+metrics.set("v.b.voltage", 390.5)
+metrics.set("v.p.speed", 0)
+await start()
+""")
+    peer = peers(broker.port, subs=(PFX + "metric/#", PFX + "client/app2/#"))
+    peer.settle()
+    time.sleep(0.5)
+    peer.clear()
+    peer.publish(PFX + "client/app2/request/metric", "v.b*", qos=1)
+    done = peer.wait_topic(PFX + "client/app2/metric/done")
+    got = metric_topics(peer)
+    assert got == {"v.b.soc": "80", "v.b.voltage": "390.5"}
+    assert done[1] == b"2" and done[3] == 1
+    # completion comes after the values
+    i_done = [m[0] for m in peer.all()].index(PFX + "client/app2/metric/done")
+    assert i_done == len(peer.all()) - 1
+    peer.clear()
+    peer.publish(PFX + "client/app2/request/metric", "*", qos=1)
+    done = peer.wait_topic(PFX + "client/app2/metric/done")
+    n = d.call("return sum(1 for i in range(metrics.count()) if metrics.defined(i))")
+    assert int(done[1]) == n == len(metric_topics(peer))
+    peer.clear()
+    peer.publish(PFX + "client/app2/request/metric", "v.p.speed,nosuch.metric", qos=1)
+    assert peer.wait_topic(PFX + "client/app2/metric/done")[1] == b"1"
+
+
+def test_peers_tracked_and_expire(broker, dev_factory, peers, tmp_path):
+    d = device(dev_factory, tmp_path, broker.port,
+               extra=[("server.v3", "updatetime.connected", 1)])
+    d.call("await start()")
+    peer = peers(broker.port, subs=(PFX + "metric/s/v3/peers",))
+    peer.settle()
+    peer.publish(PFX + "client/app1/active", "1", qos=1)
+    peer.publish(PFX + "client/app9/active", "1", qos=1)
+    peer.wait_topic(PFX + "metric/s/v3/peers", b"2", timeout=5)
+    assert d.call("return srv.sched.interval()") == 1
+    peer.publish(PFX + "client/app1/active", "0", qos=1)
+    peer.publish(PFX + "client/app9/active", "", qos=1)
+    peer.wait_topic(PFX + "metric/s/v3/peers", b"0", timeout=5)
+    # expiry (120 s) with a shifted clock: uptime() jumps forward
+    peer.publish(PFX + "client/app3/active", "1", qos=1)
+    d.wait_event(lambda e: True, timeout=1) if False else time.sleep(0.5)
+    assert d.call("return len(srv.peers)") == 1
+    d.call("srv._expire(metrics.uptime() + 121)")
+    assert d.call("return len(srv.peers)") == 0
+
+
+def test_notifications_survive_broker_restart_and_full_republish(broker, dev_factory, peers,
+                                                                 tmp_path):
+    d = device(dev_factory, tmp_path, broker.port)
+    d.call('metrics.set("v.b.soc", 70)\nmetrics.set("v.b.range.est", 250)\nawait start()')
+    broker.stop()
+    d.wait_event(lambda e: e["ev"] == "state" and e["s"].startswith("reconnecting"), timeout=5)
+    d.call("""
+for k in range(5):
+    server_v3.notify("alert", "batt.soc.alert", "SOC low %d" % k)
+""")
+    broker.start()       # no persistence: every retained value is gone
+    peer = peers(broker.port, subs=(PFX + "#",))
+    peer.settle()
+    for k in range(5):
+        peer.wait_topic(PFX + "notify/alert/batt/soc/alert", b"SOC low %d" % k, timeout=20)
+    notes = [m for m in peer.all() if m[0].startswith(PFX + "notify/")]
+    assert [m[1] for m in notes] == [b"SOC low %d" % k for k in range(5)]
+    assert all(m[3] == 1 for m in notes)
+    got = metric_topics(peer)
+    assert got.get("v.b.soc") == "70" and got.get("v.b.range.est") == "250"
+    assert got.get("s.v3.connected") == "yes"
+    # acknowledged -> removed from flash
+    assert d.call("for _ in range(100):\n    if not len(srv.ob): break\n"
+                  "    await asyncio.sleep_ms(20)\nreturn len(srv.ob)") == 0
+
+
+def test_blackholed_link_detected_then_recovered_without_losing_notifications(
+        broker, dev_factory, peers, tmp_path):
+    px = Proxy(broker.port)
+    try:
+        d = device(dev_factory, tmp_path, px.port,
+                   extra=[("server.v3", "updatetime.keepalive", 10)])
+        d.call('metrics.set("v.b.soc", 40)\nawait start()')
+        peer = peers(broker.port, subs=(PFX + "#",))
+        peer.settle()
+        t0 = time.monotonic()
+        px.blackhole(True)
+        d.call('server_v3.notify("info", "x.during", "sent during the blackout")')
+        _, e = d.wait_event(lambda e: e["ev"] == "state" and e["s"].startswith("reconnecting"),
+                            timeout=20)
+        assert e["host_t"] - t0 <= 15.5          # 1.5 x keepalive
+        assert "nothing received" in e["s"]
+        d.call('metrics.set("v.b.soc", 41)')
+        peer.clear()
+        px.blackhole(False)
+        peer.wait_topic(PFX + "notify/info/x/during", b"sent during the blackout", timeout=20)
+        peer.wait_topic(PFX + "metric/v/b/soc", b"41", timeout=10)
+        peer.wait_topic(PFX + "metric/s/v3/connected", b"yes", timeout=10)
+    finally:
+        px.close()
+
+
+def test_notifications_survive_reboot(broker, dev_factory, peers, tmp_path):
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = s.getsockname()[1]
+    s.close()
+    d = device(dev_factory, tmp_path, dead)
+    d.start("await start()")
+    d.call("""
+for k in range(3):
+    server_v3.notify("info", "trip.report", "trip %d" % k)
+""")
+    d.kill()                               # power cut before any link
+    peer = peers(broker.port, subs=(PFX + "notify/#",))
+    peer.settle()
+    d2 = device(dev_factory, tmp_path, broker.port)   # same flash store, broker reachable
+    d2.call("await start()")
+    for k in range(3):
+        peer.wait_topic(PFX + "notify/info/trip/report", b"trip %d" % k, timeout=10)
+    assert [m[1] for m in peer.got(PFX + "notify/info/trip/report")] == [
+        b"trip %d" % k for k in range(3)]
+
+
+def test_stale_markers_set_and_cleared(broker, dev_factory, peers, tmp_path):
+    d = device(dev_factory, tmp_path, broker.port)
+    peer = peers(broker.port, subs=(PFX + "stale/#", PFX + "metric/xtest/#"))
+    peer.settle()
+    d.call("""
+metrics.define("xtest.fast", "f", "V", stale=3)
+metrics.set("xtest.fast", 1.5)
+await start()
+""")
+    st = PFX + "stale/xtest/fast"
+    peer.wait_topic(PFX + "metric/xtest/fast", b"1.5")
+    m = peer.wait_topic(st, b"yes", timeout=10)          # not updated for > 3 s
+    d.call('metrics.set("xtest.fast", 1.6)')
+    peer.wait_topic(st, b"", timeout=10)                 # fresh again: marker deleted
+    d.call('metrics.set("xtest.fast", 1.6)\nawait asyncio.sleep_ms(4500)')
+    # a late subscriber sees the value AND the marker (both retained)
+    time.sleep(1.0)
+    p2 = peers(broker.port, subs=(PFX + "stale/#",))
+    p2.wait_topic(st, b"yes")
+    # reboot: the new boot reads the marker back and clears it once the metric is fresh
+    d.kill()
+    d2 = device(dev_factory, tmp_path, broker.port)
+    peer.clear()
+    d2.call("""
+metrics.define("xtest.fast", "f", "V", stale=60)
+metrics.set("xtest.fast", 2.0)
+await start()
+""")
+    peer.wait_topic(st, b"", timeout=10)
+
+
+def test_secrets_never_published(tmp_path, dev_factory, peers):
+    from broker import Broker
+    b = Broker(os.path.join(broker_dir(), "b"), users={"bob": "mqtt-Pass-77", "spy": "spy"}).start()
+    try:
+        secrets = ["mqtt-Pass-77", "module-PW-1234", "wifi-Secret-99"]
+        extra = [("password", "server.v3", secrets[0]), ("password", "module", secrets[1]),
+                 ("wifi.ssid", "HomeNet", secrets[2])]
+        d = device(dev_factory, tmp_path, b.port, extra=extra)
+        d.call('metrics.set("v.type", "car %s")\nawait start()' % secrets[1])
+        peer = peers(b.port, subs=("#",), user="spy", password="spy")
+        peer.settle()
+        base = PFX + "client/app1/"
+        for k, cmd in enumerate(["config list password", "config list wifi.ssid",
+                                 "enable %s" % secrets[1], "config list password",
+                                 "metrics list v.type", "config list server.v3"]):
+            peer.publish(base + "command/%d" % k, cmd, qos=1)
+            peer.wait_topic(base + "response/%d" % k, timeout=10)
+        d.call('server_v3.notify("info", "x", "pw is %s")' % secrets[2])
+        peer.wait_topic(PFX + "notify/info/x", timeout=10)
+        peer.publish(base + "request/metric", "*", qos=1)
+        peer.wait_topic(base + "metric/done", timeout=10)
+        # everything the module published (the peer's own command messages excluded)
+        blob = b"\n".join(m[0].encode() + b" " + m[1] for m in peer.all()
+                          if "/command/" not in m[0])
+        for s in secrets:
+            assert s.encode() not in blob, s
+        assert b"car ********" in blob
+        assert b"Secure mode" in blob       # enable worked: the secure listings ran too
+    finally:
+        b.stop()
