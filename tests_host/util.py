@@ -41,3 +41,80 @@ def run_mpy(code, heap="100K", timeout=120, path=(LIB,), cwd=None, check=True, a
         raise AssertionError("micropython failed (%d)\nstdout:\n%s\nstderr:\n%s"
                              % (r.returncode, r.stdout[-4000:], r.stderr[-4000:]))
     return r
+
+
+class VDev:
+    """A virtual device process (tools/vdev.py run) for tests: power on/off, mpremote, control."""
+
+    def __init__(self, root, can_log=None, speed=1.0, heap="100K", extra=()):
+        self.root = str(root)
+        self.pty = self.root + ".pty"
+        self.log = self.root + ".console"
+        self.args = [sys.executable, os.path.join(TOOLS, "vdev.py"), "run", "--root", self.root,
+                     "--pty", self.pty, "--heap", heap, "--log", self.log, "--speed", str(speed),
+                     *extra]
+        if can_log:
+            self.args += ["--can-log", str(can_log)]
+        self.proc = None
+
+    def start(self, timeout=30):
+        import select
+        import time
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        info, buf = {}, b""
+        deadline = time.time() + timeout
+        fd = self.proc.stdout.fileno()
+        while "can-tx" not in info:
+            if time.time() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise AssertionError("vdev did not start: %s" % self.proc.stderr.read())
+            if select.select([fd], [], [], 0.5)[0]:
+                buf += os.read(fd, 4096)
+                for line in buf.decode().splitlines():
+                    key, _, val = line.partition(": ")
+                    info[key] = val.strip()
+        self.control_path = info["control"]
+        self.tx_log = info["can-tx"]
+        self.pty_name = info["pty"]
+        return self
+
+    def stop(self):
+        """Power cut: SIGKILL, no chance to flush anything."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        # the board process dies with its parent (PR_SET_PDEATHSIG); give it a moment
+        import time
+        time.sleep(0.1)
+
+    def mpremote(self, *args, timeout=60, check=True):
+        r = subprocess.run([tool("mpremote"), "connect", self.pty, *args], capture_output=True,
+                           text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError("mpremote %s failed (%d): %s %s"
+                                 % (args, r.returncode, r.stdout, r.stderr))
+        return r
+
+    def exec(self, code, resume=True, timeout=60):
+        args = ("resume", "exec", code) if resume else ("exec", code)
+        return self.mpremote(*args, timeout=timeout).stdout
+
+    def control(self, cmd):
+        import socket as _s
+        with _s.socket(_s.AF_UNIX, _s.SOCK_STREAM) as s:
+            s.connect(self.control_path)
+            s.sendall(cmd.encode())
+            return s.recv(256).decode().strip()
+
+    def console(self):
+        try:
+            with open(self.log, "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *a):
+        self.stop()

@@ -38,8 +38,9 @@ def micropython_binary():
 
 def parse_candump(path):
     """Frames of a `candump -L` log: (t, controller, record bytes); canN -> controller N+1."""
+    import gzip
     frames = []
-    with open(path) as f:
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
         for line in f:
             parts = line.split()
             if len(parts) < 3 or not parts[0].startswith("("):
@@ -87,6 +88,29 @@ def _die_with_parent():
         pass
 
 
+def heap_bytes(text):
+    text = text.strip().upper()
+    mult = {"K": 1024, "M": 1024 * 1024}.get(text[-1:], 1)
+    return int(float(text.rstrip("KM")) * mult)
+
+
+def calibrate_heap(requested):
+    """Heap for the process: what the firmware asked for plus what the board emulation uses.
+
+    On a board, machine/network and the REPL are C code outside the GC heap; here they are
+    Python modules in it, so their measured footprint is added on top."""
+    env = dict(os.environ, VDEV_MODE="calibrate")
+    env.pop("VDEV_ROOT", None)
+    env.pop("VDEV_HW", None)
+    r = subprocess.run([micropython_binary(), "-X", "heapsize=%d" % (requested + 256 * 1024), BOARD],
+                       capture_output=True, text=True, env=env, timeout=60)
+    try:
+        overhead = int(r.stdout.split()[-1])
+    except (ValueError, IndexError):
+        raise SystemExit("vdev: cannot run micropython: %s" % (r.stderr or r.stdout))
+    return requested + (overhead + 1023) // 1024 * 1024, overhead
+
+
 def populate(root):
     """First power-on: copy boot.py, main.py and lib/ from the repo onto the flash."""
     if os.path.isdir(root) and os.listdir(root):
@@ -99,8 +123,10 @@ def populate(root):
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     try:
         sys.path.insert(0, os.path.join(REPO, "tools"))
-        import vehicles  # builds the compiled vehicle tables for the flash
-        vehicles.install(os.path.join(root, "lib"))
+        import vehicles  # compiles the vehicle tables (DBC + mapping) onto the flash
+        for vdir in vehicles.vehicle_dirs():
+            src = vehicles.build(vdir, os.path.join(root, "lib"), warn=lambda m: None, mpy=True)
+            os.remove(src)  # keep the .mpy: it loads without the compiler's RAM peak
     except Exception as e:  # noqa: BLE001  (the device still boots without vehicle tables)
         print("vdev: vehicle tables not installed: %s" % e, file=sys.stderr)
     return True
@@ -124,7 +150,10 @@ class Bus:
             self.conns[ctrl] = conn
             self.cond.notify_all()
         if old:
-            old.close()
+            try:
+                old.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         threading.Thread(target=self._tx, args=(ctrl, conn), daemon=True).start()
 
     def _tx(self, ctrl, conn):
@@ -133,10 +162,11 @@ class Bus:
                 rec = conn.recv(64)
             except OSError:
                 rec = b""
-            if not rec:
+            if len(rec) < 16:  # EOF, or BYE from CAN.deinit()
                 with self.cond:
                     if self.conns.get(ctrl) is conn:
                         del self.conns[ctrl]
+                conn.close()
                 return
             fid, flags, dlc, _, data = REC.unpack(rec[:16])
             ident = ("%08X" if flags & FLAG_EXT else "%03X") % fid
@@ -385,11 +415,11 @@ class Device:
 
     # --- power ---
     def boot(self, mode):
-        env = dict(os.environ, VDEV_ROOT=self.root, VDEV_HW=self.hw_path, VDEV_MODE=mode,
+        env = dict(os.environ, VDEV_ROOT=self.root, VDEV_HEAP=str(heap_bytes(self.a.heap)), VDEV_HW=self.hw_path, VDEV_MODE=mode,
                    VDEV_CAUSE=str(self.cause), VDEV_UID=self.uid, VDEV_CAN_RING=str(self.a.ring))
         with self.child_lock:
             self.child = subprocess.Popen(
-                [micropython_binary(), "-X", "heapsize=" + self.a.heap, BOARD],
+                [micropython_binary(), "-X", "heapsize=%d" % self.heap, BOARD],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 env=env, cwd=self.run_dir, preexec_fn=_die_with_parent)
             ch = self.child
@@ -405,6 +435,8 @@ class Device:
     def run(self):
         if populate(self.root):
             self.say("flash %s populated from the repo" % self.root)
+        self.heap, overhead = calibrate_heap(heap_bytes(self.a.heap))
+        self.say("heap %s for the firmware (+%d bytes of board emulation)" % (self.a.heap, overhead))
         self.open_pty()
         for fn in (self.serve_hw, self.watchdog, self.host_to_device, self.bus.run):
             threading.Thread(target=fn, daemon=True).start()

@@ -20,15 +20,14 @@ def connect(hello):
 
 
 def _reader(s):
-    buf = bytearray(64)
     while True:
         try:
-            n = s.readinto(buf)
+            msg = s.recv(64)  # one record (readinto would wait to fill the buffer)
         except OSError:
             return
-        if not n:
+        if not msg:
             return
-        words = bytes(buf[:n]).split()
+        words = msg.split()
         if len(words) == 2 and words[0] in (b"WIFI", b"RSSI"):
             state[words[0].decode().lower()] = int(words[1])
 

@@ -1,4 +1,5 @@
 """Virtual ESP32 boot ROM + REPL: mounts the flash dir, runs boot.py/main.py, serves the (raw) REPL."""
+import gc
 import os
 import select
 import sys
@@ -22,9 +23,10 @@ BANNER = ("MicroPython v1.29.0 on 2026-07-05; ESP32 module (virtual micro-ovms d
 
 root = os.getenv("VDEV_ROOT")
 mode = os.getenv("VDEV_MODE") or "power"
-os.umount("/")
-os.mount(os.VfsPosix(root), "/")
-os.chdir("/")
+if root:
+    os.umount("/")
+    os.mount(os.VfsPosix(root), "/")
+    os.chdir("/")
 sys.path[:] = ["", ".frozen", "/lib"]
 
 out = sys.stdout
@@ -220,6 +222,10 @@ def friendly_repl():
 
 
 def main():
+    if mode == "calibrate":  # the host sizes the heap so the firmware gets what it asked for
+        gc.collect()
+        write("%d\n" % gc.mem_alloc())
+        sys.exit(0)
     if run_file("boot.py"):
         soft_reset(mode == "softraw")
     if mode == "softraw":

@@ -220,9 +220,7 @@ class CAN:
         self._head = self._tail = 0
         self._filters = ()
         s = _hw.connect(b"CAN %d %d %d" % (self._id, bitrate, mode))
-        ack = bytearray(16)
-        s.readinto(ack)
-        self._paced = ack[0] == ord("P")
+        self._paced = s.recv(16) == b"P"  # P: real-time bus; B: the bus waits for us
         self._sock = s
         self._state = CAN.STATE_ACTIVE
         _thread.start_new_thread(self._rx, (s,))
@@ -231,7 +229,7 @@ class CAN:
         s, self._sock = self._sock, None
         if s:
             try:
-                s.close()
+                s.write(b"BYE")  # the host hangs up; the RX thread sees EOF and closes
             except OSError:
                 pass
         self._state = CAN.STATE_STOPPED
@@ -284,6 +282,7 @@ class CAN:
                     slot[i] = rec[i]
                 self._head += 1
             self._fire(CAN.IRQ_RX)
+        s.close()
 
     def _set_state(self, st):
         c = self._cnt
