@@ -140,11 +140,13 @@ shell.register("usr echo", "Echo the words", lambda s, a: json.dumps(a), "<word>
 shell.register("usr two", "Exactly two", lambda s, a: "ok " + "+".join(a), "<a> <b>", 2, 2, False)
 shell.register("usr none", "Returns nothing", lambda s, a: None, "", 0, 0, False)
 shell.register("usr boom", "Raises", lambda s, a: 1 // 0, "", 0, 0, False)
-shell.register("usr big", "Huge output", lambda s, a: "x" * 5000, "", 0, 0, False)
+shell.register("usr big", "Huge output", lambda s, a: "x" * 3000, "", 0, 0, False)
 for c in ('usr echo a "b c"  d', 'usr echo "" x', 'usr echo "say \\\\"hi\\\\"" \\\\n', 'usr echo ab"c d"e',
           'usr echo "unterminated', 'usr echo "\\u00e9t\\u00e9 \\u2603"', "usr two a", "usr two a b",
-          "usr two a b c", "usr none", "usr boom", "usr ?", "usr echo ?", "usr big"):
+          "usr two a b c", "usr none", "usr boom", "usr ?", "usr echo ?"):
     out(R(c))
+out(R("usr big", shell.Session(max_out=1000)))
+out([shell.MAX_OUT, shell.Session().max_out, shell.local.max_out])
 """)
     assert json.loads(o[0]) == ["a", "b c", "d"]
     assert json.loads(o[1]) == ["", "x"]
@@ -161,7 +163,8 @@ for c in ('usr echo a "b c"  d', 'usr echo "" x', 'usr echo "say \\\\"hi\\\\"" \
                      + line("echo", "Echo the words") + "\n" + line("none", "Returns nothing") + "\n"
                      + line("two", "Exactly two"))
     assert o[12] == "usr echo: Echo the words\nUsage: usr echo <word>..."
-    assert len(o[13]) == 4096 and o[13].endswith("\n[output truncated]")
+    assert len(o[13]) == 1000 and o[13].endswith("\n[output truncated]")
+    assert o[14] == [4096, 4096, 4096]
 
 
 def test_bad_lines_get_clear_errors(mlib, tmp_path):
@@ -653,7 +656,10 @@ out([b - a, c - a, d - a])
 
 def test_command_modules_unload_when_heap_is_short(mlib, tmp_path):
     o = sh(mlib, tmp_path, """
-import gc
+import gc, sys, ovms
+from ovms import shell, metrics
+R = shell.run
+metrics.set("v.b.soc", 85.5)
 shell.register("xtt", "App commands", None)
 shell.register("xtt hello", "Say hello", lambda s, a: "hello", "", 0, 0, False)
 out([R("metrics get v.b.soc"), "ovms.cmd_metrics" in sys.modules])
@@ -665,7 +671,51 @@ out([R("metrics get v.b.soc"), "ovms.cmd_metrics" in sys.modules, "cmd_metrics" 
 ballast = None
 gc.collect()
 out([R("met g v.b.soc"), "ovms.cmd_metrics" in sys.modules, R("xtt hello"), R("metrics ?").count("\\n")])
-""")
+""", prelude=False)
     assert o[0] == ["85.5%", True]
     assert o[1] == ["85.5%", False, False]      # answered, then dropped to give the heap back
     assert o[2] == ["85.5%", True, "hello", 3]  # loads again on use; app commands kept
+
+
+# ---- a real vehicle definition --------------------------------------------------------
+
+def test_vehicle_commands_with_a_real_definition(mlib, tmp_path):
+    """Kona EV definition (firmware/vehicles/kn): charge limit is defined, lock is not."""
+    import dbc2table
+    import vehicles
+    vdir = os.path.join(os.path.dirname(LIB), "firmware", "vehicles", "kn")
+    os.remove(vehicles.build(vdir, str(tmp_path), mpy=True))
+    o = sh(mlib, tmp_path, """
+sys.path.append(STORE)
+from ovms import shell, vehicle
+R = shell.run
+FRAMES = []
+shell.hook("can_send", lambda bus, fid, ext, data: FRAMES.append([bus, fid, ext, "".join(["%02x" % b for b in data])]))
+vehicle.load("KN")
+shell.hook("vehicle", vehicle.current)
+out(R("charge limit 80"))
+shell.local.secure = True
+out([R("charge limit 80"), FRAMES])
+del FRAMES[:]
+for c in ("charge limit 5", "lock", "unlock", "climatecontrol on", "charge start", "charge current 16", "wakeup",
+          "homelink 2", "homelink 4"):
+    out(R(c))
+out(FRAMES)
+""", prelude=False)
+    assert o[0] == "Error: Secure command requires 'enable' mode"
+    assert o[1][0] == "Charge limit set to 80%"
+    (bus, fid, ext, data), = o[1][1]
+    db = dbc2table.load_dbc(os.path.join(vdir, "pcan.dbc"))     # cantools, community-DBC quirks fixed
+    msg = db.get_message_by_frame_id(fid)
+    assert (bus, msg.name, ext) == (1, "UpdateChargeSettings", False)
+    sig = msg.decode(bytes.fromhex(data), decode_choices=False)
+    assert sig["SetACChargeLimit"] == 80 and sig["SetDCChargeLimit"] == 80 and sig["SetChargeCurrent"] == 0
+    assert o[2] == "Error: charge.limit: 5 is out of range 10..100"
+    assert o[3:11] == ["Error: Lock not available on this vehicle", "Error: Unlock not available on this vehicle",
+                       "Error: Climate control not available on this vehicle",
+                       "Error: Charge start not available on this vehicle",
+                       "Error: Charge current not available on this vehicle",
+                       "Error: Wakeup not available on this vehicle",
+                       "Error: Homelink not available on this vehicle",
+                       "Error: Homelink button must be 1, 2 or 3"]
+    assert o[11] == []

@@ -1,5 +1,5 @@
-"""Shell commands: lock, unlock, climatecontrol on|off, charge start|stop|limit (CAN frames
-from the vehicle definition: vehicle.command_frames(name, args) -> [(bus, id, ext, data)] or None)."""
+"""Shell commands: lock, unlock, climatecontrol, charge, wakeup, homelink (CAN frames from the
+vehicle definition: vehicle.command_frames(name, args) -> [(bus, id, ext, data)] or None)."""
 from ovms import shell
 
 
@@ -53,15 +53,41 @@ shell.register("charge stop", "Stop charging",
                                 "Could not stop charge"), "", 0, 0, True)
 
 
-def _limit(s, a):
+def _num(a, lo, hi):
+    # -> int in lo..hi or None
     try:
-        soc = int(a[0].rstrip("%"))
+        v = int(a.rstrip("%A"))
     except ValueError:
-        soc = -1
-    if not 1 <= soc <= 100:
+        return None
+    return v if lo <= v <= hi else None
+
+
+def _limit(s, a):
+    soc = _num(a[0], 1, 100)
+    if soc is None:
         return "Error: Charge limit must be a SOC of 1..100 %"
     return _do("charge.limit", [soc], "Charge limit", "Charge limit set to %d%%" % soc,
                "Could not set charge limit")
 
 
+def _current(s, a):
+    amps = _num(a[0], 1, 500)
+    if amps is None:
+        return "Error: Charge current must be 1..500 A"
+    return _do("charge.current", [amps], "Charge current", "Charge current limit set to %dA" % amps,
+               "Could not set charge current")
+
+
+def _homelink(s, a):
+    n = _num(a[0], 1, 3)
+    if n is None:
+        return "Error: Homelink button must be 1, 2 or 3"
+    return _do("homelink", [n], "Homelink", "Homelink #%d activated" % n, "Could not activate homelink")
+
+
 shell.register("charge limit", "Set the charge limit (SOC %)", _limit, "<soc>", 1, 1, True)
+shell.register("charge current", "Set the charge current limit (A)", _current, "<amps>", 1, 1, True)
+shell.register("wakeup", "Wake up the vehicle",
+               lambda s, a: _do("wakeup", a, "Wakeup", "Vehicle has been woken", "Could not wake the vehicle"),
+               "", 0, 0, True)
+shell.register("homelink", "Activate a homelink button", _homelink, "1|2|3", 1, 1, True)

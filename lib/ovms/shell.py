@@ -643,6 +643,8 @@ _BUILTIN = (
         ("unlock", "Unlock vehicle", "cmd_vehicle"),
         ("climatecontrol", "Climate control", "cmd_vehicle"),
         ("charge", "Charge control", "cmd_vehicle"),
+        ("wakeup", "Wake up the vehicle", "cmd_vehicle"),
+        ("homelink", "Activate a homelink button", "cmd_vehicle"),
         ("ota", "OTA updates", "cmd_ota"))
 for _n, _t, _m in _BUILTIN:
     lazy(_n, _t, _m)
