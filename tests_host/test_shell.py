@@ -609,11 +609,13 @@ out(sorted(shell._sessions)[:2])
 def test_repl_reads_stdin(mlib, tmp_path):
     code = ("import sys\nsys.path[:0] = [%r]\nSTORE = %r\n" % (mlib, str(tmp_path)) + PRELUDE
             + "shell.repl()\nprint('left repl')\n")
+    code = code.replace("shell.repl()", "config.set('password', 'module', 'pw 1')\nshell.repl()")
     p = subprocess.run([MICROPYTHON, "-X", "heapsize=100K", "-c", code], capture_output=True, text=True,
-                       timeout=60, input="metrics get v.b.soc\n\nenable\nlock\nexit\nstat\n")
+                       timeout=60, input="metrics get v.b.soc\n\nlock\nenable\npw 1\nlock\nexit\nstat\n")
     assert p.returncode == 0, p.stderr
     o = p.stdout
-    seq = ["OVMS> ", "85.5%", "OVMS> ", "Secure mode", "OVMS# ", "Vehicle locked", "OVMS# ", "left repl"]
+    seq = ["OVMS> ", "85.5%", "OVMS> ", "Error: Secure command requires 'enable' mode", "OVMS> ", "Password: ",
+           "Secure mode", "OVMS# ", "Vehicle locked", "OVMS# ", "left repl"]
     k = 0
     for s in seq:
         k = o.index(s, k) + len(s)

@@ -7,7 +7,7 @@ import struct
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from test_shell import PRELUDE, mlib, sh  # noqa: F401  (mlib is a fixture)
+from test_shell import mlib, sh  # noqa: F401  (mlib is a fixture)
 
 N = 10000
 SECRETS = ("Zq9!pwMod", "Wf7#pwNet")

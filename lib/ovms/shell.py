@@ -621,7 +621,15 @@ def repl(session=None):
             continue
         if s in ("exit", "quit"):
             return
-        print(run(line, session))
+        r = run(line, session)
+        if r.startswith("Error: Password required"):
+            try:
+                pw = input("Password: ")
+            except (EOFError, KeyboardInterrupt):
+                pw = ""
+            session.penalty = 0
+            r = _fix(_enable(session, [pw]), session)
+        print(r)
         if session.penalty:
             time.sleep_ms(session.penalty)
             session.penalty = 0
