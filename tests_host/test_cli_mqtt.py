@@ -1,5 +1,6 @@
 """tools/ovms.py ... shell "CMD" over a real mosquitto, answered by a small fake module (paho)."""
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -9,6 +10,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 import ovms as ovms_cli
+from test_mqtt_kit import broker, broker_dir  # noqa: F401  (broker: in a dir mosquitto can read)
 from util import REPO
 
 
@@ -106,7 +108,7 @@ def test_no_module_listening_times_out(broker, capsys):
     assert rc == 1 and "no response" in err
 
 
-def test_connection_errors(broker, tmp_path, capsys):
+def test_connection_errors(broker, tmp_path, capsys):  # noqa: F811
     from broker import free_port, make_ca
     rc, out, err = cli(capsys, "--mqtt", "mqtt://127.0.0.1:%d" % free_port(), "--vehicle", "X",
                        "--timeout", "2", "shell", "stat")
@@ -123,7 +125,8 @@ def test_connection_errors(broker, tmp_path, capsys):
 
 def test_user_password_and_prefix(tmp_path, capsys):
     from broker import Broker
-    b = Broker(str(tmp_path / "b"), users={"alice": "pw1", "module": "pw2"}).start()
+    bdir = broker_dir()
+    b = Broker(os.path.join(bdir, "b"), users={"alice": "pw1", "module": "pw2"}).start()
     try:
         r = Responder(b, "ovms/alice/CAR9/", "module", "pw2")
         try:
@@ -148,6 +151,7 @@ def test_user_password_and_prefix(tmp_path, capsys):
             r.stop()
     finally:
         b.stop()
+        shutil.rmtree(bdir, ignore_errors=True)
 
 
 def test_interactive_shell_with_history(broker, responder, tmp_path):

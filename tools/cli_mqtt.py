@@ -9,6 +9,9 @@ from urllib.parse import urlsplit
 
 FAIL_PREFIXES = ("Error", "Unrecognised command", "Usage:")
 HISTORY = os.path.expanduser("~/.ovms_history")
+# Secure mode is per MQTT client id and every invocation has its own: with this variable set,
+# the CLI sends `enable <password>` first on the same connection (kept out of argv/history).
+PASSWORD_ENV = "OVMS_MODULE_PASSWORD"
 
 
 def default_prefix(user, vehicle):
@@ -204,6 +207,12 @@ def main(args):
         print("error: %s" % e, file=sys.stderr)
         return 1
     try:
+        pw = os.environ.get(PASSWORD_ENV)
+        if pw is not None:
+            r = link.command("enable " + quote(pw))
+            if r is None or not r.startswith("Secure mode"):
+                print("error: enable failed: %s" % ("no response" if r is None else r), file=sys.stderr)
+                return 1
         if line is None:
             return _interactive(link)
         r = link.command(line)
