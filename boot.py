@@ -1,1 +1,23 @@
-"""Runs first at every boot: kept tiny (no network)."""
+"""Runs first at every boot, kept tiny (no network): picks the app version, counts crash boots."""
+import machine
+
+try:
+    import ota_boot
+    ota_boot.select()  # the OTA slot to run (or the factory app), with trial boots and rollback
+except Exception as e:  # a damaged OTA state must never stop the factory app from booting
+    print("boot: OTA slot selection failed:", repr(e))
+
+# Consecutive abnormal boots that did not reach a stable app (the app clears the count after
+# 60 s). A power-on starts again from zero, so switching the car off and on never counts.
+try:
+    with open("/store/boots") as f:
+        _boots = int(f.read())
+except (OSError, ValueError):
+    _boots = 0
+_boots = 0 if machine.reset_cause() == machine.PWRON_RESET else _boots + 1
+try:
+    with open("/store/boots", "w") as f:
+        f.write(str(_boots))
+except OSError:
+    pass
+safe_mode = _boots >= 3

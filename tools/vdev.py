@@ -94,41 +94,74 @@ def heap_bytes(text):
     return int(float(text.rstrip("KM")) * mult)
 
 
-def calibrate_heap(requested):
-    """Heap for the process: what the firmware asked for plus what the board emulation uses.
+def calibrate_heap(requested, rom=None):
+    """Heap for the process: what the firmware asked for plus what the emulation puts in it.
 
-    On a board, machine/network and the REPL are C code outside the GC heap; here they are
-    Python modules in it, so their measured footprint is added on top."""
+    On a board, machine/network and the REPL are C code and the frozen app's bytecode and
+    qstrs are in flash, all outside the GC heap. Here the shims, the ROMFS image and the
+    interned qstrs of the frozen modules are in it, so their measured size is added on top."""
     env = dict(os.environ, VDEV_MODE="calibrate")
     env.pop("VDEV_ROOT", None)
     env.pop("VDEV_HW", None)
-    r = subprocess.run([micropython_binary(), "-X", "heapsize=%d" % (requested + 256 * 1024), BOARD],
-                       capture_output=True, text=True, env=env, timeout=60)
+    if rom:
+        env["VDEV_ROM"] = rom
+    else:
+        env.pop("VDEV_ROM", None)
+    r = subprocess.run([micropython_binary(), "-X", "heapsize=%d" % (requested + 1024 * 1024), BOARD],
+                       capture_output=True, text=True, env=env, timeout=120)
     try:
-        overhead = int(r.stdout.split()[-1])
+        base = int(r.stdout.split("base ", 1)[1].split()[0])
+        pools = [int(x.split()[0]) for x in r.stdout.split("n_total_bytes=")[1:]]
     except (ValueError, IndexError):
         raise SystemExit("vdev: cannot run micropython: %s" % (r.stderr or r.stdout))
+    overhead = base + (pools[-1] - pools[0] if len(pools) > 1 else 0)
     return requested + (overhead + 1023) // 1024 * 1024, overhead
 
 
-def populate(root):
-    """First power-on: copy boot.py, main.py and lib/ from the repo onto the flash."""
+def build_rom(run_dir):
+    """The firmware's frozen app as a ROMFS image: lib/ compiled for this host + vehicle tables."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import deploy
+    from mpremote.romfs import make_romfs
+    tree = os.path.join(run_dir, "rom")
+    lib = os.path.join(tree, "lib")
+    deploy.compile_lib(os.path.join(REPO, "lib"), lib, march=host_march())
+    try:
+        import vehicles
+        for vdir in vehicles.vehicle_dirs():
+            src = vehicles.build(vdir, lib, warn=lambda m: None, mpy=True)
+            os.remove(src)
+    except Exception as e:  # noqa: BLE001  (the device still boots without vehicle tables)
+        print("vdev: vehicle tables not built: %s" % e, file=sys.stderr)
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        img = make_romfs(tree, mpy_cross=False)
+    path = os.path.join(run_dir, "app.romfs")
+    with open(path, "wb") as f:
+        f.write(img)
+    return path
+
+
+def host_march():
+    """mpy-cross architecture for native/viper code on this host (None: ship sources)."""
+    return {"x86_64": "x64", "AMD64": "x64", "i686": "x86"}.get(platform.machine())
+
+
+def populate(root, with_lib):
+    """First power-on: boot.py and main.py on the flash (and lib/, when nothing is frozen)."""
     if os.path.isdir(root) and os.listdir(root):
         return False
     os.makedirs(root, exist_ok=True)
     for name in ("boot.py", "main.py"):
         if os.path.exists(os.path.join(REPO, name)):
             shutil.copy(os.path.join(REPO, name), root)
-    shutil.copytree(os.path.join(REPO, "lib"), os.path.join(root, "lib"), dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    try:
+    if with_lib:
         sys.path.insert(0, os.path.join(REPO, "tools"))
-        import vehicles  # compiles the vehicle tables (DBC + mapping) onto the flash
-        for vdir in vehicles.vehicle_dirs():
-            src = vehicles.build(vdir, os.path.join(root, "lib"), warn=lambda m: None, mpy=True)
-            os.remove(src)  # keep the .mpy: it loads without the compiler's RAM peak
-    except Exception as e:  # noqa: BLE001  (the device still boots without vehicle tables)
-        print("vdev: vehicle tables not installed: %s" % e, file=sys.stderr)
+        import deploy
+        march = host_march()
+        deploy.compile_lib(os.path.join(REPO, "lib"), os.path.join(root, "lib"), march=march,
+                           compile_py=march is not None)
     return True
 
 
@@ -415,7 +448,8 @@ class Device:
 
     # --- power ---
     def boot(self, mode):
-        env = dict(os.environ, VDEV_ROOT=self.root, VDEV_HEAP=str(heap_bytes(self.a.heap)), VDEV_HW=self.hw_path, VDEV_MODE=mode,
+        env = dict(os.environ, VDEV_ROOT=self.root, VDEV_HEAP=str(heap_bytes(self.a.heap)),
+                   VDEV_ROM=self.rom or "", VDEV_HW=self.hw_path, VDEV_MODE=mode,
                    VDEV_CAUSE=str(self.cause), VDEV_UID=self.uid, VDEV_CAN_RING=str(self.a.ring))
         with self.child_lock:
             self.child = subprocess.Popen(
@@ -433,10 +467,12 @@ class Device:
         return ch
 
     def run(self):
-        if populate(self.root):
+        self.rom = None if self.a.no_frozen else build_rom(self.run_dir)
+        if populate(self.root, with_lib=self.rom is None):
             self.say("flash %s populated from the repo" % self.root)
-        self.heap, overhead = calibrate_heap(heap_bytes(self.a.heap))
-        self.say("heap %s for the firmware (+%d bytes of board emulation)" % (self.a.heap, overhead))
+        self.heap, overhead = calibrate_heap(heap_bytes(self.a.heap), self.rom)
+        self.say("heap %s for the firmware (+%d bytes of board emulation and frozen app)"
+                 % (self.a.heap, overhead))
         self.open_pty()
         for fn in (self.serve_hw, self.watchdog, self.host_to_device, self.bus.run):
             threading.Thread(target=fn, daemon=True).start()
@@ -492,6 +528,8 @@ def main(argv=None):
     r.add_argument("--ring", type=int, default=16, help="CAN RX ring slots (ESP32 driver: 16)")
     r.add_argument("--tx-log", help="where frames sent by the firmware go (default DIR.cantx.log)")
     r.add_argument("--log", help="also append the device console output to this file")
+    r.add_argument("--no-frozen", action="store_true",
+                   help="no frozen app in the firmware (ROMFS): run lib/ from the flash only")
     a = p.parse_args(argv)
     dev = Device(a)
 

@@ -1,16 +1,198 @@
-"""The micro-ovms application: starts and supervises the module's tasks."""
+"""The micro-ovms application: starts, supervises and stops the module's tasks."""
 import asyncio
+import os
+import sys
+
+from micropython import const
+
+import ovms
+from ovms import config, events, health, metrics
+
+STORE = "/store"
+METRICS_FILE = STORE + "/metrics.dat"
+BOOTS_FILE = STORE + "/boots"
+_STABLE_S = const(60)     # up this long: the boot counts as good (clears the crash-boot count)
+_tasks = []
 
 
-async def _idle():
+def _spawn(name, coro):
+    _tasks.append((name, asyncio.create_task(coro)))
+
+
+def task_list():
+    """[(name, state)] of the app's tasks (`module tasks`, m.tasks)."""
+    return [(n, "done" if t.done() else "running") for n, t in _tasks]
+
+
+def _running():
+    return sum(1 for _, t in _tasks if not t.done())
+
+
+def _version():
+    try:
+        import ota_boot
+        slot = ota_boot.booted or "f"
+    except ImportError:
+        slot = "f"
+    v = sys.implementation.version
+    return "%s/%s (MicroPython %d.%d.%d, %s)" % (ovms.VERSION, slot, v[0], v[1], v[2], sys.platform)
+
+
+def _set(name, value):
+    try:
+        metrics.set(name, value)
+    except (ValueError, KeyError) as e:
+        print("app: metric", name, e)
+
+
+def _setup():
+    """Config, persisted metrics and the static module metrics; returns config warnings."""
+    try:
+        os.mkdir(STORE)
+    except OSError:
+        pass
+    config.init(STORE)
+    warnings = config.load()
+    for w in warnings:
+        print("config:", w)
+    try:
+        metrics.load(METRICS_FILE)
+    except Exception as e:  # a damaged metrics file costs the restored values, nothing else
+        print("app: persisted metrics not restored:", repr(e))
+    _set("m.version", _version())
+    _set("m.hardware", "ESP32 (%s)" % sys.platform)
+    try:
+        import machine
+        _set("m.serial", "".join("%02x" % b for b in machine.unique_id()))
+    except (ImportError, AttributeError):
+        pass
+    return warnings
+
+
+def _start_vehicle():
+    """Load the configured vehicle and start its CAN buses; returns the Vehicle or None."""
+    from ovms import canbus, vehicle
+    vt = config.get("vehicle", "type")
+    v = None
+    if vt:
+        try:
+            v = vehicle.load(vt)
+            _set("v.type", vt)
+        except (ImportError, ValueError) as e:
+            print("app: vehicle", vt, "not loaded:", e)
+    try:
+        canbus.start(v, listen_only=config.get("vehicle", "can.mode") != "normal",
+                     bitrate=config.get("vehicle", "can.bitrate") if config.is_set(
+                         "vehicle", "can.bitrate") else None)
+    except Exception as e:  # no CAN controller: the rest of the module still works
+        print("app: CAN not started:", repr(e))
+    return v
+
+
+def _hooks():
+    from ovms import canbus, server_v3, shell, vehicle
+    shell.hook("can_send", canbus.send)
+    shell.hook("can_status", canbus.status)
+    shell.hook("vehicle", vehicle.current)
+    shell.hook("notify", server_v3.notify)
+    shell.hook("event", events.raise_event)
+    shell.hook("tasks", task_list)
+    shell.hook("crashlog", health.crashes)
+    events.listen(server_v3.event)
+
+
+def _healthy():
+    """MQTT connected and CAN running (what an OTA trial version must show)."""
+    from ovms import canbus, server_v3
+    s = server_v3.server()
+    mqtt_up = bool(s and getattr(s, "connected", False)) or metrics.get("s.v3.connected") is True
+    can_up = any(getattr(b, "_running", False) for b in canbus.buses())
+    return mqtt_up and can_up
+
+
+async def _stable():
+    """Clear the crash-boot count once up for a while; commit a trial OTA version when healthy."""
+    await asyncio.sleep(_STABLE_S)
+    try:
+        os.remove(BOOTS_FILE)
+    except OSError:
+        pass
+    try:
+        from ovms import ota
+    except ImportError:
+        return
     while True:
-        await asyncio.sleep(1)
+        if _healthy():
+            if ota.mark_healthy():
+                print("app: new version reported healthy and committed")
+            return
+        await asyncio.sleep(2)
+
+
+async def _main():
+    from ovms import net, server_v3
+    warnings = _setup()
+    _hooks()
+    _start_vehicle()
+    server_v3.start()
+    for w in warnings:
+        server_v3.notify("alert", "config", w)
+    _spawn("net", net.run())
+    _spawn("metrics", metrics.run(METRICS_FILE, 600))
+    _spawn("health", health.run(config.get("module", "watchdog.timeout"), _running))
+    _spawn("stable", _stable())
+    try:
+        from ovms import ota
+        _spawn("ota.guard", ota.guard(config.get("ota", "health.deadline")))
+    except ImportError:
+        pass
+    events.raise_event("system.start")
+    while True:
+        await asyncio.sleep(3600)
+
+
+def stop():
+    """Stop the app cleanly: CAN off, MQTT says goodbye, persisted metrics saved."""
+    from ovms import canbus, server_v3
+    canbus.stop()
+    asyncio.new_event_loop()
+    try:
+        asyncio.run(asyncio.wait_for_ms(server_v3.stop(), 3000))
+    except Exception as e:  # the broker may be gone: stopping must still finish
+        print("app: MQTT stop:", repr(e))
+    try:
+        metrics.save(METRICS_FILE)
+    except Exception as e:
+        print("app: metrics not saved:", repr(e))
+    _tasks.clear()
+    asyncio.new_event_loop()
+
+
+def _keep_watchdog_fed():
+    """The ESP32 watchdog cannot be stopped: keep feeding it while a person uses the REPL."""
+    if not config.get("module", "watchdog.timeout"):
+        return
+    try:
+        import machine
+        wdt = machine.WDT(timeout=config.get("module", "watchdog.timeout") * 1000)
+        machine.Timer(-1).init(period=1000, callback=lambda t: wdt.feed())
+    except (ImportError, AttributeError, ValueError):
+        pass
 
 
 def main():
     try:
-        asyncio.run(_idle())
+        asyncio.run(_main())
     except KeyboardInterrupt:
-        print("micro-ovms stopped (Ctrl-C); REPL ready")
-    finally:
-        asyncio.new_event_loop()
+        stop()
+        _keep_watchdog_fed()
+        print("micro-ovms stopped (Ctrl-C). REPL ready: machine.reset() restarts the module.")
+    except Exception as e:
+        sys.print_exception(e)
+        health.log_crash("app: %r" % (e,))
+        try:
+            import ota_boot
+            ota_boot.crashed(e)
+        except ImportError:
+            import machine
+            machine.reset()

@@ -23,11 +23,40 @@ BANNER = ("MicroPython v1.29.0 on 2026-07-05; ESP32 module (virtual micro-ovms d
 
 root = os.getenv("VDEV_ROOT")
 mode = os.getenv("VDEV_MODE") or "power"
+rom = os.getenv("VDEV_ROM")  # ROMFS image: the firmware's frozen app, as on a board's romfs partition
+if rom:
+    with open(rom, "rb") as f:
+        rom = f.read()
 if root:
     os.umount("/")
     os.mount(os.VfsPosix(root), "/")
     os.chdir("/")
-sys.path[:] = ["", ".frozen", "/lib"]
+if rom:
+    import vfs
+    vfs.mount(vfs.VfsRom(rom), "/rom")
+sys.path[:] = ["", ".frozen", "/rom/lib", "/lib"] if rom else ["", ".frozen", "/lib"]
+
+
+class _OS:
+    """os with a working rename(): the unix port's VfsPosix mounted with a root builds both
+    paths of rename() in one buffer (rename(a, b) became rename(b, b)); relative paths work."""
+
+    def __getattr__(self, k):
+        return getattr(os, k)
+
+    def rename(self, a, b):
+        cwd = os.getcwd()
+        a = a if a.startswith("/") else cwd.rstrip("/") + "/" + a
+        b = b if b.startswith("/") else cwd.rstrip("/") + "/" + b
+        os.chdir("/")
+        try:
+            os.rename(a[1:], b[1:])
+        finally:
+            os.chdir(cwd)
+
+
+if root:
+    sys.modules["os"] = _OS()
 
 out = sys.stdout
 inp = sys.stdin.buffer
@@ -221,11 +250,36 @@ def friendly_repl():
             soft_reset(False)
 
 
+def _modules(d, pkg):
+    for name, kind, *_ in os.ilistdir(d):
+        if kind == 0x4000:
+            yield from _modules(d + "/" + name, pkg + name + ".")
+        elif name.endswith(".mpy"):
+            yield pkg + name[:-4]
+
+
+def calibrate():
+    """Print the heap used by the board emulation and the qstrs of the frozen app.
+
+    On a board both live in flash (C code, frozen qstr pool); here they are in the GC heap."""
+    import micropython
+    gc.collect()
+    base = gc.mem_alloc()
+    write("base %d\n" % base)
+    micropython.qstr_info()
+    if rom:
+        for m in _modules("/rom/lib", ""):
+            try:
+                __import__(m)
+            except Exception:  # noqa: BLE001  (modules needing hardware are simply skipped)
+                pass
+        micropython.qstr_info()
+    sys.exit(0)
+
+
 def main():
     if mode == "calibrate":  # the host sizes the heap so the firmware gets what it asked for
-        gc.collect()
-        write("%d\n" % gc.mem_alloc())
-        sys.exit(0)
+        calibrate()
     if run_file("boot.py"):
         soft_reset(mode == "softraw")
     if mode == "softraw":

@@ -1,0 +1,116 @@
+"""Health: module metrics, a persistent crash log and the watchdog fed only while tasks progress."""
+import asyncio
+import gc
+import time
+
+from micropython import const
+
+from ovms import metrics
+
+CRASHLOG = "/store/crashlog.txt"
+_KEEP = const(8)          # crash log entries kept
+_beats = {}               # task name -> [last beat ticks_ms, allowed silence ms, frozen]
+peak_alloc = 0            # heap high-water mark (bytes in use) since boot
+min_free = 1 << 30
+
+
+def watch(name, max_silence_ms):
+    """Declare a critical task: it must call beat(name) at least every max_silence_ms."""
+    _beats[name] = [time.ticks_ms(), max_silence_ms, False]
+
+
+def beat(name):
+    b = _beats.get(name)
+    if b is not None and not b[2]:
+        b[0] = time.ticks_ms()
+
+
+def freeze(name):
+    """Stop accepting beats from a task, as if it hung (`module watchdog test`)."""
+    b = _beats.get(name)
+    if b is None:
+        return False
+    b[2] = True
+    return True
+
+
+def hung():
+    """Names of critical tasks that have been silent for too long."""
+    now = time.ticks_ms()
+    return [n for n, b in _beats.items() if time.ticks_diff(now, b[0]) > b[1]]
+
+
+def log_crash(reason):
+    """Append a reason to the crash log on flash (last _KEEP kept)."""
+    t = time.gmtime()
+    line = "%04d-%02d-%02d %02d:%02d:%02d up %ds: %s" % (t[0], t[1], t[2], t[3], t[4], t[5],
+                                                         metrics.uptime(), reason)
+    lines = crashes() + [line.replace("\n", " ")[:200]]
+    try:
+        with open(CRASHLOG + ".tmp", "w") as f:
+            f.write("\n".join(lines[-_KEEP:]) + "\n")
+        import os
+        os.rename(CRASHLOG + ".tmp", CRASHLOG)
+    except OSError as e:
+        print("health: cannot write crash log:", e)
+
+
+def crashes():
+    try:
+        with open(CRASHLOG) as f:
+            return [ln.rstrip("\n") for ln in f if ln.strip()]
+    except OSError:
+        return []
+
+
+def _define():
+    for name, kind, unit in (("m.freeram.min", "i", ""), ("m.heap.peak", "i", ""),
+                             ("m.heap.total", "i", "")):
+        if metrics.find(name) < 0:
+            metrics.define(name, kind, unit)
+
+
+def sample():
+    """Refresh the module health metrics (called every second)."""
+    global peak_alloc, min_free
+    free = gc.mem_free()
+    used = gc.mem_alloc()
+    peak_alloc = max(peak_alloc, used)
+    min_free = min(min_free, free)
+    metrics.set("m.freeram", free)
+    metrics.set("m.freeram.min", min_free)
+    metrics.set("m.heap.peak", peak_alloc)
+    metrics.set("m.heap.total", free + used)
+    metrics.set("m.monotonic", metrics.uptime())
+    t = time.time()
+    if time.gmtime(0)[0] == 2000:
+        t += 946684800
+    if t > 1700000000:  # only once the clock is set
+        metrics.set("m.time.utc", t)
+
+
+async def run(wdt_timeout_s, tasks=None):
+    """Task: sample health metrics; feed the hardware watchdog while no critical task hangs."""
+    _define()
+    wdt = None
+    if wdt_timeout_s:
+        import machine
+        wdt = machine.WDT(timeout=wdt_timeout_s * 1000)
+    reported = False
+    while True:
+        try:
+            sample()
+            if tasks:
+                metrics.set("m.tasks", tasks())
+        except Exception as e:  # health metrics must never stop the watchdog logic
+            print("health:", repr(e))
+        bad = hung()
+        if not bad:
+            if wdt:
+                wdt.feed()
+        elif not reported:
+            reported = True
+            msg = "watchdog: task %s stopped making progress" % ",".join(bad)
+            print("health:", msg, "- reset follows")
+            log_crash(msg)
+        await asyncio.sleep_ms(500)
