@@ -128,9 +128,16 @@ def _name_ok(s, n=64):
     return True
 
 
-def _events():
-    from ovms import events
-    return events
+def _hook(name, attr):
+    # app hook, else ovms.events.<attr>, else None
+    h = _H.get(name)
+    if h is None:
+        try:
+            from ovms import events
+            h = getattr(events, attr, None)
+        except ImportError:
+            pass
+    return h
 
 
 def _notify(session, args):
@@ -140,13 +147,10 @@ def _notify(session, args):
     if not _name_ok(sub):
         return "Error: Invalid notification subtype (letters, digits, . _ -)"
     text = " ".join(args[2:])
-    h = _H.get("notify")
-    try:
-        if h is None:
-            h = _events().notify
-        h(typ, sub, text)
-    except ImportError:
+    h = _hook("notify", "notify")
+    if h is None:
         return "Error: Notifications not available"
+    h(typ, sub, text)
     return "Raised %s notification on %s" % (typ, sub)
 
 
@@ -154,13 +158,10 @@ def _event(session, args):
     name = args[0]
     if not _name_ok(name):
         return "Error: Invalid event name (letters, digits, . _ -)"
-    h = _H.get("event")
-    try:
-        if h is None:
-            h = _events().raise_event
-        h(name)
-    except ImportError:
+    h = _hook("event", "raise_event")
+    if h is None:
         return "Error: Events not available"
+    h(name)
     return "Raised event: %s" % name
 
 
