@@ -693,8 +693,7 @@ from ovms import shell, vehicle
 R = shell.run
 FRAMES = []
 shell.hook("can_send", lambda bus, fid, ext, data: FRAMES.append([bus, fid, ext, "".join(["%02x" % b for b in data])]))
-vehicle.load("KN")
-shell.hook("vehicle", vehicle.current)
+vehicle.load("KN")          # no "vehicle" hook: the shell uses ovms.vehicle.current()
 out(R("charge limit 80"))
 shell.local.secure = True
 out([R("charge limit 80"), FRAMES])

@@ -19,9 +19,20 @@ def frame(f):
     return bus, fid, bool(ext), bytes(data)
 
 
+def _bus(hook, attr):
+    # the app's hook, else ovms.canbus.<attr> when the app runs buses, else None
+    h = shell.hooks.get(hook)
+    if h is None:
+        import sys
+        cb = sys.modules.get("ovms.canbus")     # never imported from here: no heap cost
+        if cb is not None and cb.buses():
+            h = getattr(cb, attr, None)
+    return h
+
+
 def send(bus, fid, ext, data):
-    """Send one frame through the app's can_send hook; returns None or an error text."""
-    h = shell.hooks.get("can_send")
+    """Send one frame through the can_send hook; returns None or an error text."""
+    h = _bus("can_send", "send")
     if h is None:
         return "CAN bus not available"
     try:
@@ -33,7 +44,7 @@ def send(bus, fid, ext, data):
 
 
 def _status(session, args):
-    h = shell.hooks.get("can_status")
+    h = _bus("can_status", "status")
     if h is None:
         return "Error: CAN bus not available"
     r = h()

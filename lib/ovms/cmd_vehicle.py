@@ -5,7 +5,13 @@ from ovms import shell
 
 def _vehicle():
     h = shell.hooks.get("vehicle")
-    return h() if h else None
+    if h is None:
+        import sys
+        vm = sys.modules.get("ovms.vehicle")    # the loaded vehicle, if the app loaded one
+        if vm is None:
+            return None
+        h = vm.current
+    return h()
 
 
 def _do(name, args, label, ok, fail):
