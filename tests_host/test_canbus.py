@@ -343,6 +343,8 @@ a = FakeCAN()
 canbus._buses.append(canbus.CanBus("can0", 0, 500000, v.decoder, v.ids(0), True, a).open())
 print(a.mode == a.MODE_SILENT, canbus.send(1, 0x562, False, b"\\x00" * 8), a.sent)
 canbus.stop()
+a = None
+import gc; gc.collect()
 b = FakeCAN()
 canbus._buses.append(canbus.CanBus("can0", 0, 500000, v.decoder, v.ids(0), False, b).open())
 f = v.command_frames("charge.limit", [80])[0]

@@ -279,6 +279,20 @@ print(vehicle.current(), m.source("v.p.speed"))
 """, built)
     out = r.stdout.split("\n")
     assert out[0].startswith("ImportError") and "veh_zz" in out[0]
+    r = mpy("""
+from ovms import metrics as m, vehicle
+class Bad:
+    CODE = "BD"
+    TABLE = b"OVDT garbage"
+vehicle.load("KN")
+try:
+    vehicle.load(Bad)
+except ValueError as e:
+    print("ValueError", e)
+print(vehicle.current(), m.source("v.b.soc"), m.get("v.type"))
+""", built)
+    bad = r.stdout.split("\n")
+    assert bad[0].startswith("ValueError") and bad[1] == "None -1 KN"
     assert out[1] == "True True KN"
     assert out[2] == "True -1 True RV"
     assert out[3] == "None -1"

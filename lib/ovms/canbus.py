@@ -92,6 +92,8 @@ class CanBus:
                   "restarts", "decoded"):
             self._m[k] = metrics.define("m.%s.%s" % (name, k),
                                         "f" if k == "fps" else "s" if k == "busstate" else "i")
+        for k in ("frames", "fps", "decoded"):     # diagnostics: publish at most once a minute
+            metrics.configure(self._m[k], min_interval=60)
 
     # ---- controller ------------------------------------------------------------
     def open(self):

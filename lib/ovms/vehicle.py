@@ -179,7 +179,11 @@ def load(what):
         mod = what
         name = None
     unload()
-    v = Vehicle(mod)
+    try:
+        v = Vehicle(mod)
+    except Exception:
+        metrics.detach()        # no half-bound vehicle
+        raise
     if name:
         sys.modules.pop(name, None)       # options and tables are copied or kept by the decoder
     _cur = v
