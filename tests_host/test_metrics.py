@@ -101,6 +101,7 @@ for n, v in (("v.b.soc", "abc"), ("v.b.soc", float("nan")), ("v.b.soc", None), (
     except ValueError as e:
         print("ValueError")
 print(m.get("v.b.soc"), m.text("v.e.locked"))
+print(m.get("no.such"), repr(m.text("no.such")), m.defined("no.such"), m.age("no.such"), m.stale("no.such"))
 """)
     assert r[0] == "[] None False"
     assert r[1] == "v.b.soc True 36.5 [36.5]"
@@ -123,6 +124,7 @@ print(m.get("v.b.soc"), m.text("v.e.locked"))
     assert r[18] == "v.b.c.voltage.alert True [0, 1, 2] [0,1,2]"
     assert r[19:30] == ["ValueError"] * 11
     assert r[30] == "0.3333333333333333 no"
+    assert r[31] == "None '' False None False"      # unknown names read as "not set"
 
 
 def test_age_staleness_fresh_and_clear():

@@ -129,6 +129,11 @@ def _idx(m):
     return i
 
 
+def _rd(m):
+    # index for read functions: unknown names read as "not set" (-1), bad indexes raise
+    return find(m) if isinstance(m, str) else _idx(m)
+
+
 def name(i):
     """Name of metric i (a new str)."""
     o = _noff[i]
@@ -263,8 +268,10 @@ def _local(i):
 
 
 def get(m):
-    """Value of a metric (float/int/bool/str/list) or None if never set."""
-    i = _idx(m)
+    """Value of a metric (float/int/bool/str/list); None if never set or no such name."""
+    i = _rd(m)
+    if i < 0:
+        return None
     k = _src[i]
     if k >= 0 and _dec is not None and _tupd[i]:
         v = _dv(i, k)
@@ -342,7 +349,9 @@ def touch(m):
 
 def defined(m):
     """True if the metric has a value (set this boot, decoded, or restored)."""
-    i = _idx(m)
+    i = _rd(m)
+    if i < 0:
+        return False
     if _fl[i] & _F_DEF:
         return True
     if _tupd[i] and _src[i] >= 0 and _dec is not None and i in _xlat:
@@ -352,20 +361,27 @@ def defined(m):
 
 def restored(m):
     """True if the value was restored from before the reboot and not updated since."""
-    i = _idx(m)
+    i = _rd(m)
+    if i < 0:
+        return False
     return not _tupd[i] and bool(_fl[i] & _F_REST)
 
 
 def age(m):
     """Seconds since the last update, or None (never set, or restored from before a reboot)."""
-    t = _tupd[_idx(m)]
+    i = _rd(m)
+    if i < 0:
+        return None
+    t = _tupd[i]
     return uptime() - t if t else None
 
 
 def stale(m):
     """True if a defined metric was not updated within its timeout (restored: stale
     when it has a timeout)."""
-    i = _idx(m)
+    i = _rd(m)
+    if i < 0:
+        return False
     to = _stt[_sp[i] & 15]
     if not to or not defined(i):
         return False
@@ -375,7 +391,9 @@ def stale(m):
 
 def fresh(m):
     """Defined, updated this boot and not stale (OVMS IsFresh)."""
-    i = _idx(m)
+    i = _rd(m)
+    if i < 0:
+        return False
     return bool(_tupd[i]) and not stale(i)
 
 
@@ -388,7 +406,9 @@ def _ftext(v):
 
 def text(m):
     """OVMS payload text: yes/no, full-precision floats, a,b,c vectors, "" if unset."""
-    i = _idx(m)
+    i = _rd(m)
+    if i < 0:
+        return ""
     v = get(i)
     if v is None:
         return ""
