@@ -41,6 +41,11 @@ _T = const(6)
 _TRY = const(7)
 _EV = const(8)
 
+try:
+    from errno import EINPROGRESS as _EINPROGRESS
+except ImportError:  # pragma: no cover
+    _EINPROGRESS = 115
+
 
 def cert_ders(data):
     """CA data (PEM with one or more certificates, or DER) -> list of DER certificates."""
@@ -328,12 +333,30 @@ class MQTTClient(Keeper, Receiver):
                 pass
 
     async def _open(self):
-        kw = {}
+        # like asyncio.open_connection, plus TCP_NODELAY: small packets (acks, replies)
+        # must not wait for the peer's delayed ACK (Nagle: ~40 ms per round trip)
+        import socket
+        ai = socket.getaddrinfo(self.server, self.port, 0, socket.SOCK_STREAM)[0]
+        s = socket.socket(ai[0], ai[1], ai[2])
+        s.setblocking(False)
+        try:
+            s.setsockopt(6, 1, 1)  # IPPROTO_TCP, TCP_NODELAY
+        except (OSError, AttributeError):
+            pass
+        w = asyncio.StreamWriter(s)
+        self._pend = (w, w)
+        try:
+            s.connect(ai[-1])
+        except OSError as e:
+            if e.errno != _EINPROGRESS:
+                raise
         if self.ssl:
-            kw["ssl"] = self.ssl
-            kw["server_hostname"] = self.server_hostname or self.server
-        r, w = await asyncio.open_connection(self.server, self.port, **kw)
-        self._pend = (r, w)
+            s = self.ssl.wrap_socket(s, server_hostname=self.server_hostname or self.server,
+                                     do_handshake_on_connect=False)
+            s.setblocking(False)
+            w = asyncio.StreamWriter(s)
+            self._pend = (w, w)
+        r = w
         # CONNECT
         flags = 0x02 if self.clean_session else 0
         n = 10 + 2 + len(self.client_id)

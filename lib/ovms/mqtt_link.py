@@ -125,22 +125,30 @@ class Keeper:
             pass
 
     async def _timer(self, gen):
-        ka = self.keepalive * 1000
-        tick = max(50, min(1000, ka // 8)) if ka else 1000
+        ka = int(self.keepalive * 1000)
         ack = int(self.ack_timeout * 1000)
+        wait = 1000
         while True:
-            await asyncio.sleep_ms(tick)
+            # sleep until the next deadline (dead link, ping due), at most 1 s
+            await asyncio.sleep_ms(wait)
             if gen != self._gen:
                 return
             now = ticks_ms()
+            wait = 1000
             if ka:
                 rx = ticks_diff(now, self._last_rx)
                 if rx > ka * 3 // 2:
                     self._dead("nothing received for %d ms (keepalive %d s)"
                                % (rx, self.keepalive))
                     return
-                if self._ping_t is None and (rx >= ka or ticks_diff(now, self._last_tx) >= ka):
+                tx = ticks_diff(now, self._last_tx)
+                if self._ping_t is None and (rx >= ka or tx >= ka):
                     await self.ping()
+                    tx = 0
+                wait = min(wait, ka * 3 // 2 + 1 - rx)
+                if self._ping_t is None:
+                    wait = min(wait, ka - max(rx, tx))
+                wait = max(10, wait)
             for ent in self._inflight:
                 st = ent[_ST]
                 if (st == _SENT or st == _REL) and ticks_diff(now, ent[_T]) > ack:

@@ -34,7 +34,7 @@ from ovms.outbox import Outbox
 from ovms.v3_sched import Scheduler
 
 _POLL_MS = const(250)     # change collection / priority latency
-_CHUNK = const(16)        # publications between yields to the event loop
+_CHUNK = const(8)         # publications between yields to the event loop
 _PEER_TTL = const(120)
 _MAX_PEERS = const(16)
 _MAX_REQS = const(4)

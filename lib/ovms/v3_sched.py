@@ -13,6 +13,15 @@
 #   everything pending goes out at once (min_interval still honoured), like OVMS's flush on
 #   vehicle.off / charge.stop events, so the final state is not held back by the long interval.
 # - No periodic full resend: after a (re)connect the server republishes everything once.
+# - Default policy: a metric whose own policy is unset (metrics.deadband == 0 and
+#   metrics.min_interval == 0, i.e. neither the metric table nor the vehicle definition set
+#   one) gets a data-saver default: a deadband of about the display precision of its unit
+#   for numbers (_DB_UNIT, _DB_NAME); a min interval of 60 s for vectors (cell voltages...)
+#   and for vehicle-specific numbers (x<code>.*: wheel speeds, steering, raw sensor values),
+#   3600 s for the module's own numbers (m.*: uptime, clock, free RAM, CAN counters; not
+#   m.net.*). Standard vehicle numbers and every bool/string keep the state interval. Set an
+#   explicit policy with metrics.configure() (or deadband/min_interval in vehicle.json) to
+#   override; a tiny deadband (1e-9) means "every change".
 # - Stale markers: see ovms.server_v3.
 import array
 from micropython import const
@@ -26,6 +35,15 @@ _SKIP = const(8)    # excluded by metrics.include / metrics.exclude
 _PRIO = const(16)   # priority (metric flag or config metrics.priority)
 _NUM = const(32)    # numeric value (deadband applies)
 _FAR = const(0x3FFFFFFF)
+
+# default policies: deadband by unit (index into _DB), min interval by name (into _MI)
+_DB = (0.0, 0.1, 0.5, 1.0, 0.0001, 10.0, 50.0)
+_MI = (0, 60, 3600)
+_DB_NAME = (("v.b.12v.", 1), ("v.p.latitude", 4), ("v.p.longitude", 4),
+            ("v.p.odometer", 1), ("v.p.trip", 1))
+_DB_UNIT = {"km": 1, "kWh": 1, "Ah": 1, "\u00b0C": 2, "%": 2, "kW": 2, "A": 2, "V": 2,
+            "km/h": 3, "\u00b0": 3, "m/s\u00b2": 3, "kPa": 3, "m": 3, "Wh/km": 3, "dBm": 3,
+            "Nm": 3, "deg": 3, "deg/s": 3, "\u00b0/s": 3, "W": 5, "rpm": 6}
 
 
 def patterns(s):
@@ -59,6 +77,7 @@ class Scheduler:
         self.prio = patterns(priority)
         self.n = 0
         self._fl = bytearray(0)
+        self._dc = bytearray(0)
         self._lpt = array.array("i")
         self._lpv = array.array("f")
         self._pl = []
@@ -89,6 +108,7 @@ class Scheduler:
             return
         k = n - self.n
         self._fl.extend(bytes(k))
+        self._dc.extend(bytes(k))
         self._lpt.extend(array.array("i", bytes(4 * k)))
         self._lpv.extend(array.array("f", bytes(4 * k)))
         old = self.n
@@ -103,9 +123,34 @@ class Scheduler:
             f |= _SKIP
         if metrics.priority(i) or matches(nm, self.prio):
             f |= _PRIO
-        if metrics.typecode(i) in "fi":
+        tc = metrics.typecode(i)
+        if tc in "fi":
             f |= _NUM
         self._fl[i] = f
+        d = 0
+        if tc in "vw":
+            d = 1 << 4                       # vectors: every 60 s at most
+        elif tc in "fiDT":
+            for p, k in _DB_NAME:
+                if nm.startswith(p):
+                    d = k
+                    break
+            else:
+                d = _DB_UNIT.get(metrics.unit(i), 0)
+            if nm.startswith("m.") and not nm.startswith("m.net."):
+                d = 2 << 4                   # module housekeeping numbers: hourly
+            elif nm[0] == "x":
+                d |= 1 << 4                  # vehicle-specific numbers: every 60 s at most
+        self._dc[i] = d
+
+    def policy(self, i):
+        """(deadband, min_interval) used for metric i: its own, else the default."""
+        db = metrics.deadband(i)
+        mi = metrics.min_interval(i)
+        if not db and not mi:
+            d = self._dc[i]
+            return _DB[d & 15], _MI[d >> 4]
+        return db, mi
 
     def included(self, i):
         return not self._fl[i] & _SKIP
@@ -125,7 +170,7 @@ class Scheduler:
 
     def bound(self, i):
         """Seconds within which a change of metric i is published (its interval bound)."""
-        r = metrics.min_interval(i)
+        r = self.policy(i)[1]
         if not self._fl[i] & _PRIO:
             r = max(r, self.interval())
         return r
@@ -135,7 +180,7 @@ class Scheduler:
         f = self._fl[i]
         if not f & _PUB or not f & _NUM:
             return True
-        db = metrics.deadband(i)
+        db = self.policy(i)[0]
         if db <= 0:
             return True
         v = metrics.get(i)
@@ -152,7 +197,7 @@ class Scheduler:
                 fl[i] = f | _PEND
                 self._pl.append(i)
                 if f & _PUB:
-                    mi = metrics.min_interval(i)
+                    mi = self.policy(i)[1]
                     t = self._lpt[i] + (mi if f & _PRIO else max(mi, self._last_iv))
                     if t < self._next:
                         self._next = t
@@ -185,7 +230,7 @@ class Scheduler:
         self._flush = False
         for i in self._pl:
             f = fl[i]
-            mi = metrics.min_interval(i)
+            mi = self.policy(i)[1]
             r = mi if f & _PRIO or fls else max(mi, iv)
             t = lpt[i] + r
             if not f & _PUB or now >= t:
