@@ -3,6 +3,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -69,6 +70,20 @@ def make_app(d, version, crash=False):
     open(os.path.join(ovms, "data", "empty.txt"), "w").close()
     with open(os.path.join(ovms, "data", "table.json"), "w") as f:
         json.dump({"version": version, "rows": list(range(50))}, f)
+    return d
+
+
+def make_full_app(d, version, crash=False):
+    """This repo's whole lib/ as an app of another version (optionally crashing at import)."""
+    shutil.copytree(LIB, os.path.join(d, "lib"), ignore=shutil.ignore_patterns("__pycache__"))
+    init = os.path.join(d, "lib", "ovms", "__init__.py")
+    with open(init) as f:
+        src = f.read()
+    src = re.sub(r'^VERSION = .*$', "VERSION = %r" % version, src, flags=re.M)
+    if crash:
+        src += '\nraise RuntimeError("broken build " + VERSION)\n'
+    with open(init, "w") as f:
+        f.write(src)
     return d
 
 

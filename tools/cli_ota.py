@@ -284,6 +284,7 @@ def transfer(link, bundle, timeout=10.0, progress=None, stall=None):
             rx = st.get("rx") or {}
             if rx.get("id") != bid:
                 raise PushError("the module dropped the transfer; run the push again")
+            print("\nno reply: resuming at %d of %d bytes" % (rx["next"], size), file=sys.stderr)
             acked = sent = rx["next"]
             inflight = 0
             continue

@@ -4,7 +4,8 @@ import hashlib
 from micropython import const
 import ota_boot
 from ovms import ota
-from ovms.ota_fs import OTAError, fp, hexs, mkdirs, rmtree, du, rm, free, hash_file, check_path
+from ovms.ota_fs import OTAError, fp, hexs, mkdirs, rmtree, du, rm, free, hash_file, check_path, \
+    copy_range
 from ovms.ota_fs import size as fsize
 
 MAX_APP = 2 * 1024 * 1024       # largest app bundle accepted
@@ -41,48 +42,67 @@ def prepare(m, buf):
 
 
 class AppSink:
-    """Files of an app bundle -> /app/<slot>/<path>.part, renamed once its SHA-256 matches."""
+    """Files of an app bundle -> /app/<slot>/<path>.part, renamed once its SHA-256 matches.
 
-    def __init__(self, slot, man, buf):
-        self.slot, self.man, self._buf = slot, man, buf
+    The file table is kept on flash (/ota/stage.idx, one "size sha256 path" line per file), not
+    in RAM, so a transfer holds only the current entry."""
+
+    def __init__(self, slot, m, buf):
+        self.slot, self._buf = slot, buf
+        self.version, self.deadline = m["version"], m.get("deadline")
         self._base = fp("/app/" + slot + "/")
-        self._fi = self._fo = 0
-        self._f = self._h = None
+        self._idx = fp("/ota/stage.idx")
+        with open(self._idx, "w") as f:
+            for p, n, d in m["files"]:
+                f.write("%d %s %s\n" % (n, d, p))
+        self._ix = self._ent = self._f = self._h = None
+        self._fo = 0
+        self._rewind()
+
+    def _rewind(self):
+        if self._ix:
+            self._ix.close()
+        self._ix = open(self._idx)
+        self._next()
+
+    def _next(self):
+        ln = self._ix.readline().split()
+        self._ent = (ln[2], int(ln[0]), ln[1]) if ln else None
+        self._fo = 0
+        self._h = None
 
     def resume(self):
         """Bytes of data already on flash (complete files + the partial one)."""
         done = 0
-        files = self.man["files"]
-        for i, (p, n, d) in enumerate(files):
-            if fsize(self._base + p) == n:
-                done += n
-                continue
-            self._fi = i
-            k = fsize(self._base + p + ".part")
-            if 0 < k <= n:
-                self._fo = k
-                done += k
-            else:
-                rm(self._base + p + ".part")
-            return done
-        self._fi = len(files)
+        while self._ent:
+            p, n, d = self._ent
+            if fsize(self._base + p) != n:
+                k = fsize(self._base + p + ".part")
+                if 0 < k <= n:
+                    self._fo = k
+                    done += k
+                else:
+                    rm(self._base + p + ".part")
+                break
+            done += n
+            self._next()
         return done
 
     def start(self):
         self._skip_empty()
 
     def close(self):
-        f, self._f = self._f, None
-        if f:
-            f.close()
+        for f in (self._f, self._ix):
+            if f:
+                f.close()
+        self._f = self._ix = None
 
     def _skip_empty(self):
-        files = self.man["files"]
-        while self._fi < len(files) and files[self._fi][1] == 0:
+        while self._ent and self._ent[1] == 0:
             self._finish(hashlib.sha256().digest())
 
     def _finish(self, dig):
-        p, n, d = self.man["files"][self._fi]
+        p, n, d = self._ent
         t = self._base + p
         if n == 0:
             mkdirs(t[:t.rfind("/")])
@@ -91,14 +111,13 @@ class AppSink:
             raise OTAError("hash mismatch for %s: bundle corrupted" % p)
         rm(t)
         os.rename(t + ".part", t)
-        self._fi += 1
-        self._fo = 0
-        self._h = None
+        self._next()
 
     def write(self, mv):
-        files = self.man["files"]
         while len(mv):
-            p, n, d = files[self._fi]
+            if not self._ent:
+                raise OTAError("oversized bundle: data past the last file")
+            p, n, d = self._ent
             part = self._base + p + ".part"
             if self._f is None:
                 if self._fo == 0:
@@ -116,30 +135,34 @@ class AppSink:
             self._fo += k
             mv = mv[k:]
             if self._fo == n:
-                self.close()
+                f, self._f = self._f, None
+                f.close()
                 self._finish(self._h.digest())
                 self._skip_empty()
         if self._f:
             self._f.flush()
 
-    def finish(self, sig, mb):
-        """All data in: read every file back, write the signed manifest, mark the slot staged."""
-        for p, n, d in self.man["files"]:
+    def finish(self, hdr, so, sl, hl):
+        """All data in: read every file back, store the signed manifest (copied from the staged
+        header hdr: signature at so, sl bytes, manifest up to hl), mark the slot staged."""
+        self._rewind()
+        while self._ent:
+            p, n, d = self._ent
             h = hashlib.sha256()
             if fsize(self._base + p) != n:
                 raise OTAError("staged file %s is missing" % p)
             hash_file(self._base + p, n, h, self._buf)
             if hexs(h.digest()) != d:
                 raise OTAError("hash mismatch for %s on flash" % p)
-        with open(self._base + "manifest.sig", "wb") as f:
-            f.write(sig)
-        with open(self._base + "manifest.tmp", "wb") as f:
-            f.write(mb)
+            self._next()
+        self.close()
+        copy_range(hdr, so, sl, self._base + "manifest.sig", self._buf)
+        copy_range(hdr, so + sl, hl - so - sl, self._base + "manifest.tmp", self._buf)
         os.rename(self._base + "manifest.tmp", self._base + "manifest.json")
         s = ota_boot.load()
         s["stg"] = self.slot
         s["tries"] = 0
         s["fail"] = None
-        s["dl"] = self.man.get("deadline")
+        s["dl"] = self.deadline
         ota_boot.save(s)
-        return "version %s staged in slot %s: reboot to switch" % (self.man["version"], self.slot)
+        return "version %s staged in slot %s: reboot to switch" % (self.version, self.slot)

@@ -94,10 +94,11 @@ def check_path(p):
             raise OTAError("invalid manifest: bad file path %r" % (p,))
 
 
-def check_manifest(mb, hl, size):
-    """Parse and check signed manifest bytes against the header length and bundle size."""
+def check_manifest(f, hl, size):
+    """Parse the signed manifest from stream f (positioned at it) and check it against the
+    header length and bundle size; returns the manifest dict."""
     try:
-        m = json.loads(mb)
+        m = json.load(f)
         kind = m["kind"]
         files = m["files"]
         total = 0
@@ -118,3 +119,16 @@ def check_manifest(mb, hl, size):
     if kind == "firmware" and len(files) != 1:
         raise OTAError("invalid manifest: a firmware bundle holds one image")
     return m
+
+
+def copy_range(src, off, n, dst, buf):
+    """Copy n bytes at offset off of file src into a new file dst, through buf."""
+    mv = memoryview(buf)
+    with open(src, "rb") as f, open(dst, "wb") as o:
+        f.seek(off)
+        while n > 0:
+            k = f.readinto(mv[:min(n, len(buf))])
+            if not k:
+                raise OTAError("cannot read back " + src)
+            o.write(mv[:k])
+            n -= k

@@ -36,8 +36,10 @@ def reopen(m, save, done):
 class FwSink:
     """A firmware image -> the next OTA partition in 4 KiB blocks; set_boot once verified."""
 
-    def __init__(self, part, man, save):
-        self.part, self.man, self._save = part, man, save
+    def __init__(self, part, m, save):
+        self.part, self._save = part, save
+        self.version, self.deadline = m["version"], m.get("deadline")
+        self._want, self._size = m["files"][0][2], m["size"]
         self.slot = part.info()[4]
         self._buf = bytearray(_BLK)
         self._blk = self._fill = 0
@@ -72,17 +74,17 @@ class FwSink:
                 if self._blk % _FW_SAVE == 0:
                     self._save(self._blk * _BLK)
 
-    def finish(self, sig, mb):
+    def finish(self, hdr, so, sl, hl):
         buf = self._buf
         if self._fill:
             for i in range(self._fill, _BLK):
                 buf[i] = 0xFF
             self.part.writeblocks(self._blk, buf)
             self._fill = 0
-        want = self.man["files"][0][2]
+        want = self._want
         if hexs(self._h.digest()) != want:
             raise OTAError("hash mismatch for the firmware image: bundle corrupted")
-        n = self.man["size"]
+        n = self._size
         h = hashlib.sha256()
         i = 0
         while n > 0:                                # read the partition back
@@ -93,9 +95,9 @@ class FwSink:
         if hexs(h.digest()) != want:
             raise OTAError("firmware read-back mismatch: flash write failed")
         s = ota_boot.load()
-        s["fw"] = {"ver": self.man["version"], "label": self.slot, "st": "staged"}
+        s["fw"] = {"ver": self.version, "label": self.slot, "st": "staged"}
         s["fail"] = None
-        s["dl"] = self.man.get("deadline")
+        s["dl"] = self.deadline
         ota_boot.save(s)            # before set_boot: a power cut in between only loses the switch
         try:
             self.part.set_boot()
@@ -103,4 +105,4 @@ class FwSink:
             s["fw"] = None
             ota_boot.save(s)
             raise OTAError("firmware image rejected by set_boot (%s): not a valid image" % e)
-        return "firmware %s written to %s: reboot to switch" % (self.man["version"], self.slot)
+        return "firmware %s written to %s: reboot to switch" % (self.version, self.slot)

@@ -7,7 +7,6 @@ import ota_boot
 from ovms import ota
 from ovms.ota_fs import OTAError, fp, mkdirs, rm, check_manifest
 from ovms.ota_fs import size as fsize
-from ovms.ota_rsa import load_key, verify
 
 # Bundle = header + data. Header: b"MOTA", format 1, 0, u16 sig length S, u32 manifest length M
 # (big-endian), S bytes RSA PKCS#1 v1.5 SHA-256 signature over the M manifest bytes, the manifest
@@ -43,7 +42,7 @@ class Receiver:
                 s.close()
             except OSError:
                 pass
-        self.sink = self.man = self.slot = self.id = None
+        self.sink = self.slot = self.id = None
         self.size = self.next = self.hl = 0
 
     def handle(self, op, payload=b""):
@@ -88,6 +87,7 @@ class Receiver:
         self._clear()
         rm(fp("/ota/stage.json"))
         rm(fp("/ota/stage.hdr"))
+        rm(fp("/ota/stage.idx"))
 
     def _begin(self, payload):
         try:
@@ -151,22 +151,33 @@ class Receiver:
             raise OTAError("bundle truncated: its header needs %d bytes, bundle has %d"
                            % (self.hl, self.size))
 
-    def _read_hdr(self):
-        """(signature, manifest bytes) of the staged header."""
-        with open(fp("/ota/stage.hdr"), "rb") as f:
-            h = f.read()
-        if len(h) != self.hl:
-            raise OTAError("staged header is damaged")
-        sl = int.from_bytes(h[6:8], "big")
-        return h[_HDR:_HDR + sl], h[_HDR + sl:]
+    def _open_manifest(self, f):
+        """Position f (the staged header) at the manifest; returns the signature length."""
+        f.seek(6)
+        sl = int.from_bytes(f.read(2), "big")
+        f.seek(_HDR + sl)
+        return sl
 
     def _accept(self):
         """Header complete: check the signature and manifest, then prepare the target."""
-        sig, mb = self._read_hdr()
-        if not verify(hashlib.sha256(mb).digest(), sig, load_key()):
-            raise OTAError("signature verification failed: bundle not signed with this "
-                           "module's OTA key, or tampered with")
-        m = self.man = check_manifest(mb, self.hl, self.size)
+        mv = memoryview(self._buf)
+        h = hashlib.sha256()
+        with open(fp("/ota/stage.hdr"), "rb") as f:
+            sl = self._open_manifest(f)
+            n = self.hl - _HDR - sl
+            while n > 0:
+                k = f.readinto(mv[:min(n, len(mv))])
+                if not k:
+                    raise OTAError("staged header is damaged")
+                h.update(mv[:k])
+                n -= k
+            f.seek(_HDR)
+            from ovms.ota_rsa import load_key, verify
+            if not verify(h.digest(), f.read(sl), load_key()):
+                raise OTAError("signature verification failed: bundle not signed with this "
+                               "module's OTA key, or tampered with")
+            self._open_manifest(f)
+            m = check_manifest(f, self.hl, self.size)
         if m["kind"] == "firmware":
             from ovms import ota_fw
             self.sink = ota_fw.prepare(m, self._meta)
@@ -202,8 +213,11 @@ class Receiver:
             if self.hl and hs == self.hl:
                 self._accept()
             return
-        sig, mb = self._read_hdr()
-        m = self.man = check_manifest(mb, self.hl, self.size)
+        if fsize(fp("/ota/stage.hdr")) != self.hl:
+            raise OTAError("staged header is damaged")
+        with open(fp("/ota/stage.hdr"), "rb") as f:
+            self._open_manifest(f)
+            m = check_manifest(f, self.hl, self.size)
         self.slot = slot
         if m["kind"] == "firmware":
             from ovms import ota_fw
@@ -219,10 +233,24 @@ class Receiver:
             return self._last or {"error": "no transfer in progress: send begin first"}
         if self.next != self.size or not self.sink:
             return {"error": "bundle truncated: received %d of %d bytes" % (self.next, self.size)}
-        sig, mb = self._read_hdr()
-        msg = self.sink.finish(sig, mb)
-        r = {"ok": True, "staged": self.man["version"], "slot": self.slot, "next": self.size,
+        with open(fp("/ota/stage.hdr"), "rb") as f:
+            sl = self._open_manifest(f)
+        msg = self.sink.finish(fp("/ota/stage.hdr"), _HDR, sl, self.hl)
+        r = {"ok": True, "staged": self.sink.version, "slot": self.slot, "next": self.size,
              "msg": msg}
         self._abort()
         self._last = r
+        _unload()
         return r
+
+
+def _unload():
+    """Drop the staging modules after a transfer (their code is RAM unless frozen)."""
+    import sys
+    import ovms
+    for n in ("ota_rsa", "ota_app", "ota_fw"):
+        sys.modules.pop("ovms." + n, None)
+        try:
+            delattr(ovms, n)
+        except (AttributeError, KeyError):
+            pass
