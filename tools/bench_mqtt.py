@@ -121,9 +121,10 @@ SIM = r'''
 import sys, gc, struct
 sys.path[:0] = [%(lib)r]
 from ovms import metrics
-T = [5000]
-metrics._ms = lambda: T[0]
-metrics.uptime()
+import time
+T = [time.ticks_ms()]
+metrics._ms = lambda: T[0] & 0x3FFFFFFF     # simulated clock (ms, wraps like ticks_ms)
+metrics._up_last = metrics._ms()
 from ovms import vehicle
 from ovms.v3_sched import Scheduler
 veh = vehicle.load("RV")
