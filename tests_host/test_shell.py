@@ -250,6 +250,11 @@ out(R("module memory").split("\\n"))
 out(R("module tasks"))
 shell.hook("tasks", lambda: [("can", "running"), ("mqtt", "waiting")])
 out(R("module tasks"))
+out(R("module crashlog"))
+shell.hook("crashlog", lambda: [])
+out(R("module crashlog"))
+shell.hook("crashlog", lambda: ["boot 3: WDT reset", "boot 5: MemoryError in mqtt"])
+out(R("module crashlog"))
 RESETS = []
 shell.hook("reset", lambda: RESETS.append(1))
 out(R("module reset"))
@@ -266,8 +271,10 @@ out([R("module reset"), len(RESETS)])
     assert mem[0].startswith("Heap total: ") and int(mem[0].split()[2]) > 90000
     assert o[4] == "Error: Task list not available"
     assert o[5] == line("can", "running") + "\n" + line("mqtt", "waiting")
-    assert o[6] == "Error: Secure command requires 'enable' mode"
-    assert o[7] == ["Resetting system...", 1]
+    assert o[6:9] == ["Error: Crash log not available", "No crashes recorded",
+                      "boot 3: WDT reset\nboot 5: MemoryError in mqtt"]
+    assert o[9] == "Error: Secure command requires 'enable' mode"
+    assert o[10] == ["Resetting system...", 1]
 
 
 def test_notify_event_and_server_hooks(mlib, tmp_path):

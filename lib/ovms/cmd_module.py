@@ -96,6 +96,20 @@ def _tasks(session, args):
     return o.text() or "No tasks"
 
 
+def _crashlog(session, args):
+    h = _H.get("crashlog")
+    if h is None:
+        return "Error: Crash log not available"
+    r = h()
+    if isinstance(r, str):
+        return r or "No crashes recorded"
+    o = shell.Out(session)
+    for x in r:
+        if not o.add(str(x)):
+            break
+    return o.text() or "No crashes recorded"
+
+
 async def _later_reset():
     import asyncio
     await asyncio.sleep(1)
@@ -184,6 +198,7 @@ shell.register("module", "Module information and control", None)
 shell.register("module info", "Firmware, vehicle and uptime", _info, "", 0, 0, False)
 shell.register("module memory", "Heap usage", _memory, "", 0, 0, False)
 shell.register("module tasks", "Running tasks", _tasks, "", 0, 0, False)
+shell.register("module crashlog", "Recent crashes and resets", _crashlog, "", 0, 0, False)
 shell.register("module reset", "Restart the module", _reset, "", 0, 0, True)
 shell.register("notify", "Notification framework", None)
 shell.register("notify raise", "Raise a notification", _notify, "info|alert|error|data <subtype> <text>",
