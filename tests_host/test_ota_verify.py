@@ -133,7 +133,10 @@ def test_real_app_from_this_repo_stages_in_100k_heap(tmp_path):
     want = sorted("lib/" + os.path.relpath(os.path.join(d, f), LIB)[:-3] + ".mpy"
                   for d, _, fs in os.walk(LIB) for f in fs
                   if f.endswith(".py") and f != "ota_boot.py" and "__pycache__" not in d)
-    assert sorted(p for p, _, _ in man["files"] if p.endswith(".mpy")) == want
+    import vehicles
+    want += ["lib/veh_%s.mpy" % os.path.basename(d).lower()
+             for d in vehicles.vehicle_dirs(os.path.join(REPO, "firmware", "vehicles"))]
+    assert sorted(p for p, _, _ in man["files"] if p.endswith(".mpy")) == sorted(want)
 
 
 @pytest.mark.parametrize("case", ["wrong_key", "tampered_manifest", "wrong_hash", "no_key",

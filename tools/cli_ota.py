@@ -98,11 +98,12 @@ def source_version(source):
 
 def app_files(source, arch="xtensawin"):
     """[(path on the device slot, bytes)] for every lib/ file, .py compiled to .mpy."""
-    lib = os.path.join(source, "lib")
-    if not os.path.isdir(lib):
+    if not os.path.isdir(os.path.join(source, "lib")):
         raise PushError("%s has no lib/ directory" % source)
     with tempfile.TemporaryDirectory() as tmp:
-        out = deploy.compile_lib(lib, tmp, arch, exclude=(deploy.BOOT_HELPER,))
+        lib = deploy.gather(source, os.path.join(tmp, "src"))
+        out = deploy.compile_lib(lib, os.path.join(tmp, "out"), arch,
+                                 exclude=(deploy.BOOT_HELPER,))
         files = []
         for rel, p in out:
             with open(p, "rb") as f:

@@ -53,12 +53,32 @@ def compile_lib(lib, out, march="xtensawin", compile_py=True, exclude=()):
     return done
 
 
+def gather(source, dst):
+    """The device's /lib tree in dst: source/lib plus the vehicle modules generated from
+    source/firmware/vehicles (veh_<code>.py, see tools/vehicles.py). Returns dst."""
+    shutil.copytree(os.path.join(source, "lib"), dst,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
+    vdir = os.path.join(source, "firmware", "vehicles")
+    if os.path.isdir(vdir):
+        import vehicles
+        try:
+            for d in vehicles.vehicle_dirs(vdir):
+                vehicles.build(d, dst, lambda m: print("vehicles: warning: " + m,
+                                                       file=sys.stderr))
+        except vehicles.CompileError as e:
+            raise SystemExit("vehicles: error: %s" % e)
+    return dst
+
+
 def build(source=REPO, out=None, march="xtensawin", compile_py=True):
     """Build the deploy tree (out/lib/..., out/boot.py, out/main.py); returns out."""
+    import tempfile
     out = out or os.path.join(source, "build", "deploy")
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
-    compile_lib(os.path.join(source, "lib"), os.path.join(out, "lib"), march, compile_py)
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = gather(source, os.path.join(tmp, "lib"))
+        compile_lib(lib, os.path.join(out, "lib"), march, compile_py)
     for f in ("boot.py", "main.py"):
         if os.path.exists(os.path.join(source, f)):
             shutil.copyfile(os.path.join(source, f), os.path.join(out, f))
