@@ -96,9 +96,8 @@ def app_bundle(tmp, version, key="main", crash=False, deadline=None):
 def flash_root(tmp, key="main"):
     """A fresh flash dir: OTA public key and a config file (which updates must never touch)."""
     root = os.path.join(str(tmp), "flash")
-    os.makedirs(os.path.join(root, "ota"))
     os.makedirs(os.path.join(root, "store"))
-    with open(os.path.join(root, "ota", "pubkey.pem"), "w") as f:
+    with open(os.path.join(root, "store", "ota.pub"), "w") as f:    # where provisioning puts it
         f.write(keypair(key)[1])
     with open(os.path.join(root, "store", "config.json"), "w") as f:
         json.dump({"vehicle": {"id": "TEST1"}, "server.v3": {"server": "mqtt.example"}}, f)

@@ -151,7 +151,7 @@ def test_bad_bundles_are_refused_with_a_clear_message(tmp_path, case):
         "wrong_key": "signature verification failed",
         "tampered_manifest": "signature verification failed",
         "wrong_hash": "hash mismatch for lib/",
-        "no_key": "no OTA public key on the device",
+        "no_key": "no OTA public key on the module (/store/ota.pub): provision one with",
         "bad_magic": "not an OTA bundle",
         "truncated_file": "bundle truncated: %d bytes, its manifest says %d" % (
             len(good) - 100, len(good)),
@@ -170,7 +170,7 @@ def test_bad_bundles_are_refused_with_a_clear_message(tmp_path, case):
         i = hl + man["files"][3][1] // 2 + sum(n for _, n, _ in man["files"][:3])
         b = good[:i] + bytes([good[i] ^ 0x55]) + good[i + 1:]
     elif case == "no_key":
-        os.remove(os.path.join(root, "ota", "pubkey.pem"))
+        os.remove(os.path.join(root, "store", "ota.pub"))
         b = good
     elif case == "bad_magic":
         b = b"ZIP!" + good[4:]

@@ -145,7 +145,7 @@ def topic_prefix(args):
 
 
 class Link:
-    """Request/reply over <prefix>client/<cid>/ota/<op> -> <prefix>client/<cid>/ota-reply."""
+    """Request/reply over <prefix>client/<cid>/ota/<op> -> <prefix>client/<cid>/ota-reply (QoS 1)."""
 
     def __init__(self, args):
         import paho.mqtt.client as mqtt
@@ -209,7 +209,8 @@ class Link:
             if r.get("op") == op:
                 return r
 
-    def request(self, op, payload=b"", timeout=10.0):
+    def request(self, op, payload=b"{}", timeout=10.0):
+        # never empty: an empty MQTT payload means "delete the retained message" to OVMS
         while not self.q.empty():
             self.q.get_nowait()
         self.send(op, payload)
@@ -244,7 +245,7 @@ class Progress:
 
 def _status(link, timeout, tries=3):
     for _ in range(tries):
-        r = link.request("status", b"", timeout)
+        r = link.request("status", b"{}", timeout)
         if r is not None:
             return r
     raise PushError("no reply from the module (is it online, and are --vehicle/--prefix right?)")
@@ -303,7 +304,7 @@ def transfer(link, bundle, timeout=10.0, progress=None, stall=None):
         progress.update(size, True)
         progress.done()
     for _ in range(3):
-        r = link.request("end", b"", max(timeout, 30.0))
+        r = link.request("end", b"{}", max(timeout, 30.0))
         if r is not None:
             break
     else:
@@ -320,7 +321,7 @@ def wait_switch(link, man, slot, timeout, limit):
     seen_reboot = False
     while time.time() < end:
         time.sleep(1.0)
-        r = link.request("status", b"", min(timeout, 5.0))
+        r = link.request("status", b"{}", min(timeout, 5.0))
         if r is None:
             seen_reboot = True
             continue
@@ -395,7 +396,7 @@ def _push(link, args):
                                                  len(bundle)), file=sys.stderr)
     r = transfer(link, bundle, args.timeout, Progress(len(bundle), "push %s" % man["version"]))
     print(r.get("msg") or "staged")
-    if link.request("reboot", b"", args.timeout) is None:
+    if link.request("reboot", b"{}", args.timeout) is None:
         raise PushError("no reply to reboot")
     print("rebooting; waiting for the module to report healthy...", file=sys.stderr)
     limit = int(man.get("deadline") or 180) + 60

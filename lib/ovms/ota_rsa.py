@@ -1,10 +1,11 @@
 """ota_rsa: RSA public-key parsing and PKCS#1 v1.5 SHA-256 signature check with pow()."""
 import os
+import sys
 import binascii
 import ota_boot
 from ovms.ota_fs import OTAError, mkdirs
 
-KEY = "/ota/pubkey.pem"         # RSA public key (PEM), written at provisioning
+KEY = "/store/ota.pub"          # RSA public key (PEM) unless config `ota pubkey` says
 # ASN.1 DigestInfo prefix for SHA-256 (RFC 8017 9.2 note 1)
 _DI = b"\x30\x31\x30\x0d\x06\x09\x60\x86\x48\x01\x65\x03\x04\x02\x01\x05\x00\x04\x20"
 _RSA_OID = b"\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01"
@@ -68,19 +69,32 @@ def verify(digest, sig, key):
     return m == b"\x00\x01" + b"\xff" * (k - 3 - len(_DI) - 32) + b"\x00" + _DI + digest
 
 
+def key_path():
+    """Where the public key is: config `ota pubkey` (set at provisioning), else KEY."""
+    c = sys.modules.get("ovms.config")      # only when the app loaded it: no import cost here
+    if c:
+        try:
+            return c.get("ota", "pubkey") or KEY
+        except Exception:
+            pass
+    return KEY
+
+
 def load_key():
+    p = key_path()
     try:
-        with open((ota_boot.ROOT + KEY)) as f:
+        with open(ota_boot.ROOT + p) as f:
             return parse_key(f.read())
     except OSError:
-        raise OTAError("no OTA public key on the device (%s): provision it with "
-                       "`ovms.py --port PORT provision --ota-pubkey KEY.pub`" % KEY)
+        raise OTAError("no OTA public key on the module (%s): provision one with "
+                       "`ovms.py --port PORT provision --ota-pubkey KEY.pub`" % p)
 
 
 def set_pubkey(pem):
-    """Validate and store the OTA public key (provisioning over serial calls this)."""
+    """Validate and store the OTA public key (at key_path())."""
     parse_key(pem)
-    mkdirs(ota_boot.ROOT + "/ota")
-    with open((ota_boot.ROOT + KEY + ".tmp"), "w") as f:
+    p = ota_boot.ROOT + key_path()
+    mkdirs(p[:p.rfind("/")])
+    with open(p + ".tmp", "w") as f:
         f.write(pem)
-    os.rename((ota_boot.ROOT + KEY + ".tmp"), (ota_boot.ROOT + KEY))
+    os.rename(p + ".tmp", p)
