@@ -352,7 +352,7 @@ print(b.mode == b.MODE_NORMAL, canbus.send(*f), b.sent, canbus.send(2, 0x1, Fals
 print(canbus.send(1, 0x18FF0001, True, b"\\x01"), b.sent[-1])
 b.st = b.STATE_BUS_OFF
 print(canbus.send(1, 0x100, False, b""))
-""", built)
+""", built, heap="160K")  # two buses' worth of objects on a 64-bit host
     out = r.stdout.strip().split("\n")
     assert out[0] == "True False []"
     assert out[1] == "True True [(1378, b'\\x00\\x00\\x00\\x00\\xa0\\xa0\\x00\\x00', 0)] False"

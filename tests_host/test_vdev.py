@@ -97,10 +97,21 @@ def test_pty_link_and_exec(dev):
     assert dev.exec("print(6 * 7)").strip() == "42"
 
 
-def test_firmware_gets_the_requested_heap(dev):
+def test_firmware_gets_the_requested_heap(tmp_path):
     # the board emulation's own modules are added on top, as C code is on a board
-    out = dev.exec("import gc; gc.collect(); print(gc.mem_free())")
-    assert 88_000 <= int(out) <= 102_400  # (asyncio from main.py is loaded)
+    root = flash(tmp_path, main="")
+    with VDev(root, extra=("--no-frozen",)) as d:
+        out = d.exec("import gc; gc.collect(); print(gc.mem_free())")
+    assert 96_000 <= int(out) <= 102_400
+
+
+def test_frozen_app_is_on_the_path_and_costs_no_bytecode_heap(tmp_path):
+    root = flash(tmp_path, main="")
+    with VDev(root) as d:
+        out = d.exec("import sys, os, gc\nprint('/rom/lib' in sys.path, "
+                     "'ovms' in os.listdir('/rom/lib'))\ngc.collect()\nf0 = gc.mem_free()\n"
+                     "import ovms.decoder\ngc.collect()\nprint(f0 - gc.mem_free() < 8000)")
+    assert out.split() == ["True", "True", "True"]
 
 
 def test_flash_is_the_root_dir(dev, tmp_path):
@@ -287,3 +298,14 @@ def test_can_bus_off_injection_and_restart(tmp_path):
                      "can.get_counters()[4], CAN.STATE_BUS_OFF in events)\ncan.restart()\n"
                      "print(can.state() == CAN.STATE_ACTIVE)")
         assert out.split() == ["True", "1", "True", "True"]
+
+
+def test_can_recv_does_not_allocate(tmp_path):
+    root = flash(tmp_path)
+    with VDev(root, can_log=KONA_LOG) as d:
+        out = d.exec(CAN_OPEN + "import micropython\nlst = [0, memoryview(bytearray(8)), 0, 0]\n"
+                     "time.sleep_ms(50)\ncan.recv(lst)\n"
+                     "def drain():\n    n = 0\n    while can.recv(lst):\n        n += 1\n    return n\n"
+                     "time.sleep_ms(20)\nmicropython.heap_lock()\ntry:\n    n = drain()\n"
+                     "finally:\n    micropython.heap_unlock()\nprint(n > 0)")
+        assert out.strip() == "True"

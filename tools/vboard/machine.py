@@ -148,6 +148,12 @@ class Pin:
         return None
 
 
+def _views(mv):
+    # (a separate function: a comprehension inside recv() would make its locals closure cells,
+    # which allocate on every call)
+    return (mv, [mv[:i] for i in range(9)])
+
+
 class _Irq:
     def __init__(self, can):
         self._can = can
@@ -362,7 +368,7 @@ class CAN:
                     known = True
                     break
         if not known:
-            v = self._views = (m, [m[:i] for i in range(9)])
+            v = self._views = _views(m)
         base = v[0]
         dlc = rec[5]
         if rec[4] & 1:
