@@ -3,8 +3,9 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PORT    ?= /dev/ttyUSB0
+ARCH    ?= xtensawin
 
-.PHONY: deps sim test bench clean
+.PHONY: deps sim test bench vehicles firmware flash deploy package clean
 
 $(STAMP): tools/requirements.txt
 	python3 -m venv $(VENV)
@@ -14,14 +15,36 @@ $(STAMP): tools/requirements.txt
 deps: $(STAMP)
 	@sh tools/need_mosquitto.sh
 
+# The virtual device against a local TLS broker, replaying a real drive (Ctrl-C stops).
 sim: deps
 	$(PY) tools/sim.py
 
+# Every test: host tools on CPython, device code on the micropython binary, a real mosquitto.
 test: deps
 	$(VENV)/bin/pytest -q tests_host
 
+# Benchmarks (decoder speed, MQTT data usage and loop health, memory): ratios from one run.
 bench: deps
 	$(PY) tools/bench.py all
+
+# Device modules compiled from firmware/vehicles/*/vehicle.json (DBC + mapping).
+vehicles: deps
+	$(PY) tools/vehicles.py build-all -o build/vehicles --mpy
+
+# ESP32 image with the app frozen in (official ESP-IDF container; needs docker, not run in CI).
+firmware: deps
+	firmware/build.sh
+
+# Erase and flash the image: make flash PORT=/dev/ttyUSB0
+flash: deps
+	$(PY) tools/flash.py --port $(PORT)
+
+# Copy the app (compiled with mpy-cross -march=$(ARCH)) to a module: make deploy PORT=...
+deploy: deps
+	$(PY) tools/deploy.py --port $(PORT) --arch $(ARCH)
+
+package: deps
+	$(PY) tools/mkpackage.py
 
 clean:
 	rm -rf build .sim .pytest_cache .hypothesis
