@@ -116,31 +116,49 @@ if s.get('run') not in (None, 'f') or s.get('stg'):
 """
 
 
-def mpremote_cmds(out, port):
-    """The mpremote command lines that install the deploy tree `out` on `port`."""
-    base = [tool("mpremote"), "connect", port]
+def mpremote_cmd(out, port):
+    """One mpremote command line (steps chained with +) that installs the deploy tree `out`."""
     top = sorted(os.listdir(os.path.join(out, "lib")))
     clean = ["/lib/" + t[:-4] + ".py" if t.endswith(".mpy") else "/lib/" + t for t in top]
     clean += ["/lib/" + t for t in top]
-    cmds = [base + ["exec", _CLEAN % (sorted(set(clean)),)],
-            base + ["fs", "cp", "-r"] + [os.path.join(out, "lib", t) for t in top] + [":/lib/"]]
-    files = [os.path.join(out, f) for f in ("boot.py", "main.py") if os.path.exists(
-        os.path.join(out, f))]
+    cmd = [tool("mpremote"), "connect", port, "exec", _CLEAN % (sorted(set(clean)),),
+           "+", "fs", "cp", "-r"] + [os.path.join(out, "lib", t) for t in top] + [":/lib/"]
+    files = [os.path.join(out, f) for f in ("boot.py", "main.py")
+             if os.path.exists(os.path.join(out, f))]
     if files:
-        cmds.append(base + ["fs", "cp"] + files + [":/"])
-    cmds.append(base + ["exec", _SELECT, "soft-reset"])
-    return cmds
+        cmd += ["+", "fs", "cp"] + files + [":/"]
+    return cmd + ["+", "exec", _SELECT, "+", "soft-reset"]
+
+
+ARCHS = ("", "x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp", "armv7emdp",
+         "xtensa", "xtensawin", "rv32imc", "rv64imc")
+
+
+def device_arch(port):
+    """mpy-cross -march of the device on port (from sys.implementation._mpy)."""
+    r = subprocess.run([tool("mpremote"), "connect", port, "exec",
+                        "import sys; print('MPY', sys.implementation._mpy)"],
+                       capture_output=True, text=True, timeout=60)
+    for line in r.stdout.splitlines():
+        if line.startswith("MPY "):
+            a = (int(line.split()[1]) >> 10) & 0x3F
+            if 0 < a < len(ARCHS):
+                return ARCHS[a]
+    raise SystemExit("deploy: cannot read the architecture of %s:\n%s" % (port, r.stderr))
 
 
 def deploy(port, source=REPO, march="xtensawin", compile_py=True, dry_run=False, out=None):
+    if march == "auto":
+        march = device_arch(port)
+        print("deploy: device code architecture %s" % march, file=sys.stderr)
     out = build(source, out, march, compile_py)
-    for c in mpremote_cmds(out, port):
-        print("+ " + " ".join(repr(a) if "\n" in a else a for a in c), file=sys.stderr)
-        if not dry_run:
-            r = subprocess.run(c)
-            if r.returncode:
-                print("deploy: mpremote failed (%d)" % r.returncode, file=sys.stderr)
-                return r.returncode
+    c = mpremote_cmd(out, port)
+    print("$ " + " ".join(repr(a) if "\n" in a else a for a in c), file=sys.stderr)
+    if not dry_run:
+        r = subprocess.run(c)
+        if r.returncode:
+            print("deploy: mpremote failed (%d)" % r.returncode, file=sys.stderr)
+            return r.returncode
     return 0
 
 
@@ -148,8 +166,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="deploy.py", description=__doc__)
     p.add_argument("--port", required=True, help="serial port (/dev/ttyUSB0 or a virtual pty)")
     p.add_argument("--arch", default="xtensawin",
-                   help="mpy-cross -march (xtensawin for ESP32/S3, rv32imc for C3, x64 for the "
-                        "virtual device when lib uses native code)")
+                   help="mpy-cross -march: xtensawin (ESP32, S3), rv32imc (C3, C6), x64 (the "
+                        "virtual device), or auto (ask the device)")
     p.add_argument("--source", default=REPO, help="repo to deploy (default: this one)")
     p.add_argument("--no-compile", action="store_true", help="copy .py sources instead of .mpy")
     p.add_argument("--dry-run", action="store_true", help="build and print the mpremote commands")

@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""mkpackage: write package.json so `mpremote mip install github:OWNER/REPO` installs the app."""
+import json
+import os
+import re
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import deploy  # noqa: E402
+
+
+def package(source=REPO):
+    """The package.json dict: every file of lib/ (installed into the device's /lib)."""
+    with open(os.path.join(source, "lib", "ovms", "__init__.py")) as f:
+        m = re.search(r'^VERSION\s*=\s*["\']([^"\']+)', f.read(), re.M)
+    return {
+        "urls": [[rel, "lib/" + rel] for rel in deploy.lib_files(os.path.join(source, "lib"))],
+        "deps": [],
+        "version": m.group(1) if m else "0.0.0",
+    }
+
+
+def text(source=REPO):
+    """package.json text: one file per line."""
+    p = package(source)
+    urls = ",\n".join("    " + json.dumps(u) for u in p["urls"])
+    return '{\n  "urls": [\n%s\n  ],\n  "deps": [],\n  "version": %s\n}\n' % (
+        urls, json.dumps(p["version"]))
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="mkpackage.py", description=__doc__)
+    p.add_argument("--check", action="store_true", help="fail if package.json is out of date")
+    a = p.parse_args(argv)
+    path = os.path.join(REPO, "package.json")
+    new = text()
+    old = open(path).read() if os.path.exists(path) else ""
+    if a.check:
+        if old != new:
+            print("package.json is out of date: run python tools/mkpackage.py", file=sys.stderr)
+            return 1
+        return 0
+    if old != new:
+        with open(path, "w") as f:
+            f.write(new)
+        print("package.json: %d files" % len(package()["urls"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
