@@ -2,11 +2,8 @@
 import os
 import time
 
-import pytest
-
-from test_mqtt_kit import (DevError, FakeBroker, Proxy, broker, broker_dir, build_lib,  # noqa: F401
-                           dev_factory, peers,
-                           publish_pkt, read_packet)
+from test_mqtt_kit import (FakeBroker, Proxy, broker, broker_dir, dev_factory,  # noqa: F401
+                           peers, publish_pkt, read_packet)
 
 SETUP = r'''
 from ovms.mqtt import MQTTClient, MQTTException, ssl_context
@@ -381,3 +378,42 @@ return a - gc.mem_free()
 """ % (broker.tls_port, broker.ca))
     print("client instance + connection heap: %d B" % r)
     assert r < 16000
+
+
+def test_qos2_exactly_once_across_a_lost_link_with_a_persistent_session(broker, dev_factory,
+                                                                       peers):
+    """Real mosquitto, persistent session: the device gets a QoS 2 message but its PUBREC is
+    lost with the link; after the reconnect the broker sends the message again (DUP) and the
+    device must not deliver it a second time."""
+    px = Proxy(broker.port)
+    try:
+        d = dev_factory(SETUP)
+        d.start("""
+new(%d, keepalive=30, cid="q2dev", clean_session=False, backoff_min=0.2, backoff_max=0.5)
+async def up(sp):
+    ev("up", sp=sp)
+    await c.subscribe("cmd/q2", 2)
+    ev("subscribed")
+c.on_up = up
+await c.run()
+""" % px.port)
+        d.wait_event(lambda e: e["ev"] == "subscribed")
+        peer = peers(broker.port, subs=())
+        px.hole_c2s = True                        # PUBREC from the device will be lost
+        peer.publish("cmd/q2", "run-once", qos=2)
+        d.wait_event(lambda e: e["ev"] == "msg" and e["msg"] == "run-once")
+        time.sleep(0.3)
+        px.drop()                                 # the link dies before PUBREC arrived
+        px.hole_c2s = False
+        _, e = d.wait_event(lambda e: e["ev"] == "up" and e["sp"] is True, timeout=15)
+        time.sleep(1.5)                           # broker redelivers (DUP) and completes
+        msgs = [x for x in d.evs("msg") if x["msg"] == "run-once"]
+        assert len(msgs) == 1, msgs
+        assert d.call("return len(c._rx2)") == 0  # released by PUBREL after the reconnect
+        assert d.call("return c.duplicates") >= 1 # the broker did send it again
+        # a new message with the same content is delivered again (new packet id)
+        peer.publish("cmd/q2", "run-once", qos=2)
+        d.wait_event(lambda e: len([x for x in d.evs("msg") if x["msg"] == "run-once"]) == 2,
+                     timeout=10)
+    finally:
+        px.close()

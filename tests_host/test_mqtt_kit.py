@@ -225,6 +225,7 @@ class Proxy:
         self.ls.listen(8)
         self.port = self.ls.getsockname()[1]
         self.hole = False
+        self.hole_c2s = False      # drop only what the client sends
         self.refuse = False
         self.conns = []
         self.accepted = 0
@@ -261,7 +262,7 @@ class Proxy:
                 x = a.recv(65536)
                 if not x:
                     break
-                if self.hole:
+                if self.hole or (self.hole_c2s and d == "c2s"):
                     continue
                 b.sendall(x)
                 with self.lock:
@@ -283,8 +284,14 @@ class Proxy:
             self.conns = []
         for c, s in cs:
             for x in (c, s):
+                # shutdown wakes the pump thread blocked in recv() (close alone would not,
+                # and the kernel would keep the connection open while it waits)
                 try:
                     x.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    x.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                try:
                     x.close()
                 except OSError:
                     pass

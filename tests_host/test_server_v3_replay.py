@@ -5,15 +5,13 @@ factor/add, value map, valid range)."""
 import glob
 import gzip
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 
-from test_mqtt_kit import broker, build_lib, dev_factory, peers  # noqa: F401
+from test_mqtt_kit import broker, dev_factory, peers  # noqa: F401
 from util import MPY_CROSS, REPO
 
 VEHICLES = os.path.join(REPO, "firmware", "vehicles")
@@ -36,17 +34,7 @@ def expected_values(vdir, log):
     mp = dbc2table.load_mapping(os.path.join(vdir, "vehicle.json"))
     dbs = {b: dbc2table.load_dbc(os.path.join(vdir, p)) for b, p in mp["buses"].items()}
     one_bus = next(iter(dbs)) if len(dbs) == 1 else None
-    last = {}      # (bus, frame id) -> data of the last frame
     opener = gzip.open if log.endswith(".gz") else open
-    with opener(log, "rt") as f:
-        for line in f:
-            p = line.split()
-            if len(p) < 3 or p[1] not in dbs:
-                continue
-            ident, _, data = p[2].partition("#")
-            if data[:1] in ("R", "r"):
-                continue
-            last[(p[1], int(ident, 16))] = bytes.fromhex(data)
     # the last *accepted* value needs every frame of the message: collect them per message
     frames = {}
     with opener(log, "rt") as f:

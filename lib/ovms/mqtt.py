@@ -135,6 +135,7 @@ class MQTTClient(Keeper, Receiver):
         self.reconnects = 0
         self.failures = 0
         self.retransmits = 0
+        self.duplicates = 0    # QoS 2 redeliveries not passed on again
         self.dropped = 0
         self.pings = 0
         # buffers

@@ -148,6 +148,7 @@ class Receiver:
             if qos == 2:
                 if pid in self._rx2:
                     deliver = False
+                    self.duplicates += 1
                 else:
                     if len(self._rx2) >= _MAX_RX2:
                         raise MQTTException("broker left too many QoS 2 messages unreleased")
