@@ -442,3 +442,29 @@ def test_auth_failure_then_config_change_reconnects_at_once(dev_factory, peers, 
         peer.wait_topic("fleet/c1/metric/s/v3/connected", b"no", timeout=10)
     finally:
         b.stop()
+
+
+def test_stop_says_goodbye_even_without_the_event_loop(broker, dev_factory, peers, tmp_path):
+    """app.stop() calls server_v3.stop() from a new event loop: the goodbye (connected=no
+    and a clean DISCONNECT, so the broker drops the will) must not need the old loop."""
+    d = device(dev_factory, tmp_path, broker.port)
+    d.call("await start()")
+    assert d.call("return server_v3.server().connected") is True
+    peer = peers(broker.port, subs=(PFX + "metric/s/v3/connected",))
+    peer.wait_topic(PFX + "metric/s/v3/connected", b"yes")
+    d.call("server_v3.server().goodbye()")          # synchronous: no await at all
+    peer.wait_topic(PFX + "metric/s/v3/connected", b"no", timeout=5)
+    assert d.call("return server_v3.server().connected") is False
+    # the module API: stop() ends the task; start() afterwards brings it back
+    assert d.call("await server_v3.stop()\nreturn server_v3.server()") is None
+    peer.clear()
+    d.call("await start()")
+    peer.wait_topic(PFX + "metric/s/v3/connected", b"yes", timeout=10)
+    d.call("await server_v3.stop()")
+    peer.wait_topic(PFX + "metric/s/v3/connected", b"no", timeout=5)
+    time.sleep(0.3)
+    broker.stop()                      # flushes mosquitto's log
+    log = open(broker.log.name, errors="replace").read()
+    # both times a clean DISCONNECT (not a dropped connection that fires the will)
+    assert log.count("Client CAR1 disconnected") == 2, log[-2000:]
+    assert "Client CAR1 closed its connection" not in log

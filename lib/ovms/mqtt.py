@@ -222,6 +222,29 @@ class MQTTClient(Keeper, Receiver):
                 pass
             self._dead("disconnected")
 
+    def shutdown(self, topic=None, msg=b"", retain=True):
+        """Synchronous goodbye that needs no running event loop (e.g. after the app's loop
+        was replaced): queued packets, an optional final QoS 0 PUBLISH and DISCONNECT go
+        straight to the socket (best effort), then the link is closed and run() ends."""
+        self._stop = True
+        self._kick.set()
+        w = self._w
+        if w is None:
+            return
+        try:
+            if not self._busy and not self._txlock.locked() and not w.out_buf:
+                p = bytearray(self._txmv[:self._txn])
+                if topic:
+                    t = _b(topic)
+                    m = _b(msg)
+                    p += _hdr(0x31 if retain else 0x30, 2 + len(t) + len(m))
+                    p += _u16(len(t)) + t + m
+                p += b"\xe0\x00"
+                w.s.write(p)
+        except Exception:
+            pass
+        self._dead("disconnected")
+
     async def publish(self, topic, msg, retain=False, qos=0, timeout=None):
         """QoS 0: queue the packet for the writer (raises OSError if the link is down).
         QoS 1/2: return once acknowledged; kept across reconnects until then. With a

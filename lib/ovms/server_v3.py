@@ -116,6 +116,22 @@ class Server:
         self._stop = True
         self._restart.set()
 
+    @property
+    def connected(self):
+        """Link up, subscribed and the full republish done."""
+        c = self.client
+        return bool(self.ready and c is not None and c.up)
+
+    def goodbye(self):
+        """Stop now without the event loop: connected=no, DISCONNECT, close (see stop())."""
+        self._stop = True
+        self.ready = False
+        c = self.client
+        if c is not None:
+            c.shutdown(self.prefix + "metric/s/v3/connected", "no")
+        self._restart.set()
+        self._set("s.v3.connected", False)
+
     async def _close(self):
         c = self.client
         self.ready = False
@@ -473,8 +489,11 @@ class Server:
             self.notified += 1
 
     def event(self, name):
-        """Publish event/<name path> (and the legacy event topic) if connected."""
+        """Publish event/<name path> (and the legacy event topic) if connected.
+        network.up also ends a reconnect backoff at once."""
         c = self.client
+        if name == "network.up" and c is not None and not c.up:
+            c.kick()
         if c is None or not c.up or name.startswith("ticker.") or name.startswith("clock."):
             return False
         c.queue(self.prefix + "event/" + _seg(name).replace(".", "/"), "")
@@ -551,16 +570,17 @@ def start(outbox=None):
 
 
 async def stop():
-    """Stop the server: publish connected=no, DISCONNECT, end the task."""
+    """Stop the server: publish connected=no, DISCONNECT, close, end the task. Works from
+    the running loop and from a new one (the goodbye is written without the loop)."""
     global _srv, _task
-    if _srv is not None:
-        await _srv.stop()
-        if _task is not None:
-            try:
-                await asyncio.wait_for_ms(_task, 5000)
-            except Exception:
-                pass
+    s, t = _srv, _task
     _srv = _task = None
+    if s is not None:
+        s.goodbye()
+        await asyncio.sleep_ms(0)
+    if t is not None and not t.done():
+        t.cancel()
+        await asyncio.sleep_ms(0)
 
 
 def notify(type, subtype, text):
