@@ -7,3 +7,4 @@ else:
     from ovms import app
 
     app.main()
+    del app  # stopped: give the REPL the app's heap

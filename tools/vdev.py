@@ -115,6 +115,12 @@ def calibrate_heap(requested, rom=None):
     except (ValueError, IndexError):
         raise SystemExit("vdev: cannot run micropython: %s" % (r.stderr or r.stdout))
     overhead = base + (pools[-1] - pools[0] if len(pools) > 1 else 0)
+    if rom:  # the frozen app's qstrs, interned at boot as if they were in ROM
+        names = r.stdout.rsplit("n_total_bytes=", 1)[1].splitlines()[1:]
+        with open(rom + ".qstrs", "w") as f:
+            for ln in names:
+                if ln.startswith("Q(") and ln.endswith(")") and "\n" not in ln[2:-1]:
+                    f.write(ln[2:-1] + "\n")
     return requested + (overhead + 1023) // 1024 * 1024, overhead
 
 
@@ -449,7 +455,7 @@ class Device:
     # --- power ---
     def boot(self, mode):
         env = dict(os.environ, VDEV_ROOT=self.root, VDEV_HEAP=str(heap_bytes(self.a.heap)),
-                   VDEV_ROM=self.rom or "", VDEV_HW=self.hw_path, VDEV_MODE=mode,
+                   VDEV_ROM=self.rom or "", VDEV_QSTRS=(self.rom + ".qstrs") if self.rom else "", VDEV_HW=self.hw_path, VDEV_MODE=mode,
                    VDEV_CAUSE=str(self.cause), VDEV_UID=self.uid, VDEV_CAN_RING=str(self.a.ring))
         with self.child_lock:
             self.child = subprocess.Popen(

@@ -168,6 +168,19 @@ def stop():
     asyncio.new_event_loop()
 
 
+def unload():
+    """Forget the app's modules and their data so the REPL gets the heap back."""
+    import gc
+    import ovms
+    for name in [k for k in sys.modules if k.startswith("ovms.") or k.startswith("veh_")]:
+        del sys.modules[name]
+        try:
+            delattr(ovms, name[5:])
+        except AttributeError:
+            pass
+    gc.collect()
+
+
 def _keep_watchdog_fed():
     """The ESP32 watchdog cannot be stopped: keep feeding it while a person uses the REPL."""
     if not config.get("module", "watchdog.timeout"):
@@ -186,6 +199,7 @@ def main():
     except KeyboardInterrupt:
         stop()
         _keep_watchdog_fed()
+        unload()
         print("micro-ovms stopped (Ctrl-C). REPL ready: machine.reset() restarts the module.")
     except Exception as e:
         sys.print_exception(e)

@@ -64,23 +64,27 @@ def crashes():
 
 
 def _define():
-    for name, kind, unit in (("m.freeram.min", "i", ""), ("m.heap.peak", "i", ""),
-                             ("m.heap.total", "i", "")):
+    for name in ("m.freeram.min", "m.heap.used", "m.heap.peak"):
         if metrics.find(name) < 0:
-            metrics.define(name, kind, unit)
+            metrics.define(name, "i", "")
 
 
-def sample():
-    """Refresh the module health metrics (called every second)."""
+def sample(collect=False):
+    """Refresh the module health metrics (every second; with collect, live heap after a GC).
+
+    m.freeram / m.heap.used: free and live heap after the last collection; m.heap.peak and
+    m.freeram.min: the high-water mark (most in use, least free, garbage included)."""
     global peak_alloc, min_free
     free = gc.mem_free()
     used = gc.mem_alloc()
     peak_alloc = max(peak_alloc, used)
     min_free = min(min_free, free)
-    metrics.set("m.freeram", free)
+    if collect:
+        gc.collect()
+        metrics.set("m.freeram", gc.mem_free())
+        metrics.set("m.heap.used", gc.mem_alloc())
     metrics.set("m.freeram.min", min_free)
     metrics.set("m.heap.peak", peak_alloc)
-    metrics.set("m.heap.total", free + used)
     metrics.set("m.monotonic", metrics.uptime())
     t = time.time()
     if time.gmtime(0)[0] == 2000:
@@ -97,9 +101,11 @@ async def run(wdt_timeout_s, tasks=None):
         import machine
         wdt = machine.WDT(timeout=wdt_timeout_s * 1000)
     reported = False
+    n = 0
     while True:
+        n += 1
         try:
-            sample()
+            sample(n % 20 == 1)
             if tasks:
                 metrics.set("m.tasks", tasks())
         except Exception as e:  # health metrics must never stop the watchdog logic

@@ -27,6 +27,27 @@ rom = os.getenv("VDEV_ROM")  # ROMFS image: the firmware's frozen app, as on a b
 if rom:
     with open(rom, "rb") as f:
         rom = f.read()
+
+
+def preintern(path):
+    """Intern the frozen app's names now, while the heap is empty.
+
+    On a board they sit in the firmware's ROM qstr pool. Interned later, at import time, they
+    would need ever larger contiguous pool blocks from a fragmented heap."""
+    n = 0
+    try:
+        with open(path) as f:
+            for line in f:
+                getattr(None, line[:-1], None)
+                n += 1
+                if n % 16 == 0:
+                    gc.collect()  # keeps the string chunks packed instead of between garbage
+    except OSError:
+        pass
+
+
+if os.getenv("VDEV_QSTRS"):
+    preintern(os.getenv("VDEV_QSTRS"))
 if root:
     os.umount("/")
     os.mount(os.VfsPosix(root), "/")
@@ -273,8 +294,9 @@ def calibrate():
                 __import__(m)
             except Exception:  # noqa: BLE001  (modules needing hardware are simply skipped)
                 pass
-        micropython.qstr_info()
+        micropython.qstr_info(1)
     sys.exit(0)
+
 
 
 def main():
