@@ -86,6 +86,9 @@ class Broker:
 
     def _conf(self):
         lines = ["per_listener_settings false", "persistence false", "log_dest stdout",
+                 # as root mosquitto would drop to its own user, which cannot read a test's
+                 # private temp dir: stay who we are (only ever on loopback ports)
+                 *(["user root"] if os.geteuid() == 0 else []),
                  "log_type error", "log_type warning", "log_type notice",
                  "max_packet_size 1048576",
                  f"listener {self.port} 127.0.0.1", f"listener {self.tls_port} 127.0.0.1",
