@@ -158,6 +158,21 @@ SHIPPED = (
 )
 
 
+def bench_mqtt_data(a):
+    import bench_mqtt
+    return bench_mqtt.data_usage(quiet=a.quiet)
+
+
+def bench_mqtt_loop(a):
+    import bench_mqtt
+    return bench_mqtt.loop_health(a.loop_seconds, quiet=a.quiet)
+
+
+def bench_memory(a):
+    import bench_mem
+    return bench_mem.run(a.heap, a.speed, quiet=a.quiet)
+
+
 def bench_all(a):
     out = {"decode": []}
     for name, dbc, log, bus in SHIPPED:
@@ -168,10 +183,19 @@ def bench_all(a):
         r["viper_vs_cantools"] = round(r["viper_fps"] / r["cantools_fps"], 2)
         r["viper_vs_python"] = round(r["viper_fps"] / r["python_fps"], 2)
         out["decode"].append(r)
+        print("decode %-10s viper %.2fM frames/s = %.1fx cantools, %.1fx pure Python; heap %d B"
+              % (name, r["viper_fps"] / 1e6, r["viper_vs_cantools"], r["viper_vs_python"],
+                 r["peak_heap_bytes"]), file=sys.stderr)
+    a.quiet = False
+    a.loop_seconds = 20
+    out["mqtt_data"] = bench_mqtt_data(a)
+    out["mqtt_loop"] = bench_mqtt_loop(a)
+    out["memory"] = bench_memory(a)
     return out
 
 
-COMMANDS = {"decode": bench_decode, "all": bench_all}
+COMMANDS = {"decode": bench_decode, "mqtt-data": bench_mqtt_data, "mqtt-loop": bench_mqtt_loop,
+            "memory": bench_memory, "all": bench_all}
 
 
 def main(argv=None):
@@ -183,8 +207,18 @@ def main(argv=None):
     d.add_argument("--bus")
     d.add_argument("--seconds", type=float, default=1.0, help="time budget per decoder")
     d.add_argument("--quiet", action="store_true")
+    for name, text in (("mqtt-data", "MQTT bytes for a drive + idle day, ours vs OVMS v3"),
+                       ("mqtt-loop", "worst event-loop stall and command round trip"),
+                       ("memory", "app heap through a replayed drive on the virtual device")):
+        x = sub.add_parser(name, help=text)
+        x.add_argument("--quiet", action="store_true")
+        x.add_argument("--loop-seconds", type=float, default=20)
+        x.add_argument("--heap", default="200K")
+        x.add_argument("--speed", type=float, default=1.0)
     al = sub.add_parser("all", help="every benchmark on the shipped data")
     al.add_argument("--seconds", type=float, default=1.0)
+    al.add_argument("--heap", default="200K", help="firmware heap on the virtual device")
+    al.add_argument("--speed", type=float, default=1.0)
     a = ap.parse_args(argv)
     try:
         print(json.dumps(COMMANDS[a.cmd](a)))

@@ -99,28 +99,28 @@ def calibrate_heap(requested, rom=None):
 
     On a board, machine/network and the REPL are C code and the frozen app's bytecode and
     qstrs are in flash, all outside the GC heap. Here the shims, the ROMFS image and the
-    interned qstrs of the frozen modules are in it, so their measured size is added on top."""
+    interned qstrs of the frozen modules are in it, so their measured size is added on top:
+    a first run imports the frozen app to list its qstrs, a second boots like the device
+    (qstrs pre-interned) and measures what the heap holds before the firmware starts."""
     env = dict(os.environ, VDEV_MODE="calibrate")
-    env.pop("VDEV_ROOT", None)
-    env.pop("VDEV_HW", None)
+    for k in ("VDEV_ROOT", "VDEV_HW", "VDEV_ROM", "VDEV_QSTRS"):
+        env.pop(k, None)
+    cmd = [micropython_binary(), "-X", "heapsize=%d" % (requested + 1024 * 1024), BOARD]
     if rom:
         env["VDEV_ROM"] = rom
-    else:
-        env.pop("VDEV_ROM", None)
-    r = subprocess.run([micropython_binary(), "-X", "heapsize=%d" % (requested + 1024 * 1024), BOARD],
-                       capture_output=True, text=True, env=env, timeout=120)
-    try:
-        base = int(r.stdout.split("base ", 1)[1].split()[0])
-        pools = [int(x.split()[0]) for x in r.stdout.split("n_total_bytes=")[1:]]
-    except (ValueError, IndexError):
-        raise SystemExit("vdev: cannot run micropython: %s" % (r.stderr or r.stdout))
-    overhead = base + (pools[-1] - pools[0] if len(pools) > 1 else 0)
-    if rom:  # the frozen app's qstrs, interned at boot as if they were in ROM
-        names = r.stdout.rsplit("n_total_bytes=", 1)[1].splitlines()[1:]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, VDEV_IMPORT="1"),
+                           timeout=120)
+        names = r.stdout.rsplit("n_total_bytes=", 1)[-1].splitlines()[1:]
         with open(rom + ".qstrs", "w") as f:
             for ln in names:
                 if ln.startswith("Q(") and ln.endswith(")") and "\n" not in ln[2:-1]:
                     f.write(ln[2:-1] + "\n")
+        env["VDEV_QSTRS"] = rom + ".qstrs"
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    try:
+        overhead = int(r.stdout.split("base ", 1)[1].split()[0])
+    except (ValueError, IndexError):
+        raise SystemExit("vdev: cannot run micropython: %s" % (r.stderr or r.stdout))
     return requested + (overhead + 1023) // 1024 * 1024, overhead
 
 

@@ -280,15 +280,14 @@ def _modules(d, pkg):
 
 
 def calibrate():
-    """Print the heap used by the board emulation and the qstrs of the frozen app.
-
-    On a board both live in flash (C code, frozen qstr pool); here they are in the GC heap."""
+    """Print what the heap holds before the firmware starts (board emulation, ROMFS image,
+    pre-interned qstrs: all in flash or C on a board); with VDEV_IMPORT, import the frozen app
+    and list its qstrs instead (for pre-interning)."""
     import micropython
     gc.collect()
-    base = gc.mem_alloc()
-    write("base %d\n" % base)
-    micropython.qstr_info()
-    if rom:
+    write("base %d\n" % gc.mem_alloc())
+    if rom and os.getenv("VDEV_IMPORT"):
+        micropython.qstr_info()
         for m in _modules("/rom/lib", ""):
             try:
                 __import__(m)
@@ -296,7 +295,6 @@ def calibrate():
                 pass
         micropython.qstr_info(1)
     sys.exit(0)
-
 
 
 def main():
