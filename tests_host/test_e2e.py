@@ -117,3 +117,31 @@ def test_drive_publishes_and_commands_work_over_tls(device, broker):
         assert "Unrecognised command" in c.command("frobnicate")
     finally:
         c.close()
+
+
+def test_hung_task_resets_the_module_and_is_logged(tmp_path, broker):
+    root = tmp_path / "flash"
+    d = VDev(root, can_log=DRIVE, heap=HEAP).start()
+    try:
+        ovms("--port", d.pty, "config", "set", "module", "watchdog.timeout", "5")
+        ovms("--port", d.pty, "provision", "--wifi", "car", "wifipw", "--mqtt-host", "localhost",
+             "--mqtt-port", str(broker.tls_port), "--ca", broker.ca, "--vehicle", "RV",
+             "--id", "WDT")
+        c = Client(broker, "ovms//WDT/")
+        try:
+            c.wait("metric/s/v3/connected", lambda v: v == "yes")
+            out = c.command("module watchdog")
+            assert "can" in out and "mqtt" in out
+            assert c.command("enable").startswith("Secure mode")  # no module password set
+            assert "resets the module" in c.command("module watchdog test can")
+            # the module stops feeding the WDT; the board resets and comes back
+            c.wait("metric/s/v3/connected", lambda v: v == "no", timeout=40)
+            c.wait("metric/s/v3/connected", lambda v: v == "yes", timeout=60)
+            log = c.command("module crashlog")
+            assert "watchdog: task can stopped making progress" in log
+        finally:
+            c.close()
+        out = ovms("--port", d.pty, "shell", "module info")
+        assert "Firmware" in out
+    finally:
+        d.stop()

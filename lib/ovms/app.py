@@ -89,8 +89,30 @@ def _start_vehicle():
     return v
 
 
+def _watchdog_cmd(session, args):
+    if not args:
+        return health.report()
+    if len(args) == 2 and args[0] == "test":
+        if health.freeze(args[1]):
+            return "Task %s now counts as hung: the watchdog resets the module" % args[1]
+        return "Error: no critical task %s (module watchdog lists them)" % args[1]
+    return "Usage: module watchdog [test <task>]"
+
+
+def _watch():
+    """The critical tasks the watchdog waits for (each may be silent for the WDT timeout)."""
+    from ovms import canbus, server_v3
+    ms = max(5, config.get("module", "watchdog.timeout")) * 1000
+    if canbus.buses():
+        name = canbus.buses()[0].name
+        # the CAN task refreshes its counters every second
+        health.watch("can", lambda: (metrics.age("m.%s.frames" % name) or 99) <= 3, ms)
+    health.watch("mqtt", lambda: server_v3._task is not None and not server_v3._task.done(), ms)
+
+
 def _hooks():
     from ovms import canbus, server_v3, shell, vehicle
+    shell.hook("watchdog", _watchdog_cmd)
     shell.hook("can_send", canbus.send)
     shell.hook("can_status", canbus.status)
     shell.hook("vehicle", vehicle.current)
@@ -135,6 +157,7 @@ async def _main():
     _hooks()
     _start_vehicle()
     server_v3.start()
+    _watch()
     for w in warnings:
         server_v3.notify("alert", "config", w)
     _spawn("net", net.run())

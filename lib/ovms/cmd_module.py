@@ -200,6 +200,12 @@ shell.register("module memory", "Heap usage", _memory, "", 0, 0, False)
 shell.register("module tasks", "Running tasks", _tasks, "", 0, 0, False)
 shell.register("module crashlog", "Recent crashes and resets", _crashlog, "", 0, 0, False)
 shell.register("module reset", "Restart the module", _reset, "", 0, 0, True)
+shell.register("module watchdog", "Critical tasks the watchdog waits for",
+               lambda s, a: _H["watchdog"](s, a) if "watchdog" in _H else
+               "Error: Watchdog not running", "", 0, 0, False)
+shell.register("module watchdog test", "Treat a task as hung: the watchdog resets the module",
+               lambda s, a: _H["watchdog"](s, ["test"] + a) if "watchdog" in _H else
+               "Error: Watchdog not running", "<task>", 1, 1, True)
 shell.register("notify", "Notification framework", None)
 shell.register("notify raise", "Raise a notification", _notify, "info|alert|error|data <subtype> <text>",
                3, -1, True)

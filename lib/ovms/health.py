@@ -9,35 +9,49 @@ from ovms import metrics
 
 CRASHLOG = "/store/crashlog.txt"
 _KEEP = const(8)          # crash log entries kept
-_beats = {}               # task name -> [last beat ticks_ms, allowed silence ms, frozen]
+_watch = {}               # task name -> [probe() -> bool, allowed silence ms, last ok ticks, frozen]
 peak_alloc = 0            # heap high-water mark (bytes in use) since boot
 min_free = 1 << 30
 
 
-def watch(name, max_silence_ms):
-    """Declare a critical task: it must call beat(name) at least every max_silence_ms."""
-    _beats[name] = [time.ticks_ms(), max_silence_ms, False]
-
-
-def beat(name):
-    b = _beats.get(name)
-    if b is not None and not b[2]:
-        b[0] = time.ticks_ms()
+def watch(name, probe, max_silence_ms):
+    """Declare a critical task: probe() must report progress at least every max_silence_ms."""
+    _watch[name] = [probe, max_silence_ms, time.ticks_ms(), False]
 
 
 def freeze(name):
-    """Stop accepting beats from a task, as if it hung (`module watchdog test`)."""
-    b = _beats.get(name)
-    if b is None:
+    """Treat a task as hung from now on (`module watchdog test`); False if unknown."""
+    w = _watch.get(name)
+    if w is None:
         return False
-    b[2] = True
+    w[3] = True
     return True
 
 
 def hung():
-    """Names of critical tasks that have been silent for too long."""
+    """Names of critical tasks that have shown no progress for too long."""
     now = time.ticks_ms()
-    return [n for n, b in _beats.items() if time.ticks_diff(now, b[0]) > b[1]]
+    bad = []
+    for n, w in _watch.items():
+        ok = False
+        if not w[3]:
+            try:
+                ok = w[0]()
+            except Exception:  # a failing probe counts as no progress
+                ok = False
+        if ok:
+            w[2] = now
+        elif time.ticks_diff(now, w[2]) > w[1]:
+            bad.append(n)
+    return bad
+
+
+def report():
+    """`module watchdog`: each critical task and how long since it showed progress."""
+    now = time.ticks_ms()
+    return "\n".join("%-12s %s, last progress %d s ago (limit %d s)"
+                     % (n, "FROZEN (test)" if w[3] else "ok", time.ticks_diff(now, w[2]) // 1000,
+                        w[1] // 1000) for n, w in _watch.items()) or "No critical tasks"
 
 
 def log_crash(reason):
