@@ -495,40 +495,53 @@ class MQTTClient(Keeper, Receiver):
         while (self._txn or self._busy) and self._w is not None:
             await asyncio.sleep_ms(5)
 
+    def _put(self, *parts):
+        """Append one packet to the tx buffer now if it fits (no waiting): True if done."""
+        if self._w is None or self._txlock.locked():
+            return False
+        n = self._txn
+        total = 0
+        for p in parts:
+            total += len(p)
+        if n + total > self._txsize:
+            return False
+        for p in parts:
+            k = len(p)
+            self._txbuf[n:n + k] = p
+            n += k
+        self._txn = n
+        self.tx_bytes += total
+        self._txev.set()
+        return True
+
     async def _out(self, *parts):
         """Append one packet (given as parts) to the tx buffer; the writer sends it."""
         if self._w is None:
             raise OSError(107)
+        if self._put(*parts):
+            return
         total = 0
         for p in parts:
             total += len(p)
         gen = self._gen
-        if not self._txlock.locked() and self._txn + total <= self._txsize:
-            n = self._txn
+        async with self._txlock:     # a packet larger than the free space: copy in pieces
             for p in parts:
-                k = len(p)
-                self._txbuf[n:n + k] = p
-                n += k
-            self._txn = n
-        else:
-            async with self._txlock:
-                for p in parts:
-                    mv = memoryview(p)
-                    off = 0
-                    while off < len(mv):
-                        if gen != self._gen:
-                            raise OSError(107)
-                        free = self._txsize - self._txn
-                        if not free:
-                            self._room.clear()
-                            self._txev.set()
-                            await self._room.wait()
-                            continue
-                        k = min(free, len(mv) - off)
-                        n = self._txn
-                        self._txbuf[n:n + k] = mv[off:off + k]
-                        self._txn = n + k
-                        off += k
+                mv = memoryview(p)
+                off = 0
+                while off < len(mv):
+                    if gen != self._gen:
+                        raise OSError(107)
+                    free = self._txsize - self._txn
+                    if not free:
+                        self._room.clear()
+                        self._txev.set()
+                        await self._room.wait()
+                        continue
+                    k = min(free, len(mv) - off)
+                    n = self._txn
+                    self._txbuf[n:n + k] = mv[off:off + k]
+                    self._txn = n + k
+                    off += k
         self.tx_bytes += total
         self._txev.set()
 

@@ -40,6 +40,20 @@ class Keeper:
                     e[3] = qos
                     self._obev.set()
                     return True
+        if self.up and not self._ob:
+            # fast path: straight into the tx buffer (no hop through the pump task)
+            if not qos:
+                if self._put(_hdr(0x30 | (1 if retain else 0), 2 + len(topic) + len(msg)),
+                             _u16(len(topic)), topic, msg):
+                    return True
+            elif len(self._inflight) < self.max_inflight:
+                pid = self._newpid()
+                if self._put(_hdr(0x30 | qos << 1 | (1 if retain else 0),
+                                  4 + len(topic) + len(msg)),
+                             _u16(len(topic)), topic, _u16(pid), msg):
+                    self._inflight.append([pid, qos, _SENT, topic, msg, retain, ticks_ms(), 0,
+                                           None])
+                    return True
         size = len(topic) + len(msg)
         while self._ob and (len(self._ob) >= self.ob_items
                             or self._obsize + size > self.ob_bytes):
