@@ -145,3 +145,18 @@ def test_hung_task_resets_the_module_and_is_logged(tmp_path, broker):
         assert "Firmware" in out
     finally:
         d.stop()
+
+
+def test_wifi_loss_and_return(device, broker):
+    c = Client(broker, "ovms//E2E/")
+    try:
+        c.wait("metric/s/v3/connected", lambda v: v == "yes")
+        assert c.command("metrics get m.net.connected").strip().endswith("yes")
+        assert device.control("wifi 0") == "ok"
+        time.sleep(4)  # the station notices within its 2 s poll
+        assert device.control("wifi 1") == "ok"
+        c.wait("event/network/down", timeout=30)
+        c.wait("event/network/up", timeout=60)
+        assert c.command("metrics get m.net.connected").strip().endswith("yes")
+    finally:
+        c.close()
