@@ -468,3 +468,15 @@ def test_stop_says_goodbye_even_without_the_event_loop(broker, dev_factory, peer
     # both times a clean DISCONNECT (not a dropped connection that fires the will)
     assert log.count("Client CAR1 disconnected") == 2, log[-2000:]
     assert "Client CAR1 closed its connection" not in log
+
+
+def test_alive_for_the_watchdog(broker, dev_factory, tmp_path):
+    d = device(dev_factory, tmp_path, broker.port)
+    assert d.call("return server_v3.alive()") is False          # not started
+    d.call("await start()")
+    assert d.call("return server_v3.alive()") is True
+    # a stuck publisher loop (simulated: its heartbeat stops) is reported
+    assert d.call("srv._tasks[1].cancel()\nawait asyncio.sleep_ms(300)\n"
+                  "return server_v3.alive(200)") is False
+    d.call("await server_v3.stop()")
+    assert d.call("return server_v3.alive()") is False

@@ -26,6 +26,7 @@
 # every command reply, notification and string metric before it is published;
 # client/+/request/config is not served at all.
 import asyncio
+from time import ticks_ms, ticks_diff
 from micropython import const
 
 from ovms import config, metrics
@@ -75,6 +76,7 @@ class Server:
         self._restart = asyncio.Event()
         self._nev = asyncio.Event()
         self._rev = asyncio.Event()
+        self.beat = ticks_ms()   # last turn of the publisher loop (liveness)
         self._ci = metrics.find("s.v3.connected")
         self._pi = metrics.find("s.v3.peers")
 
@@ -295,6 +297,7 @@ class Server:
         last = 0
         start = 0
         while True:
+            self.beat = ticks_ms()
             await asyncio.sleep_ms(_POLL_MS)
             c = self.client
             if c is None or not c.up or not self.ready:
@@ -593,6 +596,15 @@ def notify(type, subtype, text):
 
 def event(name):
     return _srv.event(name) if _srv is not None else False
+
+
+def alive(ms=5000):
+    """Liveness for a watchdog: the server task runs and, with a link configured, its
+    publisher loop turned within `ms` (it turns every 250 ms, connected or not)."""
+    if _task is None or _task.done():
+        return False
+    s = _srv
+    return s is None or s.client is None or ticks_diff(ticks_ms(), s.beat) < ms
 
 
 def status():
