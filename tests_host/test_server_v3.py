@@ -480,3 +480,23 @@ def test_alive_for_the_watchdog(broker, dev_factory, tmp_path):
                   "return server_v3.alive(200)") is False
     d.call("await server_v3.stop()")
     assert d.call("return server_v3.alive()") is False
+
+
+def test_tls_without_ca_file_is_an_error_then_fixed_by_config(broker, dev_factory, peers,
+                                                              tmp_path):
+    """TLS is the default (no tls setting); a missing CA file is reported, not a crash;
+    pointing server.v3 ca at the file connects."""
+    st = tmp_path / "store"
+    st.mkdir()
+    items = [("server.v3", "server", "127.0.0.1"), ("server.v3", "port", broker.tls_port),
+             ("server.v3", "user", "bob"), ("vehicle", "id", "CAR1"),
+             ("server.v3", "ca", str(tmp_path / "missing.pem"))]
+    d = dev_factory(SETUP % {"store": str(st), "cfg": items}, heap=HEAP)
+    d.start("await start()")
+    d.wait_event(lambda e: e["ev"] == "state" and e["s"].startswith("error"))
+    assert "cannot read CA file" in d.call("return server_v3.status()")
+    peer = peers(broker.port, subs=(PFX + "metric/s/v3/connected",))
+    peer.settle()
+    d.call('config.set("server.v3", "ca", %r)' % broker.ca)
+    peer.wait_topic(PFX + "metric/s/v3/connected", b"yes", timeout=10)
+    assert "mqtts://" in d.call("return server_v3.status()")

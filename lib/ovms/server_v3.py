@@ -89,14 +89,14 @@ class Server:
         try:
             while not self._stop:
                 self._restart.clear()
+                err = "not configured (config set server.v3 server <host>)"
                 try:
                     c = self._build()
                 except Exception as e:
                     c = None
-                    self.state = "error: %s" % (e,)
+                    err = "error: %s" % (e,)
                 if c is None:
-                    if not self.state.startswith("error"):
-                        self.state = "not configured (config set server.v3 server <host>)"
+                    self.state = err
                     await self._restart.wait()
                     continue
                 self.client = c
