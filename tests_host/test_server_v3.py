@@ -500,3 +500,17 @@ def test_tls_without_ca_file_is_an_error_then_fixed_by_config(broker, dev_factor
     d.call('config.set("server.v3", "ca", %r)' % broker.ca)
     peer.wait_topic(PFX + "metric/s/v3/connected", b"yes", timeout=10)
     assert "mqtts://" in d.call("return server_v3.status()")
+
+
+def test_periodic_full_resend_only_when_configured(broker, dev_factory, peers, tmp_path):
+    d = device(dev_factory, tmp_path, broker.port)
+    peer = peers(broker.port, subs=(PFX + "metric/v/b/soc",))
+    peer.settle()
+    d.call('metrics.set("v.b.soc", 71)\nawait start()')
+    peer.wait_topic(PFX + "metric/v/b/soc", b"71")
+    time.sleep(2.5)
+    assert len(peer.got(PFX + "metric/v/b/soc")) == 1      # schema default: no resend
+    d.call('config.set("server.v3", "updatetime.sendall", 1)')
+    time.sleep(3.2)
+    n = len(peer.got(PFX + "metric/v/b/soc"))
+    assert 3 <= n <= 6, n                                    # ~ every second when set

@@ -50,7 +50,8 @@ def _cfg(inst):
 
 
 def _store_path():
-    return getattr(config, "_root", "/store").rstrip("/") + "/v3notify.q"
+    r = config.root() if hasattr(config, "root") else "/store"
+    return (r.rstrip("/") or "") + "/v3notify.q"
 
 
 class Server:
@@ -72,6 +73,7 @@ class Server:
         self._tasks = []
         self._stop = False
         self._sendall = False
+        self._every = 0
         self._first = True      # first connect this boot: read stale markers back
         self._restart = asyncio.Event()
         self._nev = asyncio.Event()
@@ -156,7 +158,7 @@ class Server:
         host = _cfg("server")
         if not host:
             return None
-        tls = _cfg("tls") if config.is_set("server.v3", "tls") else True
+        tls = _cfg("tls")       # schema default yes: plain TCP only when set to no
         ctx = None
         if tls:
             ca = _cfg("ca")
@@ -187,6 +189,10 @@ class Server:
         return c
 
     def _sched_cfg(self):
+        # OVMS resends everything every updatetime.sendall s (schema default 1200); here a
+        # full republish follows every connect, and a periodic one only if set explicitly
+        self._every = _cfg("updatetime.sendall") if config.is_set(
+            "server.v3", "updatetime.sendall") else 0
         iv = tuple(_cfg("updatetime." + k)
                    for k in ("on", "charging", "connected", "awake", "idle"))
         return {"intervals": iv, "include": _cfg("metrics.include"),
@@ -296,6 +302,7 @@ class Server:
     async def _publisher(self):
         last = 0
         start = 0
+        full = metrics.uptime()
         while True:
             self.beat = ticks_ms()
             await asyncio.sleep_ms(_POLL_MS)
@@ -306,7 +313,10 @@ class Server:
             try:
                 now = metrics.uptime()
                 self._expire(now)
+                if now - full >= self._every and self._every:
+                    self._sendall = True    # periodic full resend, only if configured
                 if self._sendall:
+                    full = now
                     self._sendall = False
                     await self._republish()
                 s.collect()
