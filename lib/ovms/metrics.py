@@ -1,8 +1,14 @@
 """Metric table: one preallocated, array-backed store of OVMS-style metrics."""
-import array
+import sys
 import time
 import micropython
 from micropython import const
+
+# RAM: every module-level name and function costs heap on the device (the code itself is
+# frozen), so this module holds only the state and what runs all the time. Table building,
+# binding, persistence, text parsing and rarely used accessors are in metrics_tab and
+# metrics_io, reached through __getattr__ (metrics.define(...) works as before): imported on
+# first use, dropped again by the next tick().
 
 # Consumers: one change bit each in a per-metric byte (bits 4..7 are free for others).
 MQTT = const(0)
@@ -10,22 +16,19 @@ SHELL = const(1)
 HA = const(2)
 PERSIST = const(3)
 
-# Value types (low 3 bits of the flag byte); TYPES holds their definition letters.
-T_FLOAT = const(0)
-T_INT = const(1)
-T_BOOL = const(2)
-T_STR = const(3)
-T_VFLOAT = const(4)
-T_VINT = const(5)
-T_DATE = const(6)     # int, Unix seconds, shown as "YYYY-MM-DD HH:MM:SS UTC"
-T_TIME = const(7)     # int, seconds of the day, shown as "HH:MM:SS"
-TYPES = "fibsvwDT"
-TYPE_NAMES = ("float", "int", "bool", "string", "float vector", "int vector", "date", "time")
+# Value types (low 3 bits of the flag byte; public as metrics.T_* from metrics_tab).
+_T_FLOAT = const(0)
+_T_INT = const(1)
+_T_BOOL = const(2)
+_T_STR = const(3)
+_T_VFLOAT = const(4)
+_T_VINT = const(5)
+_T_DATE = const(6)     # int, Unix seconds, shown as "YYYY-MM-DD HH:MM:SS UTC"
+_T_TIME = const(7)     # int, seconds of the day, shown as "HH:MM:SS"
 
-# Unit labels (native OVMS units); a definition's unit letter indexes UNIT_CHARS.
+# Unit labels (native OVMS units); a definition's unit letter indexes metrics.UNIT_CHARS.
 UNITS = ["", "%", "km", "V", "A", "kW", "kWh", "\u00b0C", "Ah", "Wh/km", "km/h", "m",
          "Sec", "Min", "dBm", "kPa", "\u00b0", "rpm", "Nm", "W", "m/s\u00b2", "Hour"]
-UNIT_CHARS = "-%kVAWECHcsmSMdpgrnwah"
 
 # Flag byte bits (same values in metrics_tab / metrics_io).
 _F_TYPE = const(7)
@@ -42,27 +45,50 @@ _ms = time.ticks_ms     # clock source (tests may replace it)
 _EPOCH = 946684800 if time.gmtime(0)[0] == 2000 else 0   # Unix seconds at the port's epoch
 
 # Table storage (built by metrics_tab.init; one entry per metric unless noted):
-#   _std/_ext name blobs, _noff/_nlen name offset+length, _order indexes sorted by name,
-#   _fl flags+type, _unit unit index, _sp stale class | policy << 4, _src decoder signal
-#   or -1, _slot index into _val (numbers set from Python) or _NOSLOT, _tupd uptime of
-#   the last update (0 = never), _mod change bits; dicts _obj (str/list values),
-#   _ovr (overrides of CAN values), _xlat (CAN value maps).
+#   _std/_ext name blobs (every name ends with "\n"), _noff name offset (| _EXT: in _ext),
+#   _order indexes sorted by name, _fl flags+type, _unit unit index, _sp stale class |
+#   policy << 4, _src decoder signal or -1, _slot index into _val (numbers set from Python)
+#   or _NOSLOT, _tupd uptime of the last update (0 = never), _mod change bits; dicts _obj
+#   (str/list values), _ovr (overrides of CAN values), _xlat (CAN value maps); _stt stale
+#   timeouts, _pdb/_pmi publish policies (deadband, min interval).
 _n = 0
 _dec = None
+_defs = None    # the standard definitions (metric_defs.DEFS, in flash on the device)
 
 
 @micropython.viper
-def _vcmp(a: ptr8, x: int, b: ptr8, lb: int) -> int:
-    # compare a[x >> 8 : (x >> 8) + (x & 255)] with b[0:lb] like strcmp
-    o = x >> 8
-    la = x & 255
-    i = 0
-    while i < la and i < lb:
-        c = int(a[o + i]) - int(b[i])
-        if c != 0:
-            return c
-        i += 1
-    return la - lb
+def _vfind(order: ptr16, noff: ptr16, n: int, std: ptr8, ext: ptr8, s: ptr8, ls: int) -> int:
+    # binary search of s[0:ls] among the names in order: the first position whose name is
+    # >= s, | 0x10000 if that name equals s
+    lo = 0
+    hi = n
+    eq = 0
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        o = int(noff[int(order[mid])])
+        a = std
+        if o & 0x8000:
+            a = ext
+            o &= 0x7FFF
+        c = 0
+        i = 0
+        while i < ls:
+            ca = int(a[o + i])
+            if ca == 10:            # the name ended first
+                c = -1
+                break
+            c = ca - int(s[i])
+            if c != 0:
+                break
+            i += 1
+        if c == 0 and int(a[o + ls]) != 10:
+            c = 1                   # s is a proper prefix of the name
+        if c < 0:
+            lo = mid + 1
+        else:
+            hi = mid
+            eq = 0x10000 if c == 0 else 0
+    return lo | eq
 
 
 @micropython.viper
@@ -83,24 +109,16 @@ def _vscan(mod: ptr8, fl: ptr8, start: int, x: int) -> int:
     return -1
 
 
-def _cmpi(i, s):
-    o = _noff[i]
-    if o & _EXT:
-        return _vcmp(_ext, ((o & 0x7FFF) << 8) | _nlen[i], s, len(s))
-    return _vcmp(_std, (o << 8) | _nlen[i], s, len(s))
-
-
-def _lower(s):
-    # first position in _order whose name is >= s
-    lo = 0
-    hi = _n
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if _cmpi(_order[mid], s) < 0:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+def __getattr__(a):
+    # metrics.<name> not found here: the rarely used API in metrics_tab, then metrics_io
+    from ovms import metrics_tab
+    v = getattr(metrics_tab, a, None)
+    if v is None:
+        from ovms import metrics_io
+        v = getattr(metrics_io, a, None)
+        if v is None:
+            raise AttributeError(a)
+    return v
 
 
 def count():
@@ -112,10 +130,8 @@ def find(s):
     """Index of the metric called s, or -1."""
     if not isinstance(s, str):
         return -1
-    p = _lower(s)
-    if p < _n and _cmpi(_order[p], s) == 0:
-        return _order[p]
-    return -1
+    p = _vfind(_order, _noff, _n, _std, _ext, s, len(s))
+    return _order[p & 0xFFFF] if p & 0x10000 else -1
 
 
 def _idx(m):
@@ -139,8 +155,8 @@ def name(i):
     o = _noff[i]
     if o & _EXT:
         o &= 0x7FFF
-        return str(_ext[o:o + _nlen[i]], "ascii")
-    return _std[o:o + _nlen[i]]
+        return str(_ext[o:_ext.find(b"\n", o)], "ascii")
+    return _std[o:_std.find("\n", o)]
 
 
 def unit(i):
@@ -149,13 +165,8 @@ def unit(i):
 
 
 def typecode(i):
-    """Type letter of metric i (one of TYPES)."""
-    return TYPES[_fl[_idx(i)] & _F_TYPE]
-
-
-def stale_timeout(i):
-    """Seconds without update after which metric i is stale (0 = never)."""
-    return _stt[_sp[_idx(i)] & 15]
+    """Type letter of metric i (one of metrics.TYPES)."""
+    return "fibsvwDT"[_fl[_idx(i)] & _F_TYPE]
 
 
 def deadband(i):
@@ -171,16 +182,6 @@ def min_interval(i):
 def priority(i):
     """True if changes of metric i should be published at once."""
     return bool(_fl[_idx(i)] & _F_PRIO)
-
-
-def persisted(i):
-    """True if metric i survives a reboot (see save/load)."""
-    return bool(_fl[_idx(i)] & _F_PERSIST)
-
-
-def source(m):
-    """Decoder signal index feeding metric m, or -1 (value set from Python)."""
-    return _src[_idx(m)] if _dec is not None else -1
 
 
 def uptime():
@@ -199,36 +200,27 @@ def uptime():
 
 # ---- values --------------------------------------------------------------------
 
-def _num(x):
-    return x == x and x - x == 0
-
-
 def _coerce(t, v):
     if isinstance(v, str):
-        return _io().parse(t, v)
-    if t == T_FLOAT:
-        if isinstance(v, (int, float, bool)) and _num(v):
+        return v if t == _T_STR else __getattr__("parse")(t, v)
+    if t == _T_FLOAT:
+        if isinstance(v, (int, float, bool)) and v == v and v - v == 0:
             return float(v)
-    elif t == T_BOOL:
+    elif t == _T_BOOL:
         if isinstance(v, (int, bool)):
             return bool(v)
-    elif t == T_INT or t == T_DATE or t == T_TIME:
-        if isinstance(v, float) and _num(v):
+    elif t == _T_INT or t == _T_DATE or t == _T_TIME:
+        if isinstance(v, float) and v == v and v - v == 0:
             v = round(v)
         if isinstance(v, (int, bool)):
             v = int(v)
-            if -_MAXI < v < _MAXI and (t != T_TIME or 0 <= v < 86400):
+            if -_MAXI < v < _MAXI and (t != _T_TIME or 0 <= v < 86400):
                 return v
             raise ValueError("value out of range: %d" % v)
-    elif t == T_VFLOAT or t == T_VINT:
+    elif t == _T_VFLOAT or t == _T_VINT:
         if isinstance(v, (list, tuple)):
             return [_coerce(t - 4, x) for x in v]
-    raise ValueError("%s is not a %s value" % (type(v).__name__, TYPE_NAMES[t]))
-
-
-def _dv(i, k):
-    # decoder value of signal k for metric i: VAL_ labels only for strings and value maps
-    return _dec.value(k, (_fl[i] & _F_TYPE) == T_STR or i in _xlat)
+    raise ValueError("%s is not a %s value" % (type(v).__name__, __getattr__("TYPE_NAMES")[t]))
 
 
 def _conv(i, v):
@@ -241,12 +233,12 @@ def _conv(i, v):
             return None
     t = _fl[i] & _F_TYPE
     if isinstance(v, str):
-        return v if t == T_STR else None
-    if t == T_FLOAT:
+        return v if t == _T_STR else None
+    if t == _T_FLOAT:
         return float(v)
-    if t == T_BOOL:
+    if t == _T_BOOL:
         return v != 0
-    if t == T_STR:
+    if t == _T_STR:
         return _ftext(v)
     return round(v)
 
@@ -256,13 +248,13 @@ def _local(i):
     if not f & _F_DEF:
         return None
     t = f & _F_TYPE
-    if t == T_STR or t == T_VFLOAT or t == T_VINT:
+    if t == _T_STR or t == _T_VFLOAT or t == _T_VINT:
         v = _obj.get(i)
         return list(v) if isinstance(v, list) else v
     v = _val[_slot[i]]
-    if t == T_FLOAT:
+    if t == _T_FLOAT:
         return v
-    if t == T_BOOL:
+    if t == _T_BOOL:
         return v != 0
     return int(v)
 
@@ -274,7 +266,8 @@ def get(m):
         return None
     k = _src[i]
     if k >= 0 and _dec is not None and _tupd[i]:
-        v = _dv(i, k)
+        # VAL_ labels only for strings and value maps
+        v = _dec.value(k, (_fl[i] & _F_TYPE) == _T_STR or i in _xlat)
         f = _fl[i]
         if f & _F_LOCAL:
             if v == _ovr.get(i):
@@ -291,7 +284,7 @@ def get(m):
 def _store(i, t, v):
     # store v locally; True if it differs from the previous local value
     f = _fl[i]
-    if t == T_STR or t == T_VFLOAT or t == T_VINT:
+    if t == _T_STR or t == _T_VFLOAT or t == _T_VINT:
         changed = not (f & _F_DEF) or _obj.get(i) != v
         _obj[i] = v
     else:
@@ -314,11 +307,12 @@ def set(m, value):
     if value is None:
         raise ValueError("None is not a value (use clear)")
     v = _coerce(t, value)
-    if _src[i] >= 0 and _dec is not None:
+    k = _src[i]
+    if k >= 0 and _dec is not None:
         # overrides the decoded value until the vehicle reports a different one
         old = get(i)
         _store(i, t, v)
-        _ovr[i] = _dv(i, _src[i])
+        _ovr[i] = _dec.value(k, t == _T_STR or i in _xlat)
         _fl[i] = (_fl[i] | _F_LOCAL) & ~_F_REST
         changed = old != v
     else:
@@ -328,23 +322,6 @@ def set(m, value):
     if changed:
         _mod[i] = 0xFF
     return changed
-
-
-def clear(m):
-    """Make a metric undefined again (a retained MQTT value is not touched)."""
-    i = _idx(m)
-    _fl[i] &= ~(_F_DEF | _F_REST | _F_LOCAL)
-    _tupd[i] = 0
-    _obj.pop(i, None)
-    _ovr.pop(i, None)
-
-
-def touch(m):
-    """Refresh the update time of a Python-set metric without changing its value."""
-    i = _idx(m)
-    if (_src[i] < 0 or _dec is None) and _fl[i] & _F_DEF:
-        _tupd[i] = uptime()
-        _fl[i] &= ~_F_REST
 
 
 def defined(m):
@@ -357,14 +334,6 @@ def defined(m):
     if _tupd[i] and _src[i] >= 0 and _dec is not None and i in _xlat:
         return get(i) is not None      # decoded, but maybe outside its map / valid range
     return bool(_tupd[i])
-
-
-def restored(m):
-    """True if the value was restored from before the reboot and not updated since."""
-    i = _rd(m)
-    if i < 0:
-        return False
-    return not _tupd[i] and bool(_fl[i] & _F_REST)
 
 
 def age(m):
@@ -389,14 +358,6 @@ def stale(m):
     return not t or uptime() - t > to
 
 
-def fresh(m):
-    """Defined, updated this boot and not stale (OVMS IsFresh)."""
-    i = _rd(m)
-    if i < 0:
-        return False
-    return bool(_tupd[i]) and not stale(i)
-
-
 def _ftext(v):
     r = repr(v)
     if r.endswith(".0"):
@@ -413,22 +374,22 @@ def text(m):
     if v is None:
         return ""
     t = _fl[i] & _F_TYPE
-    if t == T_STR:
+    if t == _T_STR:
         return v
     if v is True or v is False:
         return "yes" if v else "no"
     if isinstance(v, float):
         return _ftext(v)
-    if t == T_VFLOAT:
+    if t == _T_VFLOAT:
         return ",".join([_ftext(x) for x in v])
-    if t == T_VINT:
+    if t == _T_VINT:
         return ",".join([str(x) for x in v])
-    if t == T_DATE:
+    if t == _T_DATE:
         try:
             return "%04d-%02d-%02d %02d:%02d:%02d UTC" % time.gmtime(v - _EPOCH)[:6]
         except (OverflowError, ValueError):
             return str(v)
-    if t == T_TIME:
+    if t == _T_TIME:
         return "%02d:%02d:%02d" % (v // 3600, v // 60 % 60, v % 60)
     return str(v)
 
@@ -441,17 +402,6 @@ def next_modified(consumer, start=0, priority_only=False):
                   (_n << 16) | (0x100 if priority_only else 0) | (1 << consumer))
 
 
-def modified(m, consumer):
-    """Peek at the change bit of a metric for a consumer (not cleared)."""
-    return bool(_mod[_idx(m)] & (1 << consumer))
-
-
-def mark(m, consumer=None):
-    """Set the change bit of one metric for one consumer (or all)."""
-    i = _idx(m)
-    _mod[i] |= 0xFF if consumer is None else 1 << consumer
-
-
 def mark_all(consumer):
     """Set the change bit of every defined metric for consumer (full republish)."""
     b = 1 << consumer
@@ -460,11 +410,13 @@ def mark_all(consumer):
             _mod[i] |= b
 
 
-def clear_all(consumer):
-    """Clear every change bit of consumer."""
-    b = (1 << consumer) ^ 0xFF
+def persist_due():
+    """True if a persisted metric changed since the last save()."""
+    b = 1 << PERSIST
     for i in range(_n):
-        _mod[i] &= b
+        if _fl[i] & _F_PERSIST and _mod[i] & b:
+            return True
+    return False
 
 
 def tables():
@@ -472,84 +424,7 @@ def tables():
     return _mod, _tupd
 
 
-# ---- in metrics_tab / metrics_io (kept apart: less RAM to compile each) ----------
-
-def _tab():
-    from ovms import metrics_tab
-    return metrics_tab
-
-
-def _io():
-    from ovms import metrics_io
-    return metrics_io
-
-
-def define(s, type="f", unit="", stale=0, persist=False, priority=False):
-    """Add a metric (vehicle x<code>.*, module metrics); returns its index.
-
-    type: a letter of TYPES or a T_* constant; unit: label; stale: seconds (0 = never).
-    An existing metric of that name is returned unchanged."""
-    return _tab().define(s, type, unit, stale, persist, priority)
-
-
-def reserve(n):
-    """Make room for n more metrics in one step (before defining many)."""
-    _tab().reserve(n)
-
-
-def unit_code(label):
-    """Index of a unit label in UNITS (added if new)."""
-    return _tab().unit_code(label)
-
-
-def match(pattern="*"):
-    """Iterator of metric indexes (in name order) whose name starts with pattern.
-
-    "v.b", "v.b.*" and "v.b*" all mean that prefix; "*" or "" is every metric."""
-    return _tab().match(pattern)
-
-
-def attach(decoder):
-    """Take CAN-bound values from decoder.value(k) (see bind)."""
-    _tab().attach(decoder)
-
-
-def detach():
-    """Forget the decoder; the last decoded values stay as local values."""
-    _tab().detach()
-
-
-def bind(m, k, mapping=None):
-    """Metric m takes its value from decoder signal k (mapping: {physical: value})."""
-    _tab().bind(m, k, mapping)
-
-
-def configure(m, stale=None, deadband=None, min_interval=None, persist=None, priority=None):
-    """Change the staleness timeout (s), publish deadband / min_interval (s) or flags."""
-    _io().configure(m, stale, deadband, min_interval, persist, priority)
-
-
-def save(path):
-    """Write the defined persisted metrics to path atomically; returns how many."""
-    return _io().save(path)
-
-
-def load(path):
-    """Restore persisted metrics saved before a reboot (defined, not fresh); returns
-    how many. A missing file restores nothing; a corrupt one is ignored with a message."""
-    return _io().load(path)
-
-
-def persist_due():
-    """True if a persisted metric changed since the last save()."""
-    return _io().persist_due()
-
-
-def run(path=None, save_every=600):
-    """Coroutine: tick() every second and save(path) at most every save_every seconds
-    when a persisted metric changed. Start with asyncio.create_task(metrics.run(path))."""
-    return _io().run(path, save_every)
-
+# ---- housekeeping -------------------------------------------------------------------
 
 def derive(fn):
     """Register fn() to run on every tick() (derived metrics)."""
@@ -557,18 +432,60 @@ def derive(fn):
         _derived.append(fn)
 
 
+def _pair(out, a, b):
+    # out = a * b / 1000 (V x A -> kW) unless the vehicle provides out itself
+    o = find(out)
+    if o < 0 or _src[o] >= 0:
+        return
+    a = find(a)
+    b = find(b)
+    if a >= 0 and b >= 0 and defined(a) and defined(b) and not stale(a) and not stale(b):
+        set(o, get(a) * get(b) / 1000)
+
+
 def tick():
-    """Housekeeping, about once a second outside the CAN path: derived metrics."""
-    for fn in [_io().derive_std] + _derived:
+    """Housekeeping, about once a second outside the CAN path: module health, derived
+    metrics; drops the on-demand helper modules again."""
+    import gc
+    mods = sys.modules
+    if "ovms.metrics_tab" in mods or "ovms.metrics_io" in mods:
+        import ovms
+        for nm in ("metrics_tab", "metrics_io"):
+            mods.pop("ovms." + nm, None)
+            if nm in ovms.__dict__:
+                delattr(ovms, nm)
+    try:
+        set("m.monotonic", uptime() - 1)
+        set("m.freeram", gc.mem_free())
+        t = time.time()
+        if time.gmtime(t)[0] >= 2024:      # the clock has been set
+            set("m.time.utc", t + _EPOCH)
+        # OVMS sign convention: current > 0 = discharge, so power > 0 = discharge
+        _pair("v.b.power", "v.b.voltage", "v.b.current")
+        _pair("v.c.power", "v.c.voltage", "v.c.current")
+    except Exception as e:
+        print("metrics: standard derived metrics failed:", repr(e))
+    for fn in _derived:
         try:
             fn()
         except Exception as e:    # one broken derivation must not stop the others
             print("metrics: derived", getattr(fn, "__name__", "?"), "failed:", repr(e))
 
 
-def _init(defs=None):
-    """(Re)build the table from the standard definitions, dropping everything else."""
-    _tab().init(defs)
+async def run(path=None, save_every=600):
+    """Coroutine: tick() every second and save(path) at most every save_every seconds
+    when a persisted metric changed. Start with asyncio.create_task(metrics.run(path))."""
+    import asyncio
+    last = uptime()
+    while True:
+        tick()
+        if path and uptime() - last >= save_every and persist_due():
+            try:
+                __getattr__("save")(path)
+            except OSError as e:
+                print("metrics: cannot save", path, e)
+            last = uptime()
+        await asyncio.sleep_ms(1000)
 
 
-_init()
+__getattr__("init")()

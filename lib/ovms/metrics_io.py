@@ -1,43 +1,49 @@
-"""Metric table helpers kept out of the core module: text parsing, persistence, policies, derived metrics."""
-import time
+"""Metric text parsing and persistence (loaded on demand through ovms.metrics)."""
 from micropython import const
 from ovms import metrics as M
 
+_T_FLOAT = const(0)
+_T_INT = const(1)
+_T_BOOL = const(2)
+_T_STR = const(3)
+_T_VFLOAT = const(4)
+_T_VINT = const(5)
+_T_DATE = const(6)
+_T_TIME = const(7)
 _F_TYPE = const(7)
 _F_PERSIST = const(8)
-_F_PRIO = const(16)
 _F_REST = const(64)
 
 _MAGIC = "OVMSMETRICS 1"
 
 
 def parse(t, s):
-    """Value of type t (M.T_*) from its text form; ValueError if it is not one."""
-    if t == M.T_STR:
+    """Value of type t (metrics.T_*) from its text form; ValueError if it is not one."""
+    if t == _T_STR:
         return s
     s = s.strip()
     try:
-        if t == M.T_FLOAT:
+        if t == _T_FLOAT:
             v = float(s)
-            if M._num(v):
+            if v - v == 0:
                 return v
-        elif t == M.T_INT:
+        elif t == _T_INT:
             return M._coerce(t, float(s) if "." in s or "e" in s else int(s))
-        elif t == M.T_BOOL:
+        elif t == _T_BOOL:
             s = s.lower()
             if s in ("yes", "true", "on", "1"):
                 return True
             if s in ("no", "false", "off", "0"):
                 return False
-        elif t == M.T_VFLOAT or t == M.T_VINT:
+        elif t == _T_VFLOAT or t == _T_VINT:
             if not s:
                 return []
             return [parse(t - 4, x) for x in s.split(",")]
-        elif t == M.T_DATE:
+        elif t == _T_DATE:
             if s.isdigit():
                 return int(s)
             return _parse_date(s)
-        elif t == M.T_TIME:
+        elif t == _T_TIME:
             if s.isdigit():
                 return M._coerce(t, int(s))
             p = [int(x) for x in s.split(":")]
@@ -64,68 +70,6 @@ def _parse_date(s):
     return (era * 146097 + doe - 719468) * 86400 + hh * 3600 + mi * 60 + ss
 
 
-def configure(m, stale=None, deadband=None, min_interval=None, persist=None, priority=None):
-    """Change the staleness timeout, publish policy or flags of a metric."""
-    i = M._idx(m)
-    sp = M._sp[i]
-    if stale is not None:
-        from ovms import metrics_tab
-        sp = (sp & 0xF0) | metrics_tab.stale_class(stale)
-    if deadband is not None or min_interval is not None:
-        p = sp >> 4
-        db = float(M._pdb[p] if deadband is None else deadband)
-        mi = int(M._pmi[p] if min_interval is None else min_interval)
-        if not db >= 0 or mi < 0:
-            raise ValueError("deadband and min_interval must be >= 0")
-        for p in range(len(M._pdb)):
-            if M._pdb[p] == db and M._pmi[p] == mi:
-                break
-        else:
-            if len(M._pdb) >= 16:
-                raise ValueError("too many distinct publish policies")
-            M._pdb.append(db)
-            M._pmi.append(mi)
-            p = len(M._pdb) - 1
-        sp = (sp & 15) | (p << 4)
-    M._sp[i] = sp
-    f = M._fl[i]
-    if persist is not None:
-        f = (f | _F_PERSIST) if persist else (f & ~_F_PERSIST)
-    if priority is not None:
-        f = (f | _F_PRIO) if priority else (f & ~_F_PRIO)
-    M._fl[i] = f
-
-
-# ---- derived metrics (run by metrics.tick) ---------------------------------------
-
-def _usable(i):
-    return i >= 0 and M.defined(i) and not M.stale(i)
-
-
-def _derive_pair(out, a, b):
-    # out = a * b / 1000 (V x A -> kW) unless the vehicle provides out itself
-    o = M.find(out)
-    if o < 0 or M._src[o] >= 0:
-        return
-    ia = M.find(a)
-    ib = M.find(b)
-    if _usable(ia) and _usable(ib):
-        M.set(o, M.get(ia) * M.get(ib) / 1000)
-
-
-def derive_std():
-    """Module health and the standard derived metrics."""
-    import gc
-    M.set("m.monotonic", M.uptime() - 1)
-    M.set("m.freeram", gc.mem_free())
-    t = time.time()
-    if time.gmtime(t)[0] >= 2024:      # the clock has been set
-        M.set("m.time.utc", t + M._EPOCH)
-    # OVMS sign convention: current > 0 = discharge, so power > 0 = discharge
-    _derive_pair("v.b.power", "v.b.voltage", "v.b.current")
-    _derive_pair("v.c.power", "v.c.voltage", "v.c.current")
-
-
 # ---- persistence -------------------------------------------------------------------
 
 def _crc(data, c=0):
@@ -141,11 +85,11 @@ def _crc(data, c=0):
 def _ser(i):
     v = M.get(i)
     t = M._fl[i] & _F_TYPE
-    if t == M.T_STR:
+    if t == _T_STR:
         return v.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
-    if t == M.T_BOOL:
+    if t == _T_BOOL:
         return "1" if v else "0"
-    if t == M.T_VFLOAT or t == M.T_VINT:
+    if t == _T_VFLOAT or t == _T_VINT:
         return ",".join([repr(x) for x in v])
     return repr(v)
 
@@ -163,15 +107,6 @@ def _unser(s):
         out.append(c)
         j += 1
     return "".join(out)
-
-
-def persist_due():
-    """True if a persisted metric changed since the last save()."""
-    b = 1 << M.PERSIST
-    for i in range(M._n):
-        if M._fl[i] & _F_PERSIST and M._mod[i] & b:
-            return True
-    return False
 
 
 def save(path):
@@ -229,19 +164,3 @@ def load(path):
         M._mod[i] = 0xFF & ~(1 << M.PERSIST)
         n += 1
     return n
-
-
-async def run(path=None, save_every=600):
-    """Housekeeping task: tick() every second; save(path) when persisted metrics changed
-    and save_every seconds have passed since the last save (flash wear)."""
-    import asyncio
-    last = M.uptime()
-    while True:
-        M.tick()
-        if path and M.uptime() - last >= save_every and persist_due():
-            try:
-                save(path)
-            except OSError as e:
-                print("metrics: cannot save", path, e)
-            last = M.uptime()
-        await asyncio.sleep_ms(1000)

@@ -1,26 +1,41 @@
-"""Metric table building: standard definitions, adding metrics, name matching, decoder binding."""
+"""Metric table building and rarely used accessors (loaded on demand through ovms.metrics)."""
 import array
+import sys
 import micropython
 from micropython import const
 from ovms import metrics as M
 
+# Value types (low 3 bits of the flag byte); TYPES holds their definition letters.
+T_FLOAT = const(0)
+T_INT = const(1)
+T_BOOL = const(2)
+T_STR = const(3)
+T_VFLOAT = const(4)
+T_VINT = const(5)
+T_DATE = const(6)
+T_TIME = const(7)
+TYPES = "fibsvwDT"
+TYPE_NAMES = ("float", "int", "bool", "string", "float vector", "int vector", "date", "time")
+# a definition's unit letter indexes UNIT_CHARS; the labels are metrics.UNITS
+UNIT_CHARS = "-%kVAWECHcsmSMdpgrnwah"
+
 _F_TYPE = const(7)
 _F_PERSIST = const(8)
 _F_PRIO = const(16)
+_F_DEF = const(32)
+_F_REST = const(64)
 _F_LOCAL = const(128)
 _NOSLOT = const(0xFFFF)
 _EXT = const(0x8000)
 
 
 @micropython.viper
-def _vpfx(a: ptr8, x: int, b: ptr8, lb: int) -> int:
-    # 1 if a[x >> 8 : (x >> 8) + (x & 255)] starts with b[0:lb]
-    o = x >> 8
-    if (x & 255) < lb:
-        return 0
+def _vpfx(a: ptr8, o: int, b: ptr8, lb: int) -> int:
+    # 1 if the name at a[o:] (ends at "\n") starts with b[0:lb]
     i = 0
     while i < lb:
-        if a[o + i] != b[i]:
+        c = int(a[o + i])
+        if c == 10 or c != int(b[i]):
             return 0
         i += 1
     return 1
@@ -29,14 +44,21 @@ def _vpfx(a: ptr8, x: int, b: ptr8, lb: int) -> int:
 def init(defs=None):
     """(Re)build the table from the definitions string (default: metric_defs.DEFS)."""
     if defs is None:
-        from ovms import metric_defs
-        defs = metric_defs.DEFS
+        defs = M._defs
+        if defs is None:
+            from ovms import metric_defs
+            defs = M._defs = metric_defs.DEFS      # (in flash on the device)
+            sys.modules.pop("ovms.metric_defs", None)
+            import ovms
+            if "metric_defs" in ovms.__dict__:
+                del ovms.metric_defs
+    elif not defs.endswith("\n"):
+        defs += "\n"                 # every name ends with a newline
     drop()
     n = defs.count("\n") + 8
     M._std = defs
     M._ext = bytearray()
     M._noff = array.array("H", bytearray(2 * n))
-    M._nlen = bytearray(n)
     M._order = array.array("H", bytearray(2 * n))
     M._fl = bytearray(n)
     M._unit = bytearray(n)
@@ -60,17 +82,15 @@ def init(defs=None):
     M._cap = n
     p = 0
     end = len(defs)
-    tch = M.TYPES
-    uch = M.UNIT_CHARS
     while p < end:
         e = defs.find("\n", p)
         if e < 0:
             e = end
         sp = defs.find(" ", p, e)
         if sp > p + 2 and defs[p] != "#":
-            fl = tch.find(defs[p])
+            fl = TYPES.find(defs[p])
             st = ord(defs[p + 1]) - 48
-            u = uch.find(defs[p + 2])
+            u = UNIT_CHARS.find(defs[p + 2])
             if fl < 0 or u < 0 or not 0 <= st <= 4:
                 raise ValueError("bad metric definition at %d" % p)
             for q in range(p + 3, sp):
@@ -79,15 +99,18 @@ def init(defs=None):
                     fl |= _F_PERSIST
                 elif c == "!":
                     fl |= _F_PRIO
-            _add(sp + 1, e - sp - 1, fl, u, st)
+            _add(sp + 1, defs[sp + 1:e], fl, u, st)
         p = e + 1
+
+
+_init = init
 
 
 def drop():
     """Release all table storage (for measurements and tests)."""
     M._n = M._cap = 0
     M._std = ""
-    for a in ("_ext", "_noff", "_nlen", "_order", "_fl", "_unit", "_sp", "_src", "_slot",
+    for a in ("_ext", "_noff", "_order", "_fl", "_unit", "_sp", "_src", "_slot",
               "_val", "_tupd", "_mod", "_obj", "_ovr", "_xlat", "_dec"):
         setattr(M, a, None)
 
@@ -97,7 +120,7 @@ def reserve(n):
     k = M._n + n - M._cap
     if k <= 0:
         return
-    for a in (M._fl, M._unit, M._sp, M._mod, M._nlen):
+    for a in (M._fl, M._unit, M._sp, M._mod):
         a.extend(bytearray(k))
     for a in (M._noff, M._order):
         a.extend(array.array("H", bytearray(2 * k)))
@@ -107,12 +130,11 @@ def reserve(n):
     M._cap += k
 
 
-def _add(off, ln, fl, u, st):
+def _add(off, nm, fl, u, st):
     i = M._n
     if i >= M._cap:
         reserve(16)
     M._noff[i] = off
-    M._nlen[i] = ln
     M._fl[i] = fl
     M._unit[i] = u
     M._sp[i] = st
@@ -121,16 +143,12 @@ def _add(off, ln, fl, u, st):
     M._tupd[i] = 0
     M._mod[i] = 0
     # keep _order sorted by name (definitions usually arrive sorted: append)
-    nm = M.name(i)
     order = M._order
-    if i == 0 or M._cmpi(order[i - 1], nm) < 0:
-        pos = i
-    else:
-        pos = M._lower(nm)
-        j = i
-        while j > pos:
-            order[j] = order[j - 1]
-            j -= 1
+    pos = M._vfind(order, M._noff, i, M._std, M._ext, nm, len(nm)) & 0xFFFF
+    j = i
+    while j > pos:
+        order[j] = order[j - 1]
+        j -= 1
     order[pos] = i
     M._n = i + 1
     return i
@@ -145,11 +163,15 @@ def _check_name(s):
 
 
 def define(s, type="f", unit="", stale=0, persist=False, priority=False):
+    """Add a metric (vehicle x<code>.*, module metrics); returns its index.
+
+    type: a letter of TYPES or a T_* constant; unit: label; stale: seconds (0 = never).
+    An existing metric of that name is returned unchanged."""
     i = M.find(s)
     if i >= 0:
         return i
     _check_name(s)
-    t = type if isinstance(type, int) else M.TYPES.find(type) if len(type) == 1 else -1
+    t = type if isinstance(type, int) else TYPES.find(type) if len(type) == 1 else -1
     if not 0 <= t <= 7:
         raise ValueError("bad metric type: %r" % (type,))
     u = unit_code(unit)
@@ -158,10 +180,12 @@ def define(s, type="f", unit="", stale=0, persist=False, priority=False):
     if o + len(s) >= _EXT:
         raise ValueError("metric name table full")
     M._ext.extend(s.encode())
-    return _add(o | _EXT, len(s), t | (_F_PERSIST if persist else 0) | (_F_PRIO if priority else 0), u, st)
+    M._ext.append(10)
+    return _add(o | _EXT, s, t | (_F_PERSIST if persist else 0) | (_F_PRIO if priority else 0), u, st)
 
 
 def unit_code(label):
+    """Index of a unit label in metrics.UNITS (added if new)."""
     units = M.UNITS
     label = label or ""
     if label in units:
@@ -187,19 +211,22 @@ def stale_class(sec):
 
 
 def match(pattern="*"):
+    """Iterator of metric indexes (in name order) whose name starts with pattern.
+
+    "v.b", "v.b.*" and "v.b*" all mean that prefix; "*" or "" is every metric."""
     p = pattern.strip() if pattern else ""
     while p.endswith("*"):
         p = p[:-1]
-    pos = M._lower(p) if p else 0
     lp = len(p)
+    pos = M._vfind(M._order, M._noff, M._n, M._std, M._ext, p, lp) & 0xFFFF if lp else 0
     while pos < M._n:
         i = M._order[pos]
         if lp:
             o = M._noff[i]
             if o & _EXT:
-                ok = _vpfx(M._ext, ((o & 0x7FFF) << 8) | M._nlen[i], p, lp)
+                ok = _vpfx(M._ext, o & 0x7FFF, p, lp)
             else:
-                ok = _vpfx(M._std, (o << 8) | M._nlen[i], p, lp)
+                ok = _vpfx(M._std, o, p, lp)
             if not ok:
                 return
         yield i
@@ -207,11 +234,13 @@ def match(pattern="*"):
 
 
 def attach(decoder):
+    """Take CAN-bound values from decoder.value(k) (see bind)."""
     detach()
     M._dec = decoder
 
 
 def detach():
+    """Forget the decoder; the last decoded values stay as local values."""
     if M._dec is not None:
         for i in range(M._n):
             if M._src[i] >= 0:
@@ -228,6 +257,8 @@ def detach():
 
 
 def bind(m, k, mapping=None):
+    """Metric m takes its value from decoder signal k (mapping: {physical: value} or a
+    valid (low, high) range)."""
     i = M._idx(m)
     M._src[i] = k
     if isinstance(mapping, dict) and mapping:
@@ -248,3 +279,102 @@ def bind(m, k, mapping=None):
         raise ValueError("mapping must be a dict or (low, high)")
     else:
         M._xlat.pop(i, None)
+
+
+def configure(m, stale=None, deadband=None, min_interval=None, persist=None, priority=None):
+    """Change the staleness timeout (s), publish deadband / min_interval (s) or flags."""
+    i = M._idx(m)
+    sp = M._sp[i]
+    if stale is not None:
+        sp = (sp & 0xF0) | stale_class(stale)
+    if deadband is not None or min_interval is not None:
+        p = sp >> 4
+        db = float(M._pdb[p] if deadband is None else deadband)
+        mi = int(M._pmi[p] if min_interval is None else min_interval)
+        if not db >= 0 or mi < 0:
+            raise ValueError("deadband and min_interval must be >= 0")
+        for p in range(len(M._pdb)):
+            if M._pdb[p] == db and M._pmi[p] == mi:
+                break
+        else:
+            if len(M._pdb) >= 16:
+                raise ValueError("too many distinct publish policies")
+            M._pdb.append(db)
+            M._pmi.append(mi)
+            p = len(M._pdb) - 1
+        sp = (sp & 15) | (p << 4)
+    M._sp[i] = sp
+    f = M._fl[i]
+    if persist is not None:
+        f = (f | _F_PERSIST) if persist else (f & ~_F_PERSIST)
+    if priority is not None:
+        f = (f | _F_PRIO) if priority else (f & ~_F_PRIO)
+    M._fl[i] = f
+
+
+# ---- rarely used accessors -----------------------------------------------------------
+
+def stale_timeout(i):
+    """Seconds without update after which metric i is stale (0 = never)."""
+    return M._stt[M._sp[M._idx(i)] & 15]
+
+
+def persisted(i):
+    """True if metric i survives a reboot (see save/load)."""
+    return bool(M._fl[M._idx(i)] & _F_PERSIST)
+
+
+def source(m):
+    """Decoder signal index feeding metric m, or -1 (value set from Python)."""
+    return M._src[M._idx(m)] if M._dec is not None else -1
+
+
+def restored(m):
+    """True if the value was restored from before the reboot and not updated since."""
+    i = M._rd(m)
+    if i < 0:
+        return False
+    return not M._tupd[i] and bool(M._fl[i] & _F_REST)
+
+
+def fresh(m):
+    """Defined, updated this boot and not stale (OVMS IsFresh)."""
+    i = M._rd(m)
+    if i < 0:
+        return False
+    return bool(M._tupd[i]) and not M.stale(i)
+
+
+def touch(m):
+    """Refresh the update time of a Python-set metric without changing its value."""
+    i = M._idx(m)
+    if (M._src[i] < 0 or M._dec is None) and M._fl[i] & _F_DEF:
+        M._tupd[i] = M.uptime()
+        M._fl[i] &= ~_F_REST
+
+
+def clear(m):
+    """Make a metric undefined again (a retained MQTT value is not touched)."""
+    i = M._idx(m)
+    M._fl[i] &= ~(_F_DEF | _F_REST | _F_LOCAL)
+    M._tupd[i] = 0
+    M._obj.pop(i, None)
+    M._ovr.pop(i, None)
+
+
+def modified(m, consumer):
+    """Peek at the change bit of a metric for a consumer (not cleared)."""
+    return bool(M._mod[M._idx(m)] & (1 << consumer))
+
+
+def mark(m, consumer=None):
+    """Set the change bit of one metric for one consumer (or all)."""
+    i = M._idx(m)
+    M._mod[i] |= 0xFF if consumer is None else 1 << consumer
+
+
+def clear_all(consumer):
+    """Clear every change bit of consumer."""
+    b = (1 << consumer) ^ 0xFF
+    for i in range(M._n):
+        M._mod[i] &= b
