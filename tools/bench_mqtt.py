@@ -534,8 +534,14 @@ def loop_health(seconds=20, quiet=False, nodelay=True, tls=True, can=True, heap=
         bp = os.path.join(d, "batches.bin")
         with open(bp, "wb") as f:
             f.write(batches)
-        b = _NoDelayBroker(os.path.join(d, "broker")) if nodelay else Broker(os.path.join(d, "broker"))
-        b.start()
+        for attempt in range(3):      # free ports can be taken by others before mosquitto binds
+            b = (_NoDelayBroker if nodelay else Broker)(os.path.join(d, "broker%d" % attempt))
+            try:
+                b.start()
+                break
+            except RuntimeError:
+                if attempt == 2:
+                    raise
         os.makedirs(os.path.join(d, "store"))
         script = os.path.join(d, "dev.py")
         with open(script, "w") as f:
