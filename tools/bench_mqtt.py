@@ -2,7 +2,8 @@
 """MQTT benchmarks: bytes on the wire vs the OVMS v3 default scheme; event-loop health.
 
     bench_mqtt.py data [--drive-min 20] [--awake-min 10] [--idle-h 23.5]
-    bench_mqtt.py loop [--seconds 20]
+    bench_mqtt.py loop [--seconds 20] [--plain] [--nagle] [--no-can]
+    (the lead's tools/bench.py calls data_usage() and loop_health(); both return a dict)
 
 data_usage() -- one simulated day, run on the micropython binary with the device's own code:
   the recorded RAV4 drive (firmware/vehicles/rv, 60 s of real CAN traffic, looped to fill
@@ -35,8 +36,15 @@ loop_health() -- the device app on micropython against a real mosquitto over TLS
   A monitor task sleeps 1 ms at a time and records how late it wakes up (the event-loop
   stall), measured from the moment the server is connected (the TLS handshake excluded).
   A paho client on the host sends `metrics get v.p.speed` commands (QoS 1) every 50 ms and
-  times each response (round trip through the broker). Note: the unix port on a PC is far
-  faster than an ESP32; the numbers show that nothing in the path blocks, not ESP32 timing.
+  times each response (round trip through the broker, which runs with set_tcp_nodelay;
+  --nagle: mosquitto's default, which adds up to ~40 ms per hop on loopback). A second,
+  idle micropython process runs the same 1 ms monitor at the same time: its worst delay is
+  the machine's scheduling noise (the host is shared), reported next to ours.
+  Unix-port artifact: with a TLS socket registered, MicroPython's unix select.poll waits
+  1 ms on every event-loop turn (non-fd object in the poll set), so every task switch costs
+  ~1 ms here and the TLS round trip is ~30 ms slower than plain TCP (--plain); the ESP32's
+  poll returns at once when a task is ready. The PC is also far faster than an ESP32: the
+  numbers show that nothing in the path blocks, not ESP32 timing.
 """
 import gzip
 import json
