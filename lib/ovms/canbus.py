@@ -1,4 +1,5 @@
 """CAN task: IRQ-driven zero-allocation receive into the decoder, filters, bus-off recovery, counters."""
+import array
 import asyncio
 import time
 from micropython import const
@@ -10,12 +11,22 @@ _BACKOFF_MAX = const(60000)
 _HEALTHY = const(60)        # s without bus-off before the backoff resets
 
 _STATES = ("stopped", "active", "warning", "passive", "bus-off")
+_STATE_NAMES = ("STATE_STOPPED", "STATE_ACTIVE", "STATE_WARNING", "STATE_PASSIVE", "STATE_BUS_OFF")
+
+# m.<bus>.* counter metrics: name suffixes in the order of CanBus._m
+_M_NAMES = "frames fps overruns errors tec rec busstate busoff restarts decoded"
+_M_FRAMES = const(0)
+_M_FPS = const(1)
+_M_OVERRUNS = const(2)
+_M_ERRORS = const(3)
+_M_TEC = const(4)
+_M_REC = const(5)
+_M_BUSSTATE = const(6)
+_M_BUSOFF = const(7)
+_M_RESTARTS = const(8)
+_M_DECODED = const(9)
 
 _buses = []
-
-
-def _const(can, name, default):
-    return getattr(can, name, default)
 
 
 def cover(ids, slots, ext=False):
@@ -60,15 +71,12 @@ class CanBus:
         self.bitrate = bitrate
         self.decoder = decoder
         self.listen_only = listen_only
-        self._ids = ids
+        self._ids = ids         # until open() has turned them into filters
         self._can = can
         self._hw = hw
-        self._buf = bytearray(8)
-        self._rx = [0, memoryview(self._buf), 0, 0]
-        self._cnt = [0] * 8
-        self._fext = 1 << 29
-        self._frtr = 1 << 30
-        self._fovr = 2
+        self._rx = [0, memoryview(bytearray(8)), 0, 0]
+        self._cnt = [0] * 8     # get_counters() buffer
+        self._acc = [0] * 16    # [0:8] counter values lost by controller restarts, [8:16] last seen
         self.backoff_min = _BACKOFF_MIN     # ms; doubles per failed restart up to _BACKOFF_MAX
         self._flag = None
         self._irq = None
@@ -80,20 +88,19 @@ class CanBus:
         self.busoff = 0
         self.restarts = 0
         self.filters = None
-        self._base = [0] * 8    # counter values lost by controller restarts
-        self._last = [0] * 8
         self._boff_at = 0       # ticks_ms when bus-off was seen, 0 = not in bus-off
         self._backoff = 0       # ms to wait before the next restart (0: backoff_min)
         self._healthy_since = 0
         self._fps_frames = 0
         self._fps_t = 0
-        self._m = {}
-        for k in ("frames", "fps", "overruns", "errors", "tec", "rec", "busstate", "busoff",
-                  "restarts", "decoded"):
-            self._m[k] = metrics.define("m.%s.%s" % (name, k),
-                                        "f" if k == "fps" else "s" if k == "busstate" else "i")
-        for k in ("frames", "fps", "decoded"):     # diagnostics: publish at most once a minute
-            metrics.configure(self._m[k], min_interval=60)
+        self._m = m = array.array("H", bytes(20))     # metric index per _M_*
+        k = 0
+        for nm in _M_NAMES.split():
+            m[k] = metrics.define("m.%s.%s" % (name, nm),
+                                  "f" if k == _M_FPS else "s" if k == _M_BUSSTATE else "i")
+            if k == _M_FRAMES or k == _M_FPS or k == _M_DECODED:
+                metrics.configure(m[k], min_interval=60)   # diagnostics: at most once a minute
+            k += 1
 
     # ---- controller ------------------------------------------------------------
     def open(self):
@@ -104,27 +111,14 @@ class CanBus:
             mode = CAN.MODE_SILENT if self.listen_only else CAN.MODE_NORMAL
             can = self._can = CAN(self._hw, self.bitrate, mode=mode)
         else:
-            mode = _const(can, "MODE_SILENT" if self.listen_only else "MODE_NORMAL", 0)
+            mode = getattr(can, "MODE_SILENT" if self.listen_only else "MODE_NORMAL", 0)
             can.init(self.bitrate, mode=mode)
-        self._fext = _const(can, "FLAG_EXT_ID", 1 << 29)
-        self._frtr = _const(can, "FLAG_RTR", 1 << 30)
-        self._fovr = _const(can, "RECV_ERR_OVERRUN", 2)
-        self._apply_filters()
-        self._flag = asyncio.ThreadSafeFlag()
-        trig = _const(can, "IRQ_RX", 1) | _const(can, "IRQ_STATE", 4)
-        self._irq = can.irq(self._on_irq, trig, False)
-        self._fps_t = time.ticks_ms()
-        return self
-
-    def _apply_filters(self):
-        can = self._can
-        if self._ids is None:
-            self.filters = None
-        else:
-            slots = _const(can, "FILTERS_MAX", 4)
-            std = [i for i, e in self._ids if not e]
-            ext = [i for i, e in self._ids if e]
-            fe = self._fext
+        ids = self._ids
+        if ids is not None:     # filters from the ids (once: a second open() reuses them)
+            slots = getattr(can, "FILTERS_MAX", 4)
+            std = [i for i, e in ids if not e]
+            ext = [i for i, e in ids if e]
+            fe = getattr(can, "FLAG_EXT_ID", 1 << 29)
             if std and ext:
                 ns = max(1, slots * len(std) // (len(std) + len(ext)))
                 ns = min(ns, slots - 1)
@@ -133,12 +127,18 @@ class CanBus:
             else:
                 f = [(i, m, fe if ext else 0) for i, m in cover(std or ext, slots, bool(ext))]
             self.filters = f
+            self._ids = None
         try:
             can.set_filters(self.filters)
         except (ValueError, OSError) as e:      # controller refuses: receive everything
             print("canbus: %s: filters not accepted (%s), receiving all" % (self.name, e))
             self.filters = None
             can.set_filters(None)
+        self._flag = asyncio.ThreadSafeFlag()
+        trig = getattr(can, "IRQ_RX", 1) | getattr(can, "IRQ_STATE", 4)
+        self._irq = can.irq(self._on_irq, trig, False)
+        self._fps_t = time.ticks_ms()
+        return self
 
     def _on_irq(self, can):
         irq = self._irq
@@ -154,9 +154,9 @@ class CanBus:
         rx = self._rx
         dec = self.decoder
         bus = self.index
-        fext = self._fext
-        frtr = self._frtr
-        fovr = self._fovr
+        fext = getattr(can, "FLAG_EXT_ID", 1 << 29)
+        frtr = getattr(can, "FLAG_RTR", 1 << 30)
+        fovr = getattr(can, "RECV_ERR_OVERRUN", 2)
         if not now:
             now = metrics.uptime()
         n = 0
@@ -191,9 +191,8 @@ class CanBus:
             s = self._can.state()
         except (AttributeError, OSError):
             return "stopped"
-        for k, nm in ((0, "STATE_STOPPED"), (1, "STATE_ACTIVE"), (2, "STATE_WARNING"),
-                      (3, "STATE_PASSIVE"), (4, "STATE_BUS_OFF")):
-            if s == _const(self._can, nm, k):
+        for k in range(5):
+            if s == getattr(self._can, _STATE_NAMES[k], k):
                 return _STATES[k]
         return "unknown"
 
@@ -204,18 +203,16 @@ class CanBus:
             c = self._can.get_counters(self._cnt)
         except (AttributeError, OSError, TypeError):
             return [None] * 8
-        out = []
+        out = [None] * 8
+        acc = self._acc
         for k in range(8):
             v = c[k] if c else None
-            if v is None:
-                out.append(None)
-                continue
-            if k >= 2 and k != 5 and k != 6:      # event counts: survive restarts
-                if v < self._last[k]:
-                    self._base[k] += self._last[k]
-                self._last[k] = v
-                v += self._base[k]
-            out.append(v)
+            if v is not None and k >= 2 and k != 5 and k != 6:      # event counts: survive restarts
+                if v < acc[8 + k]:
+                    acc[k] += acc[8 + k]
+                acc[8 + k] = v
+                v += acc[k]
+            out[k] = v
         return out
 
     def check(self):
@@ -254,18 +251,18 @@ class CanBus:
         dt = time.ticks_diff(t, self._fps_t)
         m = self._m
         if dt >= 500:
-            metrics.set(m["fps"], (self.frames - self._fps_frames) * 1000 / dt)
+            metrics.set(m[_M_FPS], (self.frames - self._fps_frames) * 1000 / dt)
             self._fps_frames = self.frames
             self._fps_t = t
-        metrics.set(m["frames"], self.frames)
-        metrics.set(m["decoded"], self.decoded)
-        metrics.set(m["overruns"], max(c[7] or 0, self.rx_overrun))
-        metrics.set(m["errors"], (c[2] or 0) + (c[3] or 0) + (c[4] or 0) + self.rx_errors)
-        metrics.set(m["tec"], c[0] or 0)
-        metrics.set(m["rec"], c[1] or 0)
-        metrics.set(m["busstate"], st)
-        metrics.set(m["busoff"], self.busoff)
-        metrics.set(m["restarts"], self.restarts)
+        metrics.set(m[_M_FRAMES], self.frames)
+        metrics.set(m[_M_DECODED], self.decoded)
+        metrics.set(m[_M_OVERRUNS], max(c[7] or 0, self.rx_overrun))
+        metrics.set(m[_M_ERRORS], (c[2] or 0) + (c[3] or 0) + (c[4] or 0) + self.rx_errors)
+        metrics.set(m[_M_TEC], c[0] or 0)
+        metrics.set(m[_M_REC], c[1] or 0)
+        metrics.set(m[_M_BUSSTATE], st)
+        metrics.set(m[_M_BUSOFF], self.busoff)
+        metrics.set(m[_M_RESTARTS], self.restarts)
 
     def status(self):
         """[(label, value)] for `can status`."""
@@ -285,7 +282,7 @@ class CanBus:
         if self.listen_only or self._can is None:
             return False
         try:
-            r = self._can.send(fid, data, _const(self._can, "FLAG_EXT_ID", 1 << 29) if ext else 0)
+            r = self._can.send(fid, data, getattr(self._can, "FLAG_EXT_ID", 1 << 29) if ext else 0)
         except OSError:
             return False
         return r is not None
