@@ -1,8 +1,5 @@
 """Config store: OVMS-style param/instance/value with a schema, secrets and atomic flash writes."""
 import os
-from micropython import const
-
-from ovms.config_schema import SCHEMA
 
 try:
     from binascii import crc32 as _crc32
@@ -20,8 +17,6 @@ except ImportError:  # port built without binascii.crc32
 
 _MAGIC = b"#ovms-config 1"
 _NAME = "ovms.cfg"
-_MAX_ENTRIES = const(256)
-_MAX_NAME = const(64)
 MASK = "********"
 
 _root = "/store"
@@ -30,7 +25,27 @@ _gen = 0
 _loaded = False
 _frozen = False  # load failed unexpectedly: never write over the files
 _cbs = []
-_schemas = [SCHEMA]
+
+
+def _unload(name):
+    # drop a helper module of ovms from RAM again (boot-time or rarely used code)
+    import sys
+    import ovms
+    sys.modules.pop("ovms." + name, None)
+    if name in ovms.__dict__:
+        delattr(ovms, name)
+
+
+def __getattr__(a):
+    # config.<name> not found here: the rarely used API (set, rm, update, check, describe,
+    # params, known, freeform, readable, register, save) in config_schema, imported for the
+    # call and dropped again (the function keeps what it needs while it is used)
+    from ovms import config_schema
+    _unload("config_schema")
+    return getattr(config_schema, a)
+
+
+_schemas = [__getattr__("SCHEMA")]
 
 
 # ---- schema -------------------------------------------------------------------------
@@ -63,45 +78,6 @@ def _lines(param=None):
                     yield f
 
 
-def register(text):
-    """Add schema lines "param instance type default spec" (e.g. from a vehicle module)."""
-    for ln in text.split("\n"):
-        f = ln.split(" ")
-        if ln and (len(f) != 5 or f[2] not in "sSibe" or len(f[2]) != 1 or f[0][0] == "#"):
-            raise ValueError("bad schema line: " + ln)
-    _schemas.append("\n" + text.strip("\n") + "\n")
-
-
-def _names(it, k):
-    r = []
-    for f in it:
-        if f[k] not in r and f[k] != "*":
-            r.append(f[k])
-    r.sort()
-    return r
-
-
-def params():
-    """Sorted list of parameter names (schema + any stored)."""
-    _ensure()
-    r = _names(_lines(), 0)
-    for p in _data:
-        if p not in r:
-            r.append(p)
-    r.sort()
-    return r
-
-
-def known(param):
-    """Instance names the schema defines for param (free-form '*' left out)."""
-    return _names(_lines(param), 1)
-
-
-def freeform(param):
-    """True if any instance name is accepted for param (e.g. usr, wifi.ssid)."""
-    return _find(param, "*") is not None
-
-
 def instances(param):
     """Sorted instance names that have a stored value for param."""
     _ensure()
@@ -119,28 +95,6 @@ def secret(param, instance):
         if f[2] == "S":
             return True
     return False
-
-
-def readable(param):
-    """False for params whose values are all secret (like OVMS 'password')."""
-    for f in _lines(param):
-        if f[2] != "S":
-            return True
-    return not secret(param, "")
-
-
-def describe(param, instance):
-    """Human description of what a value must be, e.g. 'integer 0..65535 (default 0)'."""
-    f = _spec(param, instance)
-    if f is None:
-        return "unknown"
-    t, sp = f[2], f[4]
-    if t == "S":
-        return "secret text, max %s chars" % sp
-    r = ("integer " + sp.replace(":", "..") if t == "i" else "yes|no" if t == "b"
-         else "one of " + sp if t == "e" else "text, max %s chars" % sp)
-    d = "" if f[3] == "-" else f[3]
-    return r + (" (default '%s')" % d if t == "s" else " (default %s)" % d)
 
 
 # ---- values -------------------------------------------------------------------------
@@ -182,29 +136,6 @@ def _canon(f, param, instance, value):
     return value
 
 
-def _lookup(param, instance):
-    # -> schema line for a settable param/instance, or ValueError with a clear message
-    if not known(param) and not freeform(param):
-        raise ValueError("Unknown parameter '%s' (known: %s)" % (param, ", ".join(_names(_lines(), 0))))
-    f = _find(param, instance) if isinstance(instance, str) and instance != "*" else None
-    if f is None:
-        f = _find(param, "*")
-        if f is None:
-            raise ValueError("Unknown instance '%s' for parameter '%s' (known: %s)"
-                             % (instance, param, ", ".join(known(param))))
-        if not isinstance(instance, str) or not instance or instance == "*" or len(instance) > _MAX_NAME:
-            raise ValueError("Invalid instance name '%s' for %s: 1..%d chars" % (instance, param, _MAX_NAME))
-        for c in "\t\n\r\x00":
-            if c in instance:
-                raise ValueError("Invalid instance name for %s: control characters" % param)
-    return f
-
-
-def check(param, instance, value):
-    """Validate without storing: returns the canonical text, raises ValueError if invalid."""
-    return _canon(_lookup(param, instance), param, instance, value)
-
-
 def _conv(t, v):
     if t == "i":
         return int(v)
@@ -232,13 +163,6 @@ def get(param, instance, default=None):
     return _conv(f[2], "" if f[3] == "-" else f[3])
 
 
-def is_set(param, instance):
-    """True if a value is stored (not just the schema default)."""
-    _ensure()
-    d = _data.get(param)
-    return bool(d) and instance in d
-
-
 def display(param, instance):
     """Value as text for showing to a user: secrets masked ('********' if set, '' if not)."""
     _ensure()
@@ -254,74 +178,11 @@ def display(param, instance):
     return v
 
 
-def set(param, instance, value):
-    """Validate, store and persist one value; raises ValueError (clear message) if invalid."""
-    update(((param, instance, value),))
-
-
-def rm(param, instance):
-    """Remove a stored value (instance '*' = all of param); True if anything was removed."""
+def is_set(param, instance):
+    """True if a value is stored (not just the schema default)."""
     _ensure()
     d = _data.get(param)
-    if not d:
-        return False
-    if instance == "*":
-        names = list(d)
-    elif instance in d:
-        names = [instance]
-    else:
-        return False
-    update([(param, i, None) for i in names])
-    return True
-
-
-def update(items):
-    """Apply many (param, instance, value) at once (value None = remove): all or nothing,
-    one flash write. Raises ValueError before changing anything if one item is invalid."""
-    _ensure()
-    ch = []
-    n = 0
-    for d in _data.values():
-        n += len(d)
-    for p, i, v in items:
-        d = _data.get(p)
-        old = d.get(i) if d else None
-        if v is None:
-            new = None
-        else:
-            new = _canon(_lookup(p, i), p, i, v)
-            if old is None:
-                n += 1
-                if n > _MAX_ENTRIES:
-                    raise ValueError("Config full (%d values): remove some first" % _MAX_ENTRIES)
-        if new != old:
-            ch.append((p, i, old, new))
-    if not ch:
-        return
-    for p, i, old, new in ch:
-        _put(p, i, new)
-    try:
-        _save()
-    except Exception:
-        for k in range(len(ch) - 1, -1, -1):
-            p, i, old, new = ch[k]
-            _put(p, i, old)
-        raise
-    for p, i, old, new in ch:
-        _notify(p, i)
-
-
-def _put(p, i, v):
-    d = _data.get(p)
-    if v is None:
-        if d and i in d:
-            del d[i]
-            if not d:
-                del _data[p]
-    else:
-        if d is None:
-            d = _data[p] = {}
-        d[i] = v
+    return bool(d) and instance in d
 
 
 # ---- change notifications -------------------------------------------------------------
@@ -431,12 +292,6 @@ def _save():
     _gen += 1
 
 
-def save():
-    """Write the current values to flash now (normally done by set/rm/update)."""
-    _ensure()
-    _save()
-
-
 def generation():
     """Counter incremented by every successful write (0 = never written)."""
     return _gen
@@ -445,7 +300,6 @@ def generation():
 def load():
     """(Re)load from flash; never raises. Returns warning strings to report at boot."""
     global _data, _gen, _loaded, _frozen
-    import sys
     _loaded = True
     _frozen = False
     try:
@@ -456,12 +310,8 @@ def load():
         w, _data, _gen, _frozen = ["config: load failed (%r), booting on defaults, "
                                    "config is read-only until reboot" % (e,)], {}, 0, True
     # boot-time code: unload it again to give its RAM back
-    sys.modules.pop("ovms.config_recover", None)
-    try:
-        import ovms
-        del ovms.config_recover
-    except Exception:  # (not imported: KeyError on MicroPython)
-        pass
+    _unload("config_recover")
+    _unload("config_schema")
     return w
 
 

@@ -3,6 +3,7 @@ from micropython import const
 
 from ovms import config as c
 from ovms.config import _MAGIC, _crc, path, _exists, _remove, _replace
+from ovms.config_schema import check
 
 _MAX_LINES = const(512)
 _MAX_CORRUPT = const(3)
@@ -139,7 +140,7 @@ def run():
     for p in data:
         for i in data[p]:
             try:
-                c.check(p, i, data[p][i])
+                check(p, i, data[p][i])
             except ValueError as e:
                 w.append("config: stored %s %s ignored, default used: %s"
                          % (p, i, "invalid secret" if c.secret(p, i) else e))

@@ -1,4 +1,14 @@
-"""Config schema table: one line per param/instance (names follow OVMS v3)."""
+"""Config schema table (names follow OVMS v3), and the rarely used schema queries and edits.
+
+ovms.config keeps what runs all the time (get, secret, display, persistence); set/rm/update,
+check, describe, params, known, freeform, readable and register are here, reached through
+ovms.config (config.set(...) works as before): imported for the call, not kept in RAM."""
+from micropython import const
+
+from ovms import config as c
+
+_MAX_ENTRIES = const(256)
+_MAX_NAME = const(64)
 
 # One entry per line: "param instance type default spec"
 #   type: s = string, S = secret string (write-only), i = integer, b = bool (yes/no),
@@ -29,7 +39,7 @@ server.v3 updatetime.charging i 10 1:3600
 server.v3 updatetime.connected i 10 1:3600
 server.v3 updatetime.awake i 60 1:86400
 server.v3 updatetime.idle i 600 1:86400
-server.v3 updatetime.sendall i 1200 0:86400
+server.v3 updatetime.sendall i 0 0:86400
 server.v3 updatetime.keepalive i 120 10:3600
 server.v3 updatetime.priority b no -
 server.v3 updatetime.immediately b no -
@@ -61,3 +71,163 @@ ota pubkey s /store/ota.pub 128
 ota health.deadline i 120 10:3600
 usr * s - 256
 """
+
+
+def register(text):
+    """Add schema lines "param instance type default spec" (e.g. from a vehicle module)."""
+    for ln in text.split("\n"):
+        f = ln.split(" ")
+        if ln and (len(f) != 5 or f[2] not in "sSibe" or len(f[2]) != 1 or f[0][0] == "#"):
+            raise ValueError("bad schema line: " + ln)
+    c._schemas.append("\n" + text.strip("\n") + "\n")
+
+
+def _names(it, k):
+    r = []
+    for f in it:
+        if f[k] not in r and f[k] != "*":
+            r.append(f[k])
+    r.sort()
+    return r
+
+
+def params():
+    """Sorted list of parameter names (schema + any stored)."""
+    c._ensure()
+    r = _names(c._lines(), 0)
+    for p in c._data:
+        if p not in r:
+            r.append(p)
+    r.sort()
+    return r
+
+
+def known(param):
+    """Instance names the schema defines for param (free-form '*' left out)."""
+    return _names(c._lines(param), 1)
+
+
+def freeform(param):
+    """True if any instance name is accepted for param (e.g. usr, wifi.ssid)."""
+    return c._find(param, "*") is not None
+
+
+def readable(param):
+    """False for params whose values are all secret (like OVMS 'password')."""
+    for f in c._lines(param):
+        if f[2] != "S":
+            return True
+    return not c.secret(param, "")
+
+
+def describe(param, instance):
+    """Human description of what a value must be, e.g. 'integer 0..65535 (default 0)'."""
+    f = c._spec(param, instance)
+    if f is None:
+        return "unknown"
+    t, sp = f[2], f[4]
+    if t == "S":
+        return "secret text, max %s chars" % sp
+    r = ("integer " + sp.replace(":", "..") if t == "i" else "yes|no" if t == "b"
+         else "one of " + sp if t == "e" else "text, max %s chars" % sp)
+    d = "" if f[3] == "-" else f[3]
+    return r + (" (default '%s')" % d if t == "s" else " (default %s)" % d)
+
+
+def _lookup(param, instance):
+    # -> schema line for a settable param/instance, or ValueError with a clear message
+    if not known(param) and not freeform(param):
+        raise ValueError("Unknown parameter '%s' (known: %s)" % (param, ", ".join(_names(c._lines(), 0))))
+    f = c._find(param, instance) if isinstance(instance, str) and instance != "*" else None
+    if f is None:
+        f = c._find(param, "*")
+        if f is None:
+            raise ValueError("Unknown instance '%s' for parameter '%s' (known: %s)"
+                             % (instance, param, ", ".join(known(param))))
+        if not isinstance(instance, str) or not instance or instance == "*" or len(instance) > _MAX_NAME:
+            raise ValueError("Invalid instance name '%s' for %s: 1..%d chars" % (instance, param, _MAX_NAME))
+        for ch in "\t\n\r\x00":
+            if ch in instance:
+                raise ValueError("Invalid instance name for %s: control characters" % param)
+    return f
+
+
+def check(param, instance, value):
+    """Validate without storing: returns the canonical text, raises ValueError if invalid."""
+    return c._canon(_lookup(param, instance), param, instance, value)
+
+
+def set(param, instance, value):
+    """Validate, store and persist one value; raises ValueError (clear message) if invalid."""
+    update(((param, instance, value),))
+
+
+def rm(param, instance):
+    """Remove a stored value (instance '*' = all of param); True if anything was removed."""
+    c._ensure()
+    d = c._data.get(param)
+    if not d:
+        return False
+    if instance == "*":
+        names = list(d)
+    elif instance in d:
+        names = [instance]
+    else:
+        return False
+    update([(param, i, None) for i in names])
+    return True
+
+
+def update(items):
+    """Apply many (param, instance, value) at once (value None = remove): all or nothing,
+    one flash write. Raises ValueError before changing anything if one item is invalid."""
+    c._ensure()
+    ch = []
+    n = 0
+    for d in c._data.values():
+        n += len(d)
+    for p, i, v in items:
+        d = c._data.get(p)
+        old = d.get(i) if d else None
+        if v is None:
+            new = None
+        else:
+            new = c._canon(_lookup(p, i), p, i, v)
+            if old is None:
+                n += 1
+                if n > _MAX_ENTRIES:
+                    raise ValueError("Config full (%d values): remove some first" % _MAX_ENTRIES)
+        if new != old:
+            ch.append((p, i, old, new))
+    if not ch:
+        return
+    for p, i, old, new in ch:
+        _put(p, i, new)
+    try:
+        c._save()
+    except Exception:
+        for k in range(len(ch) - 1, -1, -1):
+            p, i, old, new = ch[k]
+            _put(p, i, old)
+        raise
+    for p, i, old, new in ch:
+        c._notify(p, i)
+
+
+def _put(p, i, v):
+    d = c._data.get(p)
+    if v is None:
+        if d and i in d:
+            del d[i]
+            if not d:
+                del c._data[p]
+    else:
+        if d is None:
+            d = c._data[p] = {}
+        d[i] = v
+
+
+def save():
+    """Write the current values to flash now (normally done by set/rm/update)."""
+    c._ensure()
+    c._save()
