@@ -107,7 +107,7 @@ def _watch():
         name = canbus.buses()[0].name
         # the CAN task refreshes its counters every second
         health.watch("can", lambda: (metrics.age("m.%s.frames" % name) or 99) <= 3, ms)
-    health.watch("mqtt", lambda: server_v3._task is not None and not server_v3._task.done(), ms)
+    health.watch("mqtt", server_v3.alive, ms)
 
 
 def _hooks():

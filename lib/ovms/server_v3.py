@@ -189,10 +189,9 @@ class Server:
         return c
 
     def _sched_cfg(self):
-        # OVMS resends everything every updatetime.sendall s (schema default 1200); here a
-        # full republish follows every connect, and a periodic one only if set explicitly
-        self._every = _cfg("updatetime.sendall") if config.is_set(
-            "server.v3", "updatetime.sendall") else 0
+        # OVMS resends everything every 1200 s; here a full republish follows every connect,
+        # and a periodic one only if updatetime.sendall is set (default 0 = off)
+        self._every = _cfg("updatetime.sendall")
         iv = tuple(_cfg("updatetime." + k)
                    for k in ("on", "charging", "connected", "awake", "idle"))
         return {"intervals": iv, "include": _cfg("metrics.include"),
