@@ -128,9 +128,35 @@ def select():
     booted = use
     if use != "f":
         sys.path.insert(0, "%s/app/%s/lib" % (ROOT, use))
+        _intern("%s/app/%s/lib/.qstrs" % (ROOT, use))
+    else:
+        try:
+            import ovms                     # the factory app: deployed .mpy files, or frozen
+            if ovms.__file__.startswith(ROOT + "/lib/"):
+                _intern(ROOT + "/lib/.qstrs")
+        except Exception:
+            pass
     if trial:
         _arm(s.get("dl") or DEADLINE)
     return use
+
+
+def _intern(path):
+    """Intern the app's names now, while the heap is empty (a file written by deploy/OTA).
+
+    Frozen code has its names in the firmware; names of .mpy files are interned when they load,
+    and a qstr pool grown late needs a large contiguous block of a fragmented heap."""
+    try:
+        import gc
+        with open(path) as f:
+            n = 0
+            for ln in f:
+                getattr(None, ln.rstrip("\n"), None)
+                n += 1
+                if not n & 127:
+                    gc.collect()
+    except OSError:
+        pass
 
 
 def _crash():

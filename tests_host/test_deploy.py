@@ -32,8 +32,12 @@ def test_build_compiles_lib_and_vehicles_keeps_entry_points_as_source(tmp_path):
     files = sorted(os.path.relpath(os.path.join(d, f), out)
                    for d, _, fs in os.walk(out) for f in fs)
     assert "boot.py" in files and "main.py" in files
-    lib = [f for f in files if f.startswith("lib/")]
+    lib = [f for f in files if f.startswith("lib/") and f != "lib/.qstrs"]
     assert not [f for f in lib if f.endswith(".py")]                  # all compiled
+    with open(os.path.join(out, "lib", ".qstrs")) as fh:               # names for ota_boot
+        names = fh.read().splitlines()
+    assert {"ovms", "VERSION", "select", "mark_healthy"} <= set(names)
+    assert len(names) == len(set(names))
     want = {"lib/" + f[:-3] + ".mpy" for f in deploy.lib_files(LIB) if f.endswith(".py")}
     assert want <= set(lib)
     assert {"lib/veh_kn.mpy", "lib/veh_rv.mpy"} <= set(lib)           # generated vehicle modules
@@ -122,8 +126,10 @@ def test_mip_installs_the_package_on_a_virtual_device(tmp_path):
         r = d.mpremote("mip", "install", "--target", "/lib",
                        os.path.join(REPO, "package.json"), timeout=300)
         assert "Installing: /lib/ovms/__init__.py" in r.stdout
-        for rel in deploy.lib_files(LIB):
-            with open(os.path.join(LIB, rel), "rb") as a, open(root / "lib" / rel, "rb") as b:
-                assert a.read() == b.read(), rel
+        with open(os.path.join(REPO, "package.json")) as f:
+            urls = json.load(f)["urls"]
+        for dst, src in urls:
+            with open(os.path.join(REPO, src), "rb") as a, open(root / "lib" / dst, "rb") as b:
+                assert a.read() == b.read(), dst
     finally:
         d.stop()

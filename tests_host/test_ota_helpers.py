@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import tempfile
 
+import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
@@ -18,6 +19,19 @@ import cli_ota
 VBOARD = os.path.join(TOOLS, "vboard")
 OTA_MODULES = ("ota.py", "ota_rx.py", "ota_app.py", "ota_fw.py", "ota_fs.py", "ota_rsa.py")
 _KEYDIR = tempfile.mkdtemp(prefix="ota-keys-")
+
+
+@pytest.fixture
+def broker():
+    """A real mosquitto (TLS + plain, test CA) in a dir the broker can read: started as root it
+    drops to the `mosquitto` user, which cannot enter pytest's private 0700 tmp_path."""
+    from broker import Broker
+    d = tempfile.mkdtemp(prefix="ota-broker-")
+    os.chmod(d, 0o755)
+    b = Broker(os.path.join(d, "b")).start()
+    yield b
+    b.stop()
+    shutil.rmtree(d, ignore_errors=True)
 
 
 class _Args:

@@ -104,6 +104,7 @@ def app_files(source, arch="xtensawin"):
         lib = deploy.gather(source, os.path.join(tmp, "src"))
         out = deploy.compile_lib(lib, os.path.join(tmp, "out"), arch,
                                  exclude=(deploy.BOOT_HELPER,))
+        out.append(deploy.write_qstrs(os.path.join(tmp, "out"), out))
         files = []
         for rel, p in out:
             with open(p, "rb") as f:

@@ -70,6 +70,54 @@ def gather(source, dst):
     return dst
 
 
+QSTRS = ".qstrs"     # names of the compiled modules, interned at boot by ota_boot (see there)
+
+
+def mpy_qstrs(data):
+    """The names in an .mpy file's qstr table (MicroPython interns them when it loads it)."""
+    if data[:2] != b"M\x06":
+        return []
+    i = 4
+
+    def uint():
+        nonlocal i
+        v = 0
+        while True:
+            b = data[i]
+            i += 1
+            v = (v << 7) | (b & 0x7F)
+            if not b & 0x80:
+                return v
+    if data[2] & 0x40:              # arch flags follow the header
+        uint()
+    n = uint()
+    uint()                          # number of constant objects
+    out = []
+    for _ in range(n):
+        ln = uint()
+        if ln & 1:                  # a static qstr: already in the firmware
+            continue
+        ln >>= 1
+        out.append(data[i:i + ln].decode("utf-8", "replace"))
+        i += ln + 1
+    return out
+
+
+def write_qstrs(out_lib, compiled):
+    """Write out_lib/.qstrs: every name of the compiled modules, once, in load order."""
+    seen = {}
+    for rel, path in compiled:
+        if path.endswith(".mpy"):
+            with open(path, "rb") as f:
+                for q in mpy_qstrs(f.read()):
+                    if "\n" not in q and q not in seen:
+                        seen[q] = None
+    p = os.path.join(out_lib, QSTRS)
+    with open(p, "w") as f:
+        f.write("".join(q + "\n" for q in seen))
+    return QSTRS, p
+
+
 def build(source=REPO, out=None, march="xtensawin", compile_py=True):
     """Build the deploy tree (out/lib/..., out/boot.py, out/main.py); returns out."""
     import tempfile
@@ -78,7 +126,9 @@ def build(source=REPO, out=None, march="xtensawin", compile_py=True):
     os.makedirs(out)
     with tempfile.TemporaryDirectory() as tmp:
         lib = gather(source, os.path.join(tmp, "lib"))
-        compile_lib(lib, os.path.join(out, "lib"), march, compile_py)
+        done = compile_lib(lib, os.path.join(out, "lib"), march, compile_py)
+        if compile_py:
+            write_qstrs(os.path.join(out, "lib"), done)
     for f in ("boot.py", "main.py"):
         if os.path.exists(os.path.join(source, f)):
             shutil.copyfile(os.path.join(source, f), os.path.join(out, f))

@@ -25,7 +25,8 @@ _rx = None
 
 
 def receiver():
-    """The shared OTA receiver: receiver().handle(op, payload) -> reply bytes (see ovms.ota_rx)."""
+    """The shared OTA receiver: receiver().handle(op, payload) -> reply bytes (see ovms.ota_rx).
+    Best created when the MQTT server starts, before the heap fragments."""
     global _rx
     if _rx is None:
         import gc
