@@ -29,32 +29,16 @@ _M_DECODED = const(9)
 _buses = []
 
 
-def cover(ids, slots, ext=False):
-    """At most `slots` (id, mask) pairs that together accept every id in ids (and as few
-    others as possible); [] for no ids. Pairs from merging the closest ids greedily."""
-    full = 0x1FFFFFFF if ext else 0x7FF
-    cl = []
-    for i in ids:
-        if (i, full) not in cl:
-            cl.append((i & full, full))
-    while len(cl) > slots > 0:
-        best = None
-        for a in range(len(cl)):
-            ia, ma = cl[a]
-            for b in range(a + 1, len(cl)):
-                ib, mb = cl[b]
-                m = ma & mb & ~(ia ^ ib) & full
-                c = 0                   # bits the merged filter ignores
-                x = full & ~m
-                while x:
-                    c += x & 1
-                    x >>= 1
-                if best is None or c < best[0]:
-                    best = (c, a, b, ia & m, m)
-        _, a, b, i, m = best
-        cl.pop(b)
-        cl[a] = (i, m)
-    return cl
+def __getattr__(a):
+    # canbus.cover and the filter helpers live in canbus_filters (used when a bus opens):
+    # imported for the call and dropped again
+    import sys
+    import ovms
+    from ovms import canbus_filters
+    sys.modules.pop("ovms.canbus_filters", None)
+    if "canbus_filters" in ovms.__dict__:
+        del ovms.canbus_filters
+    return getattr(canbus_filters, a)
 
 
 class CanBus:
@@ -113,20 +97,9 @@ class CanBus:
         else:
             mode = getattr(can, "MODE_SILENT" if self.listen_only else "MODE_NORMAL", 0)
             can.init(self.bitrate, mode=mode)
-        ids = self._ids
-        if ids is not None:     # filters from the ids (once: a second open() reuses them)
-            slots = getattr(can, "FILTERS_MAX", 4)
-            std = [i for i, e in ids if not e]
-            ext = [i for i, e in ids if e]
-            fe = getattr(can, "FLAG_EXT_ID", 1 << 29)
-            if std and ext:
-                ns = max(1, slots * len(std) // (len(std) + len(ext)))
-                ns = min(ns, slots - 1)
-                f = [(i, m, 0) for i, m in cover(std, ns)] + \
-                    [(i, m, fe) for i, m in cover(ext, slots - ns, True)]
-            else:
-                f = [(i, m, fe if ext else 0) for i, m in cover(std or ext, slots, bool(ext))]
-            self.filters = f
+        if self._ids is not None:       # once: a second open() reuses the filters
+            self.filters = __getattr__("filters")(self._ids, getattr(can, "FILTERS_MAX", 4),
+                                                  getattr(can, "FLAG_EXT_ID", 1 << 29))
             self._ids = None
         try:
             can.set_filters(self.filters)
@@ -273,8 +246,7 @@ class CanBus:
                 (p + "decoded", self.decoded), (p + "overruns", max(c[7] or 0, self.rx_overrun)),
                 (p + "rx errors", self.rx_errors), (p + "tec", c[0]), (p + "rec", c[1]),
                 (p + "bus-off", self.busoff), (p + "restarts", self.restarts),
-                (p + "filters", "all" if self.filters is None else
-                 " ".join(["%x/%x" % (i, m) for i, m, _ in self.filters]) or "none")]
+                (p + "filters", __getattr__("text")(self.filters))]
 
     # ---- transmit ----------------------------------------------------------------
     def send(self, fid, data, ext=False):

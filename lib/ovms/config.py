@@ -108,9 +108,11 @@ def _canon(f, param, instance, value):
         if value is True or value is False:
             return "yes" if value else "no"
         v = str(value).strip().lower()
-        if v in ("yes", "true", "1", "on", "y"):
+        if v == "yes" or v == "no":
+            return v
+        if v in "true 1 on y".split():
             return "yes"
-        if v in ("no", "false", "0", "off", "n"):
+        if v in "false 0 off n".split():
             return "no"
         raise ValueError("Invalid value '%s' for %s %s: expected yes or no" % (value, param, instance))
     if t == "i":

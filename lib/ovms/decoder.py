@@ -21,6 +21,7 @@ _HDR = "<4sBBHHHHHHHII"
 _HDR_LEN = const(28)
 _RNG_LEN = const(32)
 _CONV_LEN = const(20)
+_OM = const(60)         # message records: after the header and the group ranges (28 + 32)
 _NONE = const(0xFFFF)
 
 SIGNED = const(0x100)
@@ -154,10 +155,6 @@ def _run(u32, u16, u8, mod, tupd, tgt, buf, nfr: int, grp: int, cid: int, dl: in
     return total
 
 
-def _zeros(code, n):
-    return array.array(code, bytes((4 if code == "I" else 2) * n))
-
-
 class Decoder:
     """Decoder(table): table = bytes from dbc2table (may be a frozen bytes object)."""
 
@@ -168,21 +165,20 @@ class Decoder:
         hd = struct.unpack_from(_HDR, t, 0)
         if hd[0] != b"OVDT" or hd[1] != 1:
             raise ValueError("not a decode table (magic/version)")
-        r = "I" if hd[2] & 1 else "H"
-        self._fm = "<IHHHH" + r
-        self._fs = "<HBBBBHHHH%s%s%sHH%s" % (r, r, r, r)
-        self._fc = "<q" + r
-        self._lm = struct.calcsize(self._fm)
-        self._ls = struct.calcsize(self._fs)
-        self._lc = struct.calcsize(self._fc)
+        # record formats (string offsets are 32-bit in wide tables)
+        w = hd[2] & 1
+        self._fm = fm = "<IHHHHI" if w else "<IHHHHH"
+        self._fs = fs = "<HBBBBHHHHIIIHHI" if w else "<HBBBBHHHHHHHHHH"
+        self._fc = "<qI" if w else "<qH"
+        lm = struct.calcsize(fm)
+        ls = struct.calcsize(fs)
         nmsg, nsig, npc, ncv, maxsig, nmux, nch = hd[3], hd[4], hd[5], hd[6], hd[7], hd[8], hd[10]
-        self._om = _HDR_LEN + _RNG_LEN
-        self._os = self._om + nmsg * self._lm
-        omx = self._os + nsig * self._ls
-        self._op = omx + nmux * 8
-        self._oc = self._op + npc * 4
+        self._os = _OM + nmsg * lm
+        omx = self._os + nsig * ls
+        op = omx + nmux * 8
+        self._oc = op + npc * 4
         self._och = self._oc + ncv * _CONV_LEN
-        self._ostr = self._och + nch * self._lc
+        self._ostr = self._och + nch * struct.calcsize(self._fc)
         if len(t) != self._ostr + hd[11] or maxsig < 1 or not hd[11] or t[-1] != 0:
             raise ValueError("corrupt decode table (length)")
         self._t = t
@@ -191,11 +187,11 @@ class Decoder:
         oid = 16
         oraw = oid + nmsg
         omux = oraw + npc
-        u32 = _zeros("I", omux + 2 * nmux)
+        u32 = array.array("I", bytes(4 * (omux + 2 * nmux)))
         omi = 16
         osg = omi + 3 * nmsg
         otch = osg + 3 * nsig
-        u16 = _zeros("H", otch + maxsig)
+        u16 = array.array("H", bytes(2 * (otch + maxsig)))
         u8 = bytearray(4 * npc + nsig)
         for i, v in enumerate((oid, oraw, omux, omi, osg, otch, 4 * npc)):
             u32[2 + i] = v
@@ -206,7 +202,7 @@ class Decoder:
             u16[2 * g] = rng[2 * g]
             u16[2 * g + 1] = rng[2 * g + 1]
         for i in range(nmsg):
-            fid, first, n, mux, _, _ = struct.unpack_from(self._fm, t, self._om + i * self._lm)
+            fid, first, n, mux, _, _ = struct.unpack_from(fm, t, _OM + i * lm)
             if first + n > nsig or (mux != _NONE and not first <= mux < first + n) or n > maxsig:
                 raise ValueError("corrupt decode table (message %d)" % i)
             u32[oid + i] = fid
@@ -218,14 +214,14 @@ class Decoder:
             u32[omux + 2 * i] = lo
             u32[omux + 2 * i + 1] = hi
         for i in range(4 * npc):
-            u8[i] = t[self._op + i]
+            u8[i] = t[op + i]
         for i in range(npc):
             b0, sd, nb, bits = u8[4 * i], u8[4 * i + 1], u8[4 * i + 2], u8[4 * i + 3]
             end = b0 + (nb - 1 if sd < 8 else 1 - nb)
             if sd > 15 or nb < 1 or not 0 <= end < 64 or b0 >= 64 or not 1 <= bits <= 32:
                 raise ValueError("corrupt decode table (piece %d)" % i)
         for k in range(nsig):
-            p0, np, need, bits, _, fl, mx = struct.unpack_from(self._fs[:8], t, self._os + k * self._ls)
+            p0, np, need, bits, _, fl, mx = struct.unpack_from("<HBBBBHH", t, self._os + k * ls)
             if p0 + np > npc or not 1 <= np <= 2 or need > 64 or bits > 64 or \
                     (fl & 0x10 and mx >= nmux):
                 raise ValueError("corrupt decode table (signal %d)" % k)
@@ -239,13 +235,9 @@ class Decoder:
         self._u32 = u32
         self._u16 = u16
         self._u8 = u8
-        self._otch = otch
-        self._oraw = oraw
         self._mod = bytearray(1)
-        self._tupd = _zeros("I", 1)
-        self._tgt = _zeros("H", max(nsig, 1))
-        for k in range(nsig):
-            self._tgt[k] = _NONE
+        self._tupd = array.array("I", bytes(4))
+        self._tgt = array.array("H", b"\xff\xff" * max(nsig, 1))     # no signal bound (_NONE)
 
     # ---------------------------------------------------------------- hot path
     def bind(self, mod, tupd, targets):
@@ -304,20 +296,22 @@ class Decoder:
     def touched(self):
         """Signal indexes written by the last frame, in table order (a memoryview; valid
         until the next feed).  Allocation-free alternative: ntouched + touched_at(i)."""
-        return memoryview(self._u16)[self._otch:self._otch + self._u32[11]]
+        o = self._u32[7]
+        return memoryview(self._u16)[o:o + self._u32[11]]
 
     @property
     def ntouched(self):
         return self._u32[11]
 
     def touched_at(self, i):
-        return self._u16[self._otch + i]
+        return self._u16[self._u32[7] + i]
 
     # ---------------------------------------------------------------- reading
     def _sig(self, k):
         if not 0 <= k < self.nsignals:
             raise IndexError("signal index")
-        return struct.unpack_from(self._fs, self._t, self._os + k * self._ls)
+        fs = self._fs
+        return struct.unpack_from(fs, self._t, self._os + k * struct.calcsize(fs))
 
     def _str(self, off):
         t = self._t
@@ -331,13 +325,15 @@ class Decoder:
         """(message name, signal name, metric name, unit, flags); flags = bit length |
         SIGNED | FLOAT | CHOICES | MUXER | MUXED | INT | MINT | AUX | BIGENDIAN."""
         s = self._sig(k)
-        mname = struct.unpack_from(self._fm, self._t, self._om + s[12] * self._lm)[5]
+        fm = self._fm
+        mname = struct.unpack_from(fm, self._t, _OM + s[12] * struct.calcsize(fm))[5]
         return (self._str(mname), self._str(s[9]), self._str(s[10]), self._str(s[11]),
                 s[3] | (s[5] << 8))
 
     def msg_info(self, i):
         """(bus, extended, frame id, name, length) of message i."""
-        fid, _, _, _, ln, nm = struct.unpack_from(self._fm, self._t, self._om + i * self._lm)
+        fm = self._fm
+        fid, _, _, _, ln, nm = struct.unpack_from(fm, self._t, _OM + i * struct.calcsize(fm))
         rng = struct.unpack_from("<16H", self._t, _HDR_LEN)
         g = 0
         while not rng[2 * g] <= i < rng[2 * g + 1]:
@@ -358,9 +354,11 @@ class Decoder:
     def choices(self, k):
         """[(raw value, label)] of signal k (VAL_ table; empty if none)."""
         s = self._sig(k)
+        fc = self._fc
+        lc = struct.calcsize(fc)
         out = []
         for i in range(s[14], s[14] + s[13]):
-            v, so = struct.unpack_from(self._fc, self._t, self._och + i * self._lc)
+            v, so = struct.unpack_from(fc, self._t, self._och + i * lc)
             out.append((v, self._str(so)))
         return out
 
@@ -368,9 +366,10 @@ class Decoder:
         """Raw value of signal k: sign-extended int, or float for IEEE float signals."""
         s = self._sig(k)
         p, np, bits, fl = s[0], s[1], s[3], s[5]
-        r = self._u32[self._oraw + p]
+        u = self._u32
+        r = u[u[3] + p]             # (u[3]: offset of the raw piece values)
         if np == 2:
-            r |= self._u32[self._oraw + p + 1] << 32
+            r |= u[u[3] + p + 1] << 32
         if fl & 0x02:
             if bits == 32:
                 return struct.unpack("<f", struct.pack("<I", r))[0]
@@ -391,8 +390,10 @@ class Decoder:
                 key = int(r) if r - r == 0 else None
             if key is not None:
                 t = self._t
+                fc = self._fc
+                lc = struct.calcsize(fc)
                 for i in range(s[14], s[14] + s[13]):
-                    v, so = struct.unpack_from(self._fc, t, self._och + i * self._lc)
+                    v, so = struct.unpack_from(fc, t, self._och + i * lc)
                     if v == key:
                         return self._str(so)
         c = s[8] if convert else s[7]

@@ -159,11 +159,6 @@ def name(i):
     return _std[o:_std.find("\n", o)]
 
 
-def unit(i):
-    """OVMS unit label of metric i ("" if none)."""
-    return UNITS[_unit[_idx(i)]]
-
-
 def typecode(i):
     """Type letter of metric i (one of metrics.TYPES)."""
     return "fibsvwDT"[_fl[_idx(i)] & _F_TYPE]
@@ -177,11 +172,6 @@ def deadband(i):
 def min_interval(i):
     """Minimum seconds between two publications of metric i (0 = none)."""
     return _pmi[_sp[_idx(i)] >> 4]
-
-
-def priority(i):
-    """True if changes of metric i should be published at once."""
-    return bool(_fl[_idx(i)] & _F_PRIO)
 
 
 def uptime():
@@ -219,7 +209,10 @@ def _coerce(t, v):
             raise ValueError("value out of range: %d" % v)
     elif t == _T_VFLOAT or t == _T_VINT:
         if isinstance(v, (list, tuple)):
-            return [_coerce(t - 4, x) for x in v]
+            r = []
+            for x in v:
+                r.append(_coerce(t - 4, x))
+            return r
     raise ValueError("%s is not a %s value" % (type(v).__name__, __getattr__("TYPE_NAMES")[t]))
 
 
@@ -291,7 +284,7 @@ def _store(i, t, v):
         s = _slot[i]
         if s == _NOSLOT:
             s = len(_val)
-            _val.append(0.0)
+            _val.append(0)
             _slot[i] = s
         changed = not (f & _F_DEF) or _val[s] != v
         _val[s] = v
@@ -381,9 +374,9 @@ def text(m):
     if isinstance(v, float):
         return _ftext(v)
     if t == _T_VFLOAT:
-        return ",".join([_ftext(x) for x in v])
+        return ",".join(map(_ftext, v))
     if t == _T_VINT:
-        return ",".join([str(x) for x in v])
+        return ",".join(map(str, v))
     if t == _T_DATE:
         try:
             return "%04d-%02d-%02d %02d:%02d:%02d UTC" % time.gmtime(v - _EPOCH)[:6]
@@ -402,14 +395,6 @@ def next_modified(consumer, start=0, priority_only=False):
                   (_n << 16) | (0x100 if priority_only else 0) | (1 << consumer))
 
 
-def mark_all(consumer):
-    """Set the change bit of every defined metric for consumer (full republish)."""
-    b = 1 << consumer
-    for i in range(_n):
-        if _tupd[i] or _fl[i] & _F_DEF:
-            _mod[i] |= b
-
-
 def persist_due():
     """True if a persisted metric changed since the last save()."""
     b = 1 << PERSIST
@@ -419,18 +404,7 @@ def persist_due():
     return False
 
 
-def tables():
-    """(mod, tupd): the change-bit bytearray and update-time array('i') for the decoder."""
-    return _mod, _tupd
-
-
 # ---- housekeeping -------------------------------------------------------------------
-
-def derive(fn):
-    """Register fn() to run on every tick() (derived metrics)."""
-    if fn not in _derived:
-        _derived.append(fn)
-
 
 def _pair(out, a, b):
     # out = a * b / 1000 (V x A -> kW) unless the vehicle provides out itself
@@ -450,7 +424,7 @@ def tick():
     mods = sys.modules
     if "ovms.metrics_tab" in mods or "ovms.metrics_io" in mods:
         import ovms
-        for nm in ("metrics_tab", "metrics_io"):
+        for nm in "metrics_tab metrics_io".split():
             mods.pop("ovms." + nm, None)
             if nm in ovms.__dict__:
                 delattr(ovms, nm)

@@ -314,6 +314,36 @@ def configure(m, stale=None, deadband=None, min_interval=None, persist=None, pri
 
 # ---- rarely used accessors -----------------------------------------------------------
 
+def unit(i):
+    """OVMS unit label of metric i ("" if none)."""
+    return M.UNITS[M._unit[M._idx(i)]]
+
+
+def priority(i):
+    """True if changes of metric i should be published at once."""
+    return bool(M._fl[M._idx(i)] & _F_PRIO)
+
+
+def mark_all(consumer):
+    """Set the change bit of every defined metric for consumer (full republish)."""
+    b = 1 << consumer
+    for i in range(M._n):
+        if M._tupd[i] or M._fl[i] & _F_DEF:
+            M._mod[i] |= b
+
+
+def tables():
+    """(mod, tupd): the change-bit bytearray and update-time array('i') for the decoder."""
+    return M._mod, M._tupd
+
+
+def derive(fn):
+    """Register fn() to run on every tick() (derived metrics)."""
+    if fn not in M._derived:
+        M._derived.append(fn)
+
+
+
 def stale_timeout(i):
     """Seconds without update after which metric i is stale (0 = never)."""
     return M._stt[M._sp[M._idx(i)] & 15]

@@ -82,11 +82,10 @@ class Vehicle:
             tg[k] = i
         mod_, tupd = metrics.tables()
         d.bind(mod_, tupd, tg)
-        self._tg = tg
         self._derived = []
         for nm, op, ins, scale, t, unit, stale in derived:
             i = metrics.define(nm, t, unit or "", stale or 0)
-            self._derived.append((i, op, tuple([metrics.find(x) for x in ins]), scale))
+            self._derived.append((i, op, tuple(map(metrics.find, ins)), scale))
         self._fn = self._derive
         if self._derived:
             metrics.derive(self._fn)
