@@ -1,4 +1,14 @@
 """ota: OTA status, health commit and the receiver hook for the MQTT server (device side)."""
+# Hooks:
+#   boot.py        import ota_boot; ota_boot.select()      (slot, trial boots, rollback)
+#   app            ota.mark_healthy() once MQTT is connected and CAN runs; ota.guard(deadline)
+#                  as a task; ota_boot.crashed(exc) when the app dies (logs, counts, resets)
+#   MQTT server    subscribe <prefix>client/+/ota/+ (QoS 1); for each message (not retained)
+#                  reply = receiver().handle(op, payload) -> publish it on
+#                  <prefix>client/<cid>/ota-reply (QoS 1, no need to wait for the PUBACK);
+#                  one request at a time, small bounded queue (the host resends what is dropped);
+#                  after the reply to "reboot" (receiver().reboot is True): ~1 s, machine.reset()
+#   shell          `ota status` (ovms.cmd_ota) -> status_text()
 import sys
 import ota_boot
 from ovms.ota_fs import free
