@@ -6,8 +6,8 @@ import stat
 import struct
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 import cli_ota
 from test_ota_helpers import (app_bundle, check_slot, device, device_arch, flash_root, keypair,
