@@ -45,8 +45,9 @@ _ms = time.ticks_ms     # clock source (tests may replace it)
 _EPOCH = 946684800 if time.gmtime(0)[0] == 2000 else 0   # Unix seconds at the port's epoch
 
 # Table storage (built by metrics_tab.init; one entry per metric unless noted):
-#   _std/_ext name blobs (every name ends with "\n"), _noff name offset (| _EXT: in _ext),
-#   _order indexes sorted by name, _fl flags+type, _unit unit index, _sp stale class |
+#   _std/_ext name blobs (every name ends with "\n"; the unit is the letter of a definition
+#   line in _std, the byte before the name in _ext), _noff name offset (| _EXT: in _ext),
+#   _order indexes sorted by name, _fl flags+type, _sp stale class |
 #   policy << 4, _src decoder signal or -1, _slot index into _val (numbers set from Python)
 #   or _NOSLOT, _tupd uptime of the last update (0 = never), _mod change bits; dicts _obj
 #   (str/list values), _ovr (overrides of CAN values), _xlat (CAN value maps); _stt stale

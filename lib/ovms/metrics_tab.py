@@ -61,7 +61,6 @@ def init(defs=None):
     M._noff = array.array("H", bytearray(2 * n))
     M._order = array.array("H", bytearray(2 * n))
     M._fl = bytearray(n)
-    M._unit = bytearray(n)
     M._sp = bytearray(n)
     M._src = array.array("h", b"\xff\xff" * n)
     M._slot = array.array("H", b"\xff\xff" * n)
@@ -99,7 +98,7 @@ def init(defs=None):
                     fl |= _F_PERSIST
                 elif c == "!":
                     fl |= _F_PRIO
-            _add(sp + 1, defs[sp + 1:e], fl, u, st)
+            _add(sp + 1, defs[sp + 1:e], fl, st)
         p = e + 1
 
 
@@ -110,7 +109,7 @@ def drop():
     """Release all table storage (for measurements and tests)."""
     M._n = M._cap = 0
     M._std = ""
-    for a in ("_ext", "_noff", "_order", "_fl", "_unit", "_sp", "_src", "_slot",
+    for a in ("_ext", "_noff", "_order", "_fl", "_sp", "_src", "_slot",
               "_val", "_tupd", "_mod", "_obj", "_ovr", "_xlat", "_dec"):
         setattr(M, a, None)
 
@@ -120,7 +119,7 @@ def reserve(n):
     k = M._n + n - M._cap
     if k <= 0:
         return
-    for a in (M._fl, M._unit, M._sp, M._mod):
+    for a in (M._fl, M._sp, M._mod):
         a.extend(bytearray(k))
     for a in (M._noff, M._order):
         a.extend(array.array("H", bytearray(2 * k)))
@@ -130,13 +129,12 @@ def reserve(n):
     M._cap += k
 
 
-def _add(off, nm, fl, u, st):
+def _add(off, nm, fl, st):
     i = M._n
     if i >= M._cap:
         reserve(16)
     M._noff[i] = off
     M._fl[i] = fl
-    M._unit[i] = u
     M._sp[i] = st
     M._src[i] = -1
     M._slot[i] = _NOSLOT
@@ -176,12 +174,13 @@ def define(s, type="f", unit="", stale=0, persist=False, priority=False):
         raise ValueError("bad metric type: %r" % (type,))
     u = unit_code(unit)
     st = stale_class(stale)
-    o = len(M._ext)
+    o = len(M._ext) + 1
     if o + len(s) >= _EXT:
         raise ValueError("metric name table full")
+    M._ext.append(u)                # the unit index, then the name and "\n"
     M._ext.extend(s.encode())
     M._ext.append(10)
-    return _add(o | _EXT, s, t | (_F_PERSIST if persist else 0) | (_F_PRIO if priority else 0), u, st)
+    return _add(o | _EXT, s, t | (_F_PERSIST if persist else 0) | (_F_PRIO if priority else 0), st)
 
 
 def unit_code(label):
@@ -316,7 +315,13 @@ def configure(m, stale=None, deadband=None, min_interval=None, persist=None, pri
 
 def unit(i):
     """OVMS unit label of metric i ("" if none)."""
-    return M.UNITS[M._unit[M._idx(i)]]
+    o = M._noff[M._idx(i)]
+    if o & _EXT:
+        u = M._ext[(o & 0x7FFF) - 1]
+    else:   # the unit letter of its definition line
+        std = M._std
+        u = UNIT_CHARS.find(std[std.rfind("\n", 0, o) + 3])
+    return M.UNITS[u]
 
 
 def priority(i):
