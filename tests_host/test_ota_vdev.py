@@ -118,7 +118,7 @@ def test_deploy_then_push_over_tls_switches_versions_and_bad_update_rolls_back(t
 
         # a version that crashes at start: rolled back without anybody's help
         r = _ovms(broker, "ota", "push", "--key-file", key,
-                  _source(tmp_path, "6.6.6", crash=True), env={"OVMS_OTA_DEADLINE": "30"})
+                  _source(tmp_path, "6.6.6", crash=True), env={"OVMS_OTA_DEADLINE": "15"})
         assert r.returncode == 1, r.stdout + r.stderr
         assert "version 6.6.6 staged in slot b" in r.stdout
         assert "update rolled back: 6.6.6 did not report healthy" in r.stderr
