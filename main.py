@@ -4,7 +4,10 @@ if globals().get("safe_mode"):
     print("Check `from ovms import health; print(health.crashes())`, fix the cause, then")
     print("start it once with `from ovms import app; app.main()` or power-cycle the module.")
 else:
-    from ovms import app
-
+    try:
+        from ovms import app
+    except Exception as e:  # a broken version must not stay running: log, count, reset
+        import ota_boot
+        ota_boot.crashed(e)
     app.main()
     del app  # stopped: give the REPL the app's heap

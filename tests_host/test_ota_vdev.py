@@ -73,15 +73,6 @@ def _ovms(broker, *args, env=None, timeout=400):
                           env=dict(os.environ, **(env or {})))
 
 
-def _server_routes_ota():
-    with open(os.path.join(REPO, "lib", "ovms", "server_v3.py")) as f:
-        return "client/+/ota/+" in f.read()
-
-
-# Until the MQTT server routes client/+/ota/+ to ota.receiver() (see lib/ovms/ota.py) this
-# fails at the first push; strict: it must be un-marked as soon as the route exists.
-@pytest.mark.xfail(not _server_routes_ota(), strict=True,
-                   reason="server_v3 does not route client/+/ota/+ to ota.receiver() yet")
 def test_deploy_then_push_over_tls_switches_versions_and_bad_update_rolls_back(tmp_path, broker):
     key, pub = keypair()[0], keypair()[0] + ".pub"
     root = tmp_path / "flash"

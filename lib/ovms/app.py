@@ -133,22 +133,24 @@ def _healthy():
 
 
 async def _stable():
-    """Clear the crash-boot count once up for a while; commit a trial OTA version when healthy."""
-    await asyncio.sleep(_STABLE_S)
-    try:
-        os.remove(BOOTS_FILE)
-    except OSError:
-        pass
+    """Commit a trial OTA version once healthy; clear the crash-boot count once up a while."""
     try:
         from ovms import ota
     except ImportError:
-        return
-    while True:
-        if _healthy():
+        ota = None
+    t = 0
+    while ota or t < _STABLE_S:
+        if ota and _healthy():
             if ota.mark_healthy():
                 print("app: new version reported healthy and committed")
-            return
+            ota = None
+        if t == _STABLE_S:
+            try:
+                os.remove(BOOTS_FILE)
+            except OSError:
+                pass
         await asyncio.sleep(2)
+        t += 2
 
 
 async def _main():

@@ -78,6 +78,8 @@ class Server:
         self._restart = asyncio.Event()
         self._nev = asyncio.Event()
         self._rev = asyncio.Event()
+        self._otaq = []         # (cid, op, payload) of OTA requests, handled one at a time
+        self._oev = asyncio.Event()
         self.beat = ticks_ms()   # last turn of the publisher loop (liveness)
         self._ci = metrics.find("s.v3.connected")
         self._pi = metrics.find("s.v3.peers")
@@ -105,7 +107,7 @@ class Server:
                 self.state = "connecting"
                 ct = asyncio.create_task
                 self._tasks = [ct(c.run()), ct(self._publisher()), ct(self._notifier()),
-                               ct(self._requests())]
+                               ct(self._requests()), ct(self._ota())]
                 await self._restart.wait()
                 await self._close()
         finally:
@@ -237,6 +239,7 @@ class Server:
         await c.subscribe(p + "client/+/active", 1)
         await c.subscribe(p + "client/+/command/+", 2)
         await c.subscribe(p + "client/+/request/metric", 1)
+        await c.subscribe(p + "client/+/ota/+", 1)
         self._set("s.v3.connected", True)
         await c.publish(p + "metric/s/v3/connected", "yes", retain=True)
         if self._first:
@@ -369,12 +372,38 @@ class Server:
             return
         elif kind == "command":
             self._command(cid, parts[3], msg, qos, dup)
+        elif kind == "ota":
+            if len(self._otaq) < _MAX_REQS:  # the host resends what is dropped
+                self._otaq.append((cid, parts[3], msg))
+                self._oev.set()
         elif kind == "request" and parts[3] == "metric":
             if len(self._reqs) >= _MAX_REQS:
                 _log("too many metric requests: ignored one from %s" % cid)
                 return
             self._reqs.append((cid, msg))
             self._rev.set()
+
+    async def _ota(self):
+        """OTA requests (ovms.ota_rx protocol), one at a time, replies on client/<cid>/ota-reply."""
+        from ovms import ota
+        rx = ota.receiver()     # now, before the heap fragments
+        while True:
+            await self._oev.wait()
+            self._oev.clear()
+            while self._otaq:
+                cid, op, msg = self._otaq.pop(0)
+                try:
+                    r = rx.handle(op, msg)
+                except Exception as e:  # a bad request must never stop the server
+                    r = b'{"error": "%s"}' % repr(e).replace('"', "'")
+                if r is not None:
+                    self.client.queue(self.prefix + "client/%s/%s" % (cid, ota.REPLY), r, qos=1)
+                await asyncio.sleep_ms(0)
+                if rx.reboot:
+                    _log("OTA: rebooting into the new version")
+                    await asyncio.sleep(2)
+                    import machine
+                    machine.reset()
 
     def _peer(self, cid, msg):
         now = metrics.uptime()
