@@ -60,7 +60,7 @@ class CanBus:
         self._hw = hw
         self._rx = [0, memoryview(bytearray(8)), 0, 0]
         self._cnt = [0] * 8     # get_counters() buffer
-        self._acc = [0] * 16    # [0:8] counter values lost by controller restarts, [8:16] last seen
+        self._acc = array.array("i", bytes(64))   # [0:8] counts lost by restarts, [8:16] last seen
         self.backoff_min = _BACKOFF_MIN     # ms; doubles per failed restart up to _BACKOFF_MAX
         self._flag = None
         self._irq = None

@@ -8,8 +8,9 @@ from micropython import const
 # frozen bytes object stays in flash); only per-frame data is copied into three typed
 # arrays the viper code indexes with ptr32/ptr16/ptr8 (aligned on every port):
 #   _u32 (array 'I'): [0] last message index + 1, [1] batch read offset, [2..9] section
-#                     offsets, [11] signals written by the last frame; then frame ids |
-#                     raw piece values | multiplexer ranges (lo, hi)
+#                     offsets, [11] signals written by the last frame, [12..15] table
+#                     offsets (_U_*); then frame ids | raw piece values | multiplexer
+#                     ranges (lo, hi)
 #   _u16 (array 'H'): 16 group ranges | per message (first sig, count, mux sig) |
 #                     per signal (word, first piece, mux range) | touched list
 #                     word = bytes needed | (pieces - 1) << 7 | muxed << 8 | is muxer << 9
@@ -23,6 +24,10 @@ _RNG_LEN = const(32)
 _CONV_LEN = const(20)
 _OM = const(60)         # message records: after the header and the group ranges (28 + 32)
 _NONE = const(0xFFFF)
+_U_SIG = const(12)      # _u32 slots holding table offsets: signal records,
+_U_CONV = const(13)     # conversions,
+_U_CHO = const(14)      # choices,
+_U_STR = const(15)      # strings
 
 SIGNED = const(0x100)
 FLOAT = const(0x200)
@@ -173,13 +178,13 @@ class Decoder:
         lm = struct.calcsize(fm)
         ls = struct.calcsize(fs)
         nmsg, nsig, npc, ncv, maxsig, nmux, nch = hd[3], hd[4], hd[5], hd[6], hd[7], hd[8], hd[10]
-        self._os = _OM + nmsg * lm
-        omx = self._os + nsig * ls
+        osg_t = _OM + nmsg * lm
+        omx = osg_t + nsig * ls
         op = omx + nmux * 8
-        self._oc = op + npc * 4
-        self._och = self._oc + ncv * _CONV_LEN
-        self._ostr = self._och + nch * struct.calcsize(self._fc)
-        if len(t) != self._ostr + hd[11] or maxsig < 1 or not hd[11] or t[-1] != 0:
+        oc = op + npc * 4
+        och = oc + ncv * _CONV_LEN
+        ostr = och + nch * struct.calcsize(self._fc)
+        if len(t) != ostr + hd[11] or maxsig < 1 or not hd[11] or t[-1] != 0:
             raise ValueError("corrupt decode table (length)")
         self._t = t
         self.nsignals = nsig
@@ -195,6 +200,10 @@ class Decoder:
         u8 = bytearray(4 * npc + nsig)
         for i, v in enumerate((oid, oraw, omux, omi, osg, otch, 4 * npc)):
             u32[2 + i] = v
+        u32[_U_SIG] = osg_t
+        u32[_U_CONV] = oc
+        u32[_U_CHO] = och
+        u32[_U_STR] = ostr
         rng = struct.unpack_from("<16H", t, _HDR_LEN)
         for g in range(8):
             if not rng[2 * g] <= rng[2 * g + 1] <= nmsg:
@@ -221,7 +230,7 @@ class Decoder:
             if sd > 15 or nb < 1 or not 0 <= end < 64 or b0 >= 64 or not 1 <= bits <= 32:
                 raise ValueError("corrupt decode table (piece %d)" % i)
         for k in range(nsig):
-            p0, np, need, bits, _, fl, mx = struct.unpack_from("<HBBBBHH", t, self._os + k * ls)
+            p0, np, need, bits, _, fl, mx = struct.unpack_from("<HBBBBHH", t, osg_t + k * ls)
             if p0 + np > npc or not 1 <= np <= 2 or need > 64 or bits > 64 or \
                     (fl & 0x10 and mx >= nmux):
                 raise ValueError("corrupt decode table (signal %d)" % k)
@@ -311,11 +320,11 @@ class Decoder:
         if not 0 <= k < self.nsignals:
             raise IndexError("signal index")
         fs = self._fs
-        return struct.unpack_from(fs, self._t, self._os + k * struct.calcsize(fs))
+        return struct.unpack_from(fs, self._t, self._u32[_U_SIG] + k * struct.calcsize(fs))
 
     def _str(self, off):
         t = self._t
-        o = self._ostr + off
+        o = self._u32[_U_STR] + off
         e = o
         while t[e]:
             e += 1
@@ -348,7 +357,7 @@ class Decoder:
         """(scale, offset) of signal k (convert: with the mapping's factor/add)."""
         s = self._sig(k)
         c = s[8] if convert else s[7]
-        sc, of, si, oi = struct.unpack_from("<ddBB", self._t, self._oc + c * _CONV_LEN)
+        sc, of, si, oi = struct.unpack_from("<ddBB", self._t, self._u32[_U_CONV] + c * _CONV_LEN)
         return (int(sc) if si else sc, int(of) if oi else of)
 
     def choices(self, k):
@@ -358,7 +367,7 @@ class Decoder:
         lc = struct.calcsize(fc)
         out = []
         for i in range(s[14], s[14] + s[13]):
-            v, so = struct.unpack_from(fc, self._t, self._och + i * lc)
+            v, so = struct.unpack_from(fc, self._t, self._u32[_U_CHO] + i * lc)
             out.append((v, self._str(so)))
         return out
 
@@ -393,11 +402,11 @@ class Decoder:
                 fc = self._fc
                 lc = struct.calcsize(fc)
                 for i in range(s[14], s[14] + s[13]):
-                    v, so = struct.unpack_from(fc, t, self._och + i * lc)
+                    v, so = struct.unpack_from(fc, t, self._u32[_U_CHO] + i * lc)
                     if v == key:
                         return self._str(so)
         c = s[8] if convert else s[7]
-        sc, of, si, oi = struct.unpack_from("<ddBB", self._t, self._oc + c * _CONV_LEN)
+        sc, of, si, oi = struct.unpack_from("<ddBB", self._t, self._u32[_U_CONV] + c * _CONV_LEN)
         if si and oi and sc == 1 and of == 0:
             return r
         return r * (int(sc) if si else sc) + (int(of) if oi else of)

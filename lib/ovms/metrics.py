@@ -26,9 +26,9 @@ _T_VINT = const(5)
 _T_DATE = const(6)     # int, Unix seconds, shown as "YYYY-MM-DD HH:MM:SS UTC"
 _T_TIME = const(7)     # int, seconds of the day, shown as "HH:MM:SS"
 
-# Unit labels (native OVMS units); a definition's unit letter indexes metrics.UNIT_CHARS.
-UNITS = ["", "%", "km", "V", "A", "kW", "kWh", "\u00b0C", "Ah", "Wh/km", "km/h", "m",
-         "Sec", "Min", "dBm", "kPa", "\u00b0", "rpm", "Nm", "W", "m/s\u00b2", "Hour"]
+# Unit labels (native OVMS units), one per line; metrics.UNITS is the list of them and a
+# definition's unit letter indexes metrics.UNIT_CHARS (both in metrics_tab).
+_units = "\n%\nkm\nV\nA\nkW\nkWh\n\u00b0C\nAh\nWh/km\nkm/h\nm\nSec\nMin\ndBm\nkPa\n\u00b0\nrpm\nNm\nW\nm/s\u00b2\nHour"
 
 # Flag byte bits (same values in metrics_tab / metrics_io).
 _F_TYPE = const(7)
@@ -193,7 +193,10 @@ def uptime():
 
 def _coerce(t, v):
     if isinstance(v, str):
-        return v if t == _T_STR else __getattr__("parse")(t, v)
+        if t == _T_STR:
+            return v
+        from ovms import metrics_io
+        return metrics_io.parse(t, v)
     if t == _T_FLOAT:
         if isinstance(v, (int, float, bool)) and v == v and v - v == 0:
             return float(v)
@@ -374,18 +377,10 @@ def text(m):
         return "yes" if v else "no"
     if isinstance(v, float):
         return _ftext(v)
-    if t == _T_VFLOAT:
-        return ",".join(map(_ftext, v))
-    if t == _T_VINT:
-        return ",".join(map(str, v))
-    if t == _T_DATE:
-        try:
-            return "%04d-%02d-%02d %02d:%02d:%02d UTC" % time.gmtime(v - _EPOCH)[:6]
-        except (OverflowError, ValueError):
-            return str(v)
-    if t == _T_TIME:
-        return "%02d:%02d:%02d" % (v // 3600, v // 60 % 60, v % 60)
-    return str(v)
+    if t == _T_INT:
+        return str(v)
+    from ovms import metrics_io     # vectors, dates and times
+    return metrics_io.text(t, v)
 
 
 # ---- change tracking -------------------------------------------------------------
@@ -422,13 +417,11 @@ def tick():
     """Housekeeping, about once a second outside the CAN path: module health, derived
     metrics; drops the on-demand helper modules again."""
     import gc
-    mods = sys.modules
-    if "ovms.metrics_tab" in mods or "ovms.metrics_io" in mods:
-        import ovms
-        for nm in "metrics_tab metrics_io".split():
-            mods.pop("ovms." + nm, None)
-            if nm in ovms.__dict__:
-                delattr(ovms, nm)
+    import ovms
+    for nm in ("metrics_tab", "metrics_io"):
+        if nm in ovms.__dict__:
+            delattr(ovms, nm)
+            sys.modules.pop("ovms." + nm, None)
     try:
         set("m.monotonic", uptime() - 1)
         set("m.freeram", gc.mem_free())
@@ -456,7 +449,7 @@ async def run(path=None, save_every=600):
         tick()
         if path and uptime() - last >= save_every and persist_due():
             try:
-                __getattr__("save")(path)
+                __getattr__("save")(path)     # (no local: this frame lives forever)
             except OSError as e:
                 print("metrics: cannot save", path, e)
             last = uptime()

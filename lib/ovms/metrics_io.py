@@ -1,4 +1,5 @@
 """Metric text parsing and persistence (loaded on demand through ovms.metrics)."""
+import time
 from micropython import const
 from ovms import metrics as M
 
@@ -52,6 +53,22 @@ def parse(t, s):
     except ValueError:
         pass
     raise ValueError("not a %s: %r" % (M.TYPE_NAMES[t], s))
+
+
+def text(t, v):
+    """metrics.text of a vector, date or time value v of type t."""
+    if t == _T_VFLOAT:
+        return ",".join(map(M._ftext, v))
+    if t == _T_VINT:
+        return ",".join(map(str, v))
+    if t == _T_DATE:
+        try:
+            return "%04d-%02d-%02d %02d:%02d:%02d UTC" % time.gmtime(v - M._EPOCH)[:6]
+        except (OverflowError, ValueError):
+            return str(v)
+    if t == _T_TIME:
+        return "%02d:%02d:%02d" % (v // 3600, v // 60 % 60, v % 60)
+    return str(v)
 
 
 def _parse_date(s):

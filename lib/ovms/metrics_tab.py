@@ -16,7 +16,9 @@ T_DATE = const(6)
 T_TIME = const(7)
 TYPES = "fibsvwDT"
 TYPE_NAMES = ("float", "int", "bool", "string", "float vector", "int vector", "date", "time")
-# a definition's unit letter indexes UNIT_CHARS; the labels are metrics.UNITS
+# unit labels (unit_code() adds new ones here and to metrics._units); a definition's unit
+# letter indexes UNIT_CHARS
+UNITS = M._units.split("\n")
 UNIT_CHARS = "-%kVAWECHcsmSMdpgrnwah"
 
 _F_TYPE = const(7)
@@ -79,24 +81,26 @@ def init(defs=None):
     M._up_rem = 0
     M._up_last = M._ms()
     M._cap = n
+    # (bytes via a memoryview and 1-char slices: indexing a str would intern every letter)
+    b = memoryview(defs)
     p = 0
-    end = len(defs)
+    end = len(b)
     while p < end:
         e = defs.find("\n", p)
         if e < 0:
             e = end
         sp = defs.find(" ", p, e)
-        if sp > p + 2 and defs[p] != "#":
-            fl = TYPES.find(defs[p])
-            st = ord(defs[p + 1]) - 48
-            u = UNIT_CHARS.find(defs[p + 2])
+        if sp > p + 2 and b[p] != 35:        # "#": a comment line
+            fl = TYPES.find(defs[p:p + 1])
+            st = b[p + 1] - 48
+            u = UNIT_CHARS.find(defs[p + 2:p + 3])
             if fl < 0 or u < 0 or not 0 <= st <= 4:
                 raise ValueError("bad metric definition at %d" % p)
             for q in range(p + 3, sp):
-                c = defs[q]
-                if c == "P":
+                c = b[q]
+                if c == 80:                 # "P"
                     fl |= _F_PERSIST
-                elif c == "!":
+                elif c == 33:               # "!"
                     fl |= _F_PRIO
             _add(sp + 1, defs[sp + 1:e], fl, st)
         p = e + 1
@@ -155,8 +159,8 @@ def _add(off, nm, fl, st):
 def _check_name(s):
     if not isinstance(s, str) or not 0 < len(s) < 64:
         raise ValueError("bad metric name: %r" % (s,))
-    for c in s:
-        if not ("a" <= c <= "z" or "A" <= c <= "Z" or "0" <= c <= "9" or c in "._-"):
+    for c in s.encode():        # (bytes: iterating the str would intern every letter)
+        if not (97 <= c <= 122 or 65 <= c <= 90 or 48 <= c <= 57 or c in b"._-"):
             raise ValueError("bad metric name: %r" % (s,))
 
 
@@ -185,14 +189,14 @@ def define(s, type="f", unit="", stale=0, persist=False, priority=False):
 
 def unit_code(label):
     """Index of a unit label in metrics.UNITS (added if new)."""
-    units = M.UNITS
     label = label or ""
-    if label in units:
-        return units.index(label)
-    if len(units) >= 255:
-        raise ValueError("too many units")
-    units.append(label)
-    return len(units) - 1
+    if label in UNITS:
+        return UNITS.index(label)
+    if len(UNITS) >= 255 or "\n" in label:
+        raise ValueError("too many units" if "\n" not in label else "bad unit: %r" % label)
+    UNITS.append(label)
+    M._units += "\n" + label
+    return len(UNITS) - 1
 
 
 def stale_class(sec):
@@ -320,8 +324,9 @@ def unit(i):
         u = M._ext[(o & 0x7FFF) - 1]
     else:   # the unit letter of its definition line
         std = M._std
-        u = UNIT_CHARS.find(std[std.rfind("\n", 0, o) + 3])
-    return M.UNITS[u]
+        k = std.rfind("\n", 0, o) + 3
+        u = UNIT_CHARS.find(std[k:k + 1])
+    return UNITS[u]
 
 
 def priority(i):

@@ -82,19 +82,22 @@ class Vehicle:
             tg[k] = i
         mod_, tupd = metrics.tables()
         d.bind(mod_, tupd, tg)
-        self._derived = []
+        self._derived = []      # (metric, op, scale, input metric, ...)
         for nm, op, ins, scale, t, unit, stale in derived:
             i = metrics.define(nm, t, unit or "", stale or 0)
-            self._derived.append((i, op, tuple(map(metrics.find, ins)), scale))
-        self._fn = self._derive
+            self._derived.append((i, op, scale) + tuple(map(metrics.find, ins)))
+        self._fn = None
         if self._derived:
+            self._fn = self._derive
             metrics.derive(self._fn)
         metrics.set("v.type", self.code)
 
     def _derive(self):
-        for i, op, ins, scale in self._derived:
+        for d in self._derived:
+            op = d[1]
             r = 0 if op != "mul" else 1
-            for j in ins:
+            for k in range(3, len(d)):
+                j = d[k]
                 v = metrics.get(j) if j >= 0 and not metrics.stale(j) else None
                 if v is None or isinstance(v, (str, list)):
                     r = None
@@ -102,8 +105,9 @@ class Vehicle:
                 r = r * v if op == "mul" else r + v
             if r is not None:
                 if op == "mean":
-                    r = r / len(ins)
-                metrics.set(i, r * scale if scale != 1 else r)
+                    r = r / (len(d) - 3)
+                scale = d[2]
+                metrics.set(d[0], r * scale if scale != 1 else r)
 
     def ids(self, bus):
         """[(frame id, extended)] the vehicle decodes on bus index 0..3 ("can0" = 0)."""
