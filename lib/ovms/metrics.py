@@ -111,15 +111,13 @@ def _vscan(mod: ptr8, fl: ptr8, start: int, x: int) -> int:
 
 
 def __getattr__(a):
-    # metrics.<name> not found here: the rarely used API in metrics_tab, then metrics_io
-    from ovms import metrics_tab
-    v = getattr(metrics_tab, a, None)
-    if v is None:
-        from ovms import metrics_io
-        v = getattr(metrics_io, a, None)
-        if v is None:
-            raise AttributeError(a)
-    return v
+    # metrics.<name> not found here: the rarely used API, imported on demand (see above):
+    # persistence in metrics_io, the rest (table building, binding, ...) in metrics_tab
+    if a == "save" or a == "load":
+        from ovms import metrics_io as h
+    else:
+        from ovms import metrics_tab as h
+    return getattr(h, a)
 
 
 def count():
