@@ -5,8 +5,6 @@ check, describe, params, known, freeform, readable and register are here, reache
 ovms.config (config.set(...) works as before): imported for the call, not kept in RAM."""
 from micropython import const
 
-from ovms import config as c
-
 _MAX_ENTRIES = const(256)
 _MAX_NAME = const(64)
 
@@ -71,6 +69,9 @@ ota pubkey s /store/ota.pub 128
 ota health.deadline i 120 10:3600
 usr * s - 256
 """
+
+# (after SCHEMA: importing ovms.config reads SCHEMA from this module)
+from ovms import config as c  # noqa: E402
 
 
 def register(text):
