@@ -22,7 +22,7 @@ _HDR = "<4sBBHHHHHHHII"
 _HDR_LEN = const(28)
 _RNG_LEN = const(32)
 _CONV_LEN = const(20)
-_OM = const(60)         # message records: after the header and the group ranges (28 + 32)
+_OM = const(_HDR_LEN + _RNG_LEN)   # table offset of the message records
 _NONE = const(0xFFFF)
 _U_SIG = const(12)      # _u32 slots holding table offsets: signal records,
 _U_CONV = const(13)     # conversions,
@@ -178,8 +178,8 @@ class Decoder:
         lm = struct.calcsize(fm)
         ls = struct.calcsize(fs)
         nmsg, nsig, npc, ncv, maxsig, nmux, nch = hd[3], hd[4], hd[5], hd[6], hd[7], hd[8], hd[10]
-        osg_t = _OM + nmsg * lm
-        omx = osg_t + nsig * ls
+        osigs = _OM + nmsg * lm
+        omx = osigs + nsig * ls
         op = omx + nmux * 8
         oc = op + npc * 4
         och = oc + ncv * _CONV_LEN
@@ -200,7 +200,7 @@ class Decoder:
         u8 = bytearray(4 * npc + nsig)
         for i, v in enumerate((oid, oraw, omux, omi, osg, otch, 4 * npc)):
             u32[2 + i] = v
-        u32[_U_SIG] = osg_t
+        u32[_U_SIG] = osigs
         u32[_U_CONV] = oc
         u32[_U_CHO] = och
         u32[_U_STR] = ostr
@@ -230,7 +230,7 @@ class Decoder:
             if sd > 15 or nb < 1 or not 0 <= end < 64 or b0 >= 64 or not 1 <= bits <= 32:
                 raise ValueError("corrupt decode table (piece %d)" % i)
         for k in range(nsig):
-            p0, np, need, bits, _, fl, mx = struct.unpack_from("<HBBBBHH", t, osg_t + k * ls)
+            p0, np, need, bits, _, fl, mx = struct.unpack_from("<HBBBBHH", t, osigs + k * ls)
             if p0 + np > npc or not 1 <= np <= 2 or need > 64 or bits > 64 or \
                     (fl & 0x10 and mx >= nmux):
                 raise ValueError("corrupt decode table (signal %d)" % k)
