@@ -7,17 +7,21 @@ try:
 except Exception as e:  # a damaged OTA state must never stop the factory app from booting
     print("boot: OTA slot selection failed:", repr(e))
 
-# Consecutive abnormal boots that did not reach a stable app (the app clears the count after
-# 60 s). A power-on starts again from zero, so switching the car off and on never counts.
+# Crashes in a row that did not reach a stable app (the app clears the count after 60 s):
+# app crashes are counted where they are caught (ota_boot.crashed), watchdog resets and
+# interpreter crashes here. A power-on starts from zero: switching the car off and on, a
+# `module reset` or an OTA reboot never count.
 try:
     with open("/store/boots") as f:
         _boots = int(f.read())
 except (OSError, ValueError):
     _boots = 0
-_boots = 0 if machine.reset_cause() == machine.PWRON_RESET else _boots + 1
-try:
-    with open("/store/boots", "w") as f:
-        f.write(str(_boots))
-except OSError:
-    pass
+_cause = machine.reset_cause()
+if _cause == machine.PWRON_RESET or _cause in (machine.WDT_RESET, machine.HARD_RESET):
+    _boots = 0 if _cause == machine.PWRON_RESET else _boots + 1
+    try:
+        with open("/store/boots", "w") as f:
+            f.write(str(_boots))
+    except OSError:
+        pass
 safe_mode = _boots >= 3

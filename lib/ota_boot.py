@@ -218,6 +218,7 @@ def mark_healthy():
 def crashed(exc=None, delay=1):
     """main.py calls this when the app raised: log it, count it, fall back if needed, reset."""
     try:
+        count_crash()
         try:
             os.mkdir(ROOT + "/ota")
         except OSError:
@@ -240,6 +241,23 @@ def crashed(exc=None, delay=1):
         import time
         time.sleep(delay)
     reset()
+
+
+BOOTS = "/store/boots"   # consecutive crash boots; boot.py enters safe mode at 3
+
+
+def count_crash():
+    """One more crash in a row (the app clears the count once it has run for a while)."""
+    try:
+        with open(ROOT + BOOTS) as f:
+            n = int(f.read())
+    except (OSError, ValueError):
+        n = 0
+    try:
+        with open(ROOT + BOOTS, "w") as f:
+            f.write(str(n + 1))
+    except OSError:
+        pass
 
 
 def reset():

@@ -10,7 +10,7 @@ from ovms import config, events, health, metrics
 
 STORE = "/store"
 METRICS_FILE = STORE + "/metrics.dat"
-BOOTS_FILE = STORE + "/boots"
+BOOTS_FILE = STORE + "/boots"  # crash count (see boot.py, ota_boot.count_crash)
 _STABLE_S = const(60)     # up this long: the boot counts as good (clears the crash-boot count)
 _tasks = []
 
@@ -229,9 +229,5 @@ def main():
     except Exception as e:
         sys.print_exception(e)
         health.log_crash("app: %r" % (e,))
-        try:
-            import ota_boot
-            ota_boot.crashed(e)
-        except ImportError:
-            import machine
-            machine.reset()
+        import ota_boot
+        ota_boot.crashed(e)  # counts it, logs it, falls back if needed, resets
