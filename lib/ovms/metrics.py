@@ -354,9 +354,7 @@ def stale(m):
 
 
 def _ftext(v):
-    # shortest text that is the value: repr on single-precision ports (ESP32); 12 significant
-    # digits on double-precision ones, where raw x scale leaves binary noise (40.040000000000006)
-    r = "%.12g" % v if 1.0 + 1e-10 != 1.0 else repr(v)
+    r = repr(v)  # full precision (OVMS cuts floats to 6 significant digits)
     if r.endswith(".0"):
         r = r[:-2]
     return "0" if r == "-0" else r
