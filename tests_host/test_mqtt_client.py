@@ -195,7 +195,8 @@ return [c.backoff_ms(n) for n in range(1, 9) for _ in range(20)]
 
 def test_broker_restart_recovers_and_resends_unacked_qos1(broker, dev_factory, peers):
     d = dev_factory(SETUP)
-    d.start("new(%d, keepalive=5, backoff_min=0.2, backoff_max=1)\nawait c.run()" % broker.port)
+    # backoff of 2-3 s: the peer below subscribes before the device is back (no race)
+    d.start("new(%d, keepalive=5, backoff_min=2, backoff_max=3)\nawait c.run()" % broker.port)
     d.wait_event(lambda e: e["ev"] == "up")
     broker.stop()
     d.wait_event(lambda e: e["ev"] == "down", timeout=5)
@@ -206,7 +207,7 @@ def test_broker_restart_recovers_and_resends_unacked_qos1(broker, dev_factory, p
     peer = peers(broker.port, subs=("dev/#",))
     peer.settle()
     # the device reconnects by itself; QoS 1 message goes out with a new packet id
-    d.wait_event(lambda e: e["ev"] == "up", timeout=10, start=1)
+    d.wait_event(lambda e: e["ev"] == "up", timeout=15, start=1)
     assert d.result(n, timeout=10) == "acked"
     peer.wait_topic("dev/q1", b"while-down")
 

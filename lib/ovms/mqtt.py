@@ -274,42 +274,34 @@ class MQTTClient(Keeper, Receiver):
         finally:
             ent[_EV] = None
 
+    async def _acked(self, kind, topic, tail, timeout):
+        # SUBSCRIBE (0x82) / UNSUBSCRIBE (0xA2) with a new packet id; waits for the ack
+        pid = self._newpid()
+        slot = [asyncio.Event(), None]
+        self._subs[pid] = slot
+        try:
+            await self._out(_hdr(kind, 4 + len(topic) + len(tail)), _u16(pid), _u16(len(topic)),
+                            topic, tail)
+            await asyncio.wait_for_ms(slot[0].wait(), int((timeout or self.ack_timeout) * 1000))
+        except asyncio.TimeoutError:
+            self._dead("no %s for %s" % ("SUBACK" if kind == 0x82 else "UNSUBACK", topic.decode()))
+            raise OSError(110)
+        finally:
+            self._subs.pop(pid, None)
+        return slot[1]
+
     async def subscribe(self, topic, qos=0, timeout=None):
         """Subscribe and wait for SUBACK; returns the granted QoS. MQTTException if refused."""
         topic = _b(topic)
-        pid = self._newpid()
-        ev = asyncio.Event()
-        slot = [ev, None]
-        self._subs[pid] = slot
-        try:
-            await self._out(_hdr(0x82, 5 + len(topic)), _u16(pid), _u16(len(topic)), topic,
-                            bytes((qos,)))
-            await asyncio.wait_for_ms(ev.wait(), int((timeout or self.ack_timeout) * 1000))
-        except asyncio.TimeoutError:
-            self._dead("no SUBACK for %s" % topic.decode())
-            raise OSError(110)
-        finally:
-            self._subs.pop(pid, None)
-        if slot[1] is None:
+        r = await self._acked(0x82, topic, bytes((qos,)), timeout)
+        if r is None:
             raise OSError(107)
-        if slot[1] == 0x80:
+        if r == 0x80:
             raise MQTTException("subscription to %s refused" % topic.decode())
-        return slot[1]
+        return r
 
     async def unsubscribe(self, topic, timeout=None):
-        topic = _b(topic)
-        pid = self._newpid()
-        ev = asyncio.Event()
-        slot = [ev, None]
-        self._subs[pid] = slot
-        try:
-            await self._out(_hdr(0xA2, 4 + len(topic)), _u16(pid), _u16(len(topic)), topic)
-            await asyncio.wait_for_ms(ev.wait(), int((timeout or self.ack_timeout) * 1000))
-        except asyncio.TimeoutError:
-            self._dead("no UNSUBACK")
-            raise OSError(110)
-        finally:
-            self._subs.pop(pid, None)
+        await self._acked(0xA2, _b(topic), b"", timeout)
 
     async def ping(self):
         self._ping_t = ticks_ms()
