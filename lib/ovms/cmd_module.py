@@ -82,32 +82,27 @@ def _memory(session, args):
             % (f + a, a, f, t // 1000, (t % 1000) // 100))
 
 
-def _tasks(session, args):
-    h = _H.get("tasks")
+def _listing(session, hook, missing, empty):
+    # a hook's list (or text) as shell output: pairs as "%-20s %s", other items as text
+    h = _H.get(hook)
     if h is None:
-        return "Error: Task list not available"
+        return missing
     r = h()
     if isinstance(r, str):
-        return r
+        return r or empty
     o = shell.Out(session)
     for x in r:
         if not o.add(x if isinstance(x, str) else "%-20s %s" % tuple(x[:2])):
             break
-    return o.text() or "No tasks"
+    return o.text() or empty
+
+
+def _tasks(session, args):
+    return _listing(session, "tasks", "Error: Task list not available", "No tasks")
 
 
 def _crashlog(session, args):
-    h = _H.get("crashlog")
-    if h is None:
-        return "Error: Crash log not available"
-    r = h()
-    if isinstance(r, str):
-        return r or "No crashes recorded"
-    o = shell.Out(session)
-    for x in r:
-        if not o.add(str(x)):
-            break
-    return o.text() or "No crashes recorded"
+    return _listing(session, "crashlog", "Error: Crash log not available", "No crashes recorded")
 
 
 async def _later_reset():
