@@ -277,6 +277,10 @@ class Device:
         self.wdt_timeout = 0
         self.wdt_fed = 0.0
         self.last_sigint = 0.0
+        self.running = False  # the board runs code (Ctrl-C interrupts) rather than reading input
+        self.booting = True   # powered on, main.py not started yet
+        self.held_intr = False
+        self.intr_lock = threading.Lock()
         self.ctl_conn = None
         self.wifi = 1
         self.uid = hashlib.sha256(os.path.realpath(self.root).encode()).hexdigest()[:12]
@@ -323,6 +327,22 @@ class Device:
                 self.reboot("soft", None)
             elif cmd == b"DEEPSLEEP":
                 self.reboot("power", DEEPSLEEP)
+            elif cmd == b"RUN":
+                self._run_state(words[1:2], conn)
+
+    def _run_state(self, how, conn):
+        with self.intr_lock:
+            if how == [b"B"]:      # boot.py: a Ctrl-C now is held for main.py
+                self.running = False
+                return
+            self.booting = False
+            self.running = how == [b"1"]
+            if self.running and self.held_intr:
+                self.held_intr = False
+                self._sigint()
+            if not self.running:
+                self.held_intr = False
+                conn.send(b"IDLE")  # no interrupt for the code that ended can follow now
 
     def reboot(self, mode, cause):
         self.next_boot = (mode, cause)
@@ -404,9 +424,21 @@ class Device:
                     self.to_device(chunk)
 
     def interrupt(self):
-        now = time.monotonic()
+        """Ctrl-C as a board's UART handles it: a KeyboardInterrupt while code runs, a plain
+        character while the REPL reads input (never landing inside the REPL protocol), and at
+        power-on held until main.py starts (a host connecting then wants to stop the app)."""
+        with self.intr_lock:
+            if self.running:
+                self._sigint()
+            elif self.booting:
+                self.held_intr = True
+            else:
+                self.to_device(b"\x03")
+
+    def _sigint(self):
         with self.child_lock:
             ch = self.child
+        now = time.monotonic()
         if ch and ch.poll() is None and now - self.last_sigint > 0.25:
             self.last_sigint = now
             _tgkill(ch.pid, signal.SIGINT)
@@ -457,6 +489,8 @@ class Device:
         env = dict(os.environ, VDEV_ROOT=self.root, VDEV_HEAP=str(heap_bytes(self.a.heap)),
                    VDEV_ROM=self.rom or "", VDEV_QSTRS=(self.rom + ".qstrs") if self.rom else "", VDEV_HW=self.hw_path, VDEV_MODE=mode,
                    VDEV_CAUSE=str(self.cause), VDEV_UID=self.uid, VDEV_CAN_RING=str(self.a.ring))
+        with self.intr_lock:
+            self.running, self.booting, self.held_intr = False, True, False
         with self.child_lock:
             self.child = subprocess.Popen(
                 [micropython_binary(), "-X", "heapsize=%d" % self.heap, BOARD],

@@ -108,6 +108,12 @@ def soft_reset(raw):
     sys.exit(EXIT_SOFT_RAW if raw else EXIT_SOFT)
 
 
+def run(code, how=b"1"):
+    """Execute compiled code in the REPL namespace; Ctrl-C interrupts it only meanwhile."""
+    _hw.running(how)
+    exec(code, ns)
+
+
 def run_file(name):
     """Run a file from flash in the REPL namespace; True if it ended with SystemExit."""
     try:
@@ -117,7 +123,7 @@ def run_file(name):
     try:
         with open(name) as f:
             src = f.read()
-        exec(compile(src, name, "exec"), ns)
+        run(compile(src, name, "exec"), b"B" if name == "boot.py" else b"1")
     except SystemExit:
         return True
     except BaseException as e:  # noqa: B036  (a board prints every escape, incl. KeyboardInterrupt)
@@ -130,8 +136,9 @@ def execute(src, mode_, eof):
     exit_ = False
     try:
         try:
-            exec(compile(src, "<stdin>", mode_), ns)
+            run(compile(src, "<stdin>", mode_))
         finally:
+            _hw.running(b"0")
             if eof:
                 write("\x04")
     except SystemExit:
@@ -168,6 +175,7 @@ def raw_paste():
 
 def raw_repl():
     """The raw REPL (Ctrl-A); returns when the host asks for the friendly REPL (Ctrl-B)."""
+    _hw.running(b"0")
     while True:
         write("raw REPL; CTRL-B to exit\r\n")
         restart = False
@@ -240,6 +248,7 @@ def needs_more(src):
 
 
 def friendly_repl():
+    _hw.running(b"0")
     write(BANNER)
     while True:
         r = readline(">>> ")
