@@ -196,3 +196,39 @@ micropython.qstr_info()
     counts = [int(x.split("n_qstr=")[1].split(",")[0]) for x in lines if "n_qstr=" in x]
     assert lines[1] == "True True"
     assert counts[0] == counts[1], r.stdout
+
+
+def test_on_demand_modules_carry_no_native_code():
+    # native/viper code loaded with a module is never freed (ESP32: executable IRAM until the
+    # next soft reset; unix: an mmap record on the heap), so the modules that are dropped and
+    # loaded again at run time must be bytecode only; the hot viper code lives in modules
+    # that stay loaded
+    lib = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib")
+    native = sorted(os.path.relpath(p, lib) for p in glob.glob(os.path.join(lib, "**", "*.py"),
+                                                               recursive=True)
+                    if "@micropython.viper" in open(p).read()
+                    or "@micropython.native" in open(p).read())
+    assert native == ["ovms/decoder.py", "ovms/metrics.py"]
+
+
+def test_metric_requests_do_not_grow_the_heap():
+    # what `request/metric` does on every call: a pattern match (rare API, loaded on demand)
+    # and the 1 Hz tick that drops the helper again, many times over
+    r = run_mpy("""
+import gc
+from ovms import metrics as m
+def cycle():
+    n = sum(1 for _ in m.match("m.net"))
+    m.tick()
+    return n
+for _ in range(5):
+    cycle()
+gc.collect()
+a = gc.mem_alloc()
+for _ in range(200):
+    n = cycle()
+gc.collect()
+print(n > 0, gc.mem_alloc() - a)
+""", heap="200K")
+    ok, grew = r.stdout.split()
+    assert ok == "True" and int(grew) <= 256, r.stdout

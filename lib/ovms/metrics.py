@@ -93,6 +93,18 @@ def _vfind(order: ptr16, noff: ptr16, n: int, std: ptr8, ext: ptr8, s: ptr8, ls:
 
 
 @micropython.viper
+def _vpfx(a: ptr8, o: int, b: ptr8, lb: int) -> int:
+    # 1 if the name at a[o:] (ends at "\n") starts with b[0:lb]
+    i = 0
+    while i < lb:
+        c = int(a[o + i])
+        if c == 10 or c != int(b[i]):
+            return 0
+        i += 1
+    return 1
+
+
+@micropython.viper
 def _vscan(mod: ptr8, fl: ptr8, start: int, x: int) -> int:
     # first i in [start, x >> 16) with mod bit (x & 255) set (and the priority flag if
     # x & 0x100); clears that bit and returns i, else -1

@@ -1,7 +1,7 @@
-"""Metric table building and rarely used accessors (loaded on demand through ovms.metrics)."""
+"""Metric table building and rarely used accessors (loaded on demand through ovms.metrics;
+bytecode only: native code could not be freed when the module is dropped again)."""
 import array
 import sys
-import micropython
 from micropython import const
 from ovms import metrics as M
 
@@ -29,18 +29,6 @@ _F_REST = const(64)
 _F_LOCAL = const(128)
 _NOSLOT = const(0xFFFF)
 _EXT = const(0x8000)
-
-
-@micropython.viper
-def _vpfx(a: ptr8, o: int, b: ptr8, lb: int) -> int:
-    # 1 if the name at a[o:] (ends at "\n") starts with b[0:lb]
-    i = 0
-    while i < lb:
-        c = int(a[o + i])
-        if c == 10 or c != int(b[i]):
-            return 0
-        i += 1
-    return 1
 
 
 def init(defs=None):
@@ -227,9 +215,9 @@ def match(pattern="*"):
         if lp:
             o = M._noff[i]
             if o & _EXT:
-                ok = _vpfx(M._ext, o & 0x7FFF, p, lp)
+                ok = M._vpfx(M._ext, o & 0x7FFF, p, lp)
             else:
-                ok = _vpfx(M._std, o, p, lp)
+                ok = M._vpfx(M._std, o, p, lp)
             if not ok:
                 return
         yield i
