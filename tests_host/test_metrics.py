@@ -249,7 +249,7 @@ except ValueError:
 def test_derived_power_sign_convention():
     r = mpy("""
 m.tick()
-print(m.defined("v.b.power"), m.get("m.monotonic") >= 0, m.get("m.freeram") > 0)
+print(m.defined("v.b.power"), m.get("m.monotonic") >= 0, m.get("m.freeram") is None)
 m.set("v.b.voltage", 400.0); m.set("v.b.current", 25.0)   # + = discharge
 m.tick(); print(m.get("v.b.power"))
 m.set("v.b.current", -12.5)                                # charging

@@ -425,8 +425,8 @@ def _pair(out, a, b):
 
 def tick():
     """Housekeeping, about once a second outside the CAN path: module health, derived
-    metrics; drops the on-demand helper modules again."""
-    import gc
+    metrics; drops the on-demand helper modules again. (m.freeram is ovms.health's: the
+    free heap after a collection, not whatever garbage happens to be around.)"""
     import ovms
     for nm in ("metrics_tab", "metrics_io"):
         if nm in ovms.__dict__:
@@ -434,7 +434,6 @@ def tick():
             sys.modules.pop("ovms." + nm, None)
     try:
         set("m.monotonic", uptime() - 1)
-        set("m.freeram", gc.mem_free())
         t = time.time()
         if time.gmtime(t)[0] >= 2024:      # the clock has been set
             set("m.time.utc", t + _EPOCH)
