@@ -419,7 +419,7 @@ RS = [R(c) for c in ("config list", "config list password", "config list wifi.ss
                      "config get wifi.ssid HomeNet", "config get password server.v3", "config list server.v3")]
 out(RS)
 out(config.get("password", "module"))
-""")
+""", heap="128K")   # seven commands' modules as bytecode in the heap (frozen on the device)
     assert o[0] == o[1] == o[2] == "Parameter has been set."
     assert o[3].startswith("Error: ") and "s3cretPW" not in o[3] and "LLLL" not in o[3]
     rs = o[4]

@@ -8,7 +8,8 @@ against a local TLS mosquitto like `make sim`, and replays the recorded RAV4 dri
 2 s a client asks for the module's m.* metrics over MQTT (client/<cid>/request/metric): the
 live heap after the firmware's last collection (m.freeram) and the lowest free heap seen
 (m.freeram.min, garbage included: the real peak). Prints peak and steady-state heap in use,
-the growth between the first and last quarter of the drive, and any MemoryError on the console.
+the growth between the first and last quarter of the drive (after a 10 s warm-up: boot, TLS
+connect, full republish), and any MemoryError on the console.
 """
 import argparse
 import json
@@ -29,6 +30,7 @@ from vdev import heap_bytes  # noqa: E402
 
 DRIVE = os.path.join(REPO, "firmware", "vehicles", "rv", "logs", "comma2k19_rav4_seg40.log.gz")
 DRIVE_S = 60.0
+WARMUP_S = 10.0
 
 
 def run(heap="200K", speed=1.0, quiet=False):
@@ -57,7 +59,7 @@ def run(heap="200K", speed=1.0, quiet=False):
 
         def on_msg(c, u, m):
             name = m.topic.split("/metric/", 1)[-1].replace("/", ".")
-            if name in ("m.freeram", "m.freeram.min"):
+            if name in ("m.freeram", "m.freeram.min") and not m.retain:
                 with lock:
                     cur[name] = int(m.payload)
                     if name == "m.freeram":
@@ -82,9 +84,11 @@ def run(heap="200K", speed=1.0, quiet=False):
     text = open(console, "rb").read().decode(errors="replace") if os.path.exists(console) else ""
     shutil.rmtree(d, ignore_errors=True)
     size = heap_bytes(heap)
-    live = [(t, size - f) for t, f, _ in samples]
+    # the first WARMUP_S: boot, Wi-Fi, TLS connect and the full republish (not steady state)
+    live = [(t, size - f) for t, f, _ in samples if t >= WARMUP_S]
     lows = [m for _, _, m in samples if m is not None]
-    out = {"heap_bytes": size, "samples": len(live), "memory_errors": text.count("MemoryError")}
+    out = {"heap_bytes": size, "samples": len(live), "memory_errors": text.count("MemoryError"),
+           "series": [(round(t, 1), u) for t, u in live]}
     if live:
         n = len(live)
         q1 = [u for _, u in live[:max(1, n // 4)]]

@@ -111,15 +111,11 @@ def _watch():
 
 
 def _hooks():
-    from ovms import canbus, server_v3, shell, vehicle
-    shell.hook("watchdog", _watchdog_cmd)
-    shell.hook("can_send", canbus.send)
-    shell.hook("can_status", canbus.status)
-    shell.hook("vehicle", vehicle.current)
-    shell.hook("notify", server_v3.notify)
-    shell.hook("event", events.raise_event)
-    shell.hook("tasks", task_list)
-    shell.hook("crashlog", health.crashes)
+    # the shell itself loads on the first command
+    from ovms import canbus, server_v3, vehicle
+    ovms.hooks.update(watchdog=_watchdog_cmd, can_send=canbus.send, can_status=canbus.status,
+                      vehicle=vehicle.current, notify=server_v3.notify,
+                      event=events.raise_event, tasks=task_list, crashlog=health.crashes)
     events.listen(server_v3.event)
 
 
@@ -133,17 +129,18 @@ def _healthy():
 
 
 async def _stable():
-    """Commit a trial OTA version once healthy; clear the crash-boot count once up a while."""
+    """Commit a trial OTA version once healthy; clear the crash-boot count once up a while.
+    (ota_boot is loaded since boot.py; the rest of the OTA code only loads when used.)"""
     try:
-        from ovms import ota
+        import ota_boot
     except ImportError:
-        ota = None
+        ota_boot = None
     t = 0
-    while ota or t < _STABLE_S:
-        if ota and _healthy():
-            if ota.mark_healthy():
+    while ota_boot or t < _STABLE_S:
+        if ota_boot and _healthy():
+            if ota_boot.mark_healthy():
                 print("app: new version reported healthy and committed")
-            ota = None
+            ota_boot = None
         if t == _STABLE_S:
             try:
                 os.remove(BOOTS_FILE)
@@ -167,8 +164,10 @@ async def _main():
     _spawn("health", health.run(config.get("module", "watchdog.timeout"), _running))
     _spawn("stable", _stable())
     try:
-        from ovms import ota
-        _spawn("ota.guard", ota.guard(config.get("ota", "health.deadline")))
+        import ota_boot
+        if ota_boot.trial:
+            from ovms import ota
+            _spawn("ota.guard", ota.guard(config.get("ota", "health.deadline")))
     except ImportError:
         pass
     events.raise_event("system.start")
@@ -197,6 +196,7 @@ def unload():
     """Forget the app's modules and their data so the REPL gets the heap back."""
     import gc
     import ovms
+    ovms.hooks.clear()
     for name in [k for k in sys.modules if k.startswith("ovms.") or k.startswith("veh_")]:
         del sys.modules[name]
         try:

@@ -385,11 +385,18 @@ class Server:
 
     async def _ota(self):
         """OTA requests (ovms.ota_rx protocol), one at a time, replies on client/<cid>/ota-reply."""
-        from ovms import ota
-        rx = ota.receiver()     # now, before the heap fragments
+        ota = rx = None         # the OTA code loads with the first request
         while True:
             await self._oev.wait()
             self._oev.clear()
+            if rx is None and self._otaq:
+                try:
+                    from ovms import ota
+                    rx = ota.receiver()
+                except MemoryError as e:
+                    _log("OTA: no room for the receiver: %r" % (e,))
+                    self._otaq.clear()  # the host retries
+                    continue
             while self._otaq:
                 cid, op, msg = self._otaq.pop(0)
                 try:
@@ -601,12 +608,9 @@ def start(outbox=None):
     if _srv is None or _task is None or _task.done():
         _srv = Server(outbox)
         _task = asyncio.create_task(_srv.run())
-        try:
-            from ovms import shell
-            shell.hook("server_status", status)
-            shell.hook("server_update", lambda what="modified": _srv.update(what))
-        except Exception:
-            pass
+        import ovms
+        ovms.hooks["server_status"] = status
+        ovms.hooks["server_update"] = _update
     return _srv
 
 
@@ -622,6 +626,10 @@ async def stop():
     if t is not None and not t.done():
         t.cancel()
         await asyncio.sleep_ms(0)
+
+
+def _update(what="modified"):
+    return _srv.update(what)
 
 
 def notify(type, subtype, text):

@@ -2,6 +2,8 @@
 import time
 from micropython import const
 
+import ovms
+
 MAX_LINE = const(1024)      # longest accepted command line (characters)
 MAX_OUT = const(4096)       # default reply size limit (characters), then TRUNC is appended
 PENALTY_MS = const(5000)    # delay after a wrong enable password
@@ -30,7 +32,7 @@ _root = ["", None, "", 0, 0, False, {}, None]
 #   vehicle() -> object with command_frames(name, args) (or None)
 #   notify(type, subtype, text)   event(name)   tasks() -> str | list   reset()  (restart soon)
 #   server_status() -> str   server_update(what) -> str (may be a coroutine)
-hooks = {}
+hooks = ovms.hooks
 
 _ms = time.ticks_ms        # clock (ms); tests may replace it
 _penalty_until = None      # ticks_ms until which enable attempts are refused (global)
