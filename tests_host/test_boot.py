@@ -28,7 +28,7 @@ def wait_console(d, text, timeout=30):
 
 def test_three_crashes_in_a_row_give_safe_mode_until_power_on(tmp_path):
     root = flash(tmp_path, boots=2)
-    with VDev(root, heap="200K") as d:
+    with VDev(root) as d:
         assert wait_console(d, "net:")
         assert (root / "store" / "boots").read_text() == "0"  # power-on: counting starts again
         (root / "store" / "boots").write_text("2")  # as after two crashes in a row
@@ -43,7 +43,7 @@ def test_three_crashes_in_a_row_give_safe_mode_until_power_on(tmp_path):
         out = d.exec("print(safe_mode, 'app' in dir())")
         assert out.split() == ["True", "False"]
     os.remove(str(root) + ".console")
-    with VDev(root, heap="200K") as d:  # power cycle: counting starts again, the app runs
+    with VDev(root) as d:  # power cycle: counting starts again, the app runs
         assert wait_console(d, "net:")
         assert (root / "store" / "boots").read_text() == "0"
         assert "SAFE MODE" not in d.console()
@@ -54,7 +54,7 @@ def test_app_crash_is_counted_and_logged(tmp_path):
     # a corrupt persisted-metrics file must not crash the app; a corrupt config neither
     (root / "store" / "ovms.cfg").write_bytes(b"\x00garbage\xff" * 20)
     (root / "store" / "metrics.dat").write_bytes(b"\xff" * 100)
-    with VDev(root, heap="200K") as d:
+    with VDev(root) as d:
         assert wait_console(d, "net:")
         assert "corrupt" in d.console().lower() or "damaged" in d.console().lower()
         assert (root / "store" / "boots").read_text() == "0"

@@ -14,9 +14,7 @@ from util import TOOLS
 
 VDEV = os.path.join(TOOLS, "vdev.py")
 OVMS = os.path.join(TOOLS, "ovms.py")
-# lib/ is copied to the virtual flash as .py, so the device compiles it at import time: the
-# compiler's peak (not the resident size) needs more than the ESP32's ~100K heap.
-HEAP = "200K"
+HEAP = "100K"
 
 
 class VDev:

@@ -16,7 +16,7 @@ from util import REPO, TOOLS, VDev
 KONA_LOG = os.path.join(REPO, "firmware", "vehicles", "kn", "logs",
                         "230112-7-2019-pcan-ccan-power-off-on-ready-off.log.gz")
 PRE = "ovms/u/V1/"
-APP_FILES_HEAP = "320K"
+APP_FILES_HEAP = "160K"
 
 
 def _source(tmp_path, version, crash=False):

@@ -213,11 +213,11 @@ def main(argv=None):
         x = sub.add_parser(name, help=text)
         x.add_argument("--quiet", action="store_true")
         x.add_argument("--loop-seconds", type=float, default=20)
-        x.add_argument("--heap", default="200K")
+        x.add_argument("--heap", default="100K")
         x.add_argument("--speed", type=float, default=1.0)
     al = sub.add_parser("all", help="every benchmark on the shipped data")
     al.add_argument("--seconds", type=float, default=1.0)
-    al.add_argument("--heap", default="200K", help="firmware heap on the virtual device")
+    al.add_argument("--heap", default="100K", help="ESP32 heap emulated by the virtual device")
     al.add_argument("--speed", type=float, default=1.0)
     a = ap.parse_args(argv)
     try:

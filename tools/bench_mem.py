@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Memory benchmark: the whole app on the virtual device through one replayed drive.
 
-    bench_mem.py [--heap 200K] [--speed 1]
+    bench_mem.py [--heap 100K] [--speed 1]
 
 The virtual device boots the firmware (frozen app, --heap for the firmware), is provisioned
 against a local TLS mosquitto like `make sim`, and replays the recorded RAV4 drive once. Every
@@ -33,7 +33,7 @@ DRIVE_S = 60.0
 WARMUP_S = 10.0
 
 
-def run(heap="200K", speed=1.0, quiet=False):
+def run(heap="100K", speed=1.0, quiet=False):
     import paho.mqtt.client as mqtt
     d = tempfile.mkdtemp(prefix="bench-mem-")
     os.chmod(d, 0o755)
@@ -47,8 +47,13 @@ def run(heap="200K", speed=1.0, quiet=False):
     samples = []
     lock = threading.Lock()
     try:
-        while "can-tx" not in (dev.stdout.readline() or "can-tx"):
-            pass
+        scale = 1
+        while True:
+            line = dev.stdout.readline()
+            if line.startswith("heap: "):
+                scale = int(line.split("x")[-1])
+            if not line or line.startswith("can-tx"):
+                break
         subprocess.run([sys.executable, os.path.join(TOOLS, "ovms.py"), "--port",
                         os.path.join(d, "pty"), "provision", "--wifi", "bench", "bench",
                         "--mqtt-host", "localhost", "--mqtt-port", str(broker.tls_port),
@@ -83,11 +88,11 @@ def run(heap="200K", speed=1.0, quiet=False):
         broker.stop()
     text = open(console, "rb").read().decode(errors="replace") if os.path.exists(console) else ""
     shutil.rmtree(d, ignore_errors=True)
-    size = heap_bytes(heap)
+    size = heap_bytes(heap) * scale     # the firmware's heap in this host's bytes
     # the first WARMUP_S: boot, Wi-Fi, TLS connect and the full republish (not steady state)
     live = [(t, size - f) for t, f, _ in samples if t >= WARMUP_S]
     lows = [m for _, _, m in samples if m is not None]
-    out = {"heap_bytes": size, "samples": len(live), "memory_errors": text.count("MemoryError"),
+    out = {"heap_bytes": size, "word_scale": scale, "samples": len(live), "memory_errors": text.count("MemoryError"),
            "series": [(round(t, 1), u) for t, u in live]}
     if live:
         n = len(live)
@@ -98,8 +103,8 @@ def run(heap="200K", speed=1.0, quiet=False):
                    growth_bytes=round(sum(q4) / len(q4) - sum(q1) / len(q1)),
                    peak_used_bytes=size - min(lows) if lows else None)
     if not quiet:
-        print("memory: firmware heap %d bytes (64-bit host), %d samples over the drive"
-              % (size, len(live)), file=sys.stderr)
+        print("memory: firmware heap %s = %d bytes on this host (x%d: same GC blocks as the ESP32), "
+              "%d samples over the drive" % (heap, size, scale, len(live)), file=sys.stderr)
         print("  peak in use %s, steady state %s, growth first->last quarter %s bytes, "
               "MemoryErrors %d" % (out.get("peak_used_bytes"), out.get("steady_used_bytes"),
                                    out.get("growth_bytes"), out["memory_errors"]), file=sys.stderr)
@@ -108,7 +113,7 @@ def run(heap="200K", speed=1.0, quiet=False):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--heap", default="200K")
+    ap.add_argument("--heap", default="100K", help="ESP32 heap to emulate (vdev --heap)")
     ap.add_argument("--speed", type=float, default=1.0)
     a = ap.parse_args(argv)
     print(json.dumps(run(a.heap, a.speed)))

@@ -48,9 +48,7 @@ def main(argv=None):
     ap.add_argument("--vehicle", default="RV", help="vehicle type (firmware/vehicles/<code>)")
     ap.add_argument("--id", default="SIM1", help="vehicle id")
     ap.add_argument("--speed", default="1")
-    # The unix port is 64-bit: MicroPython objects take about twice their ESP32 size, so the
-    # ESP32's ~110 KB heap holds about what 200K holds here (see README, "What runs where").
-    ap.add_argument("--heap", default="200K")
+    ap.add_argument("--heap", default="100K", help="the ESP32 heap to emulate (vdev --heap)")
     ap.add_argument("--fresh", action="store_true", help="erase the virtual flash first")
     a = ap.parse_args(argv)
 

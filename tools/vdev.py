@@ -95,17 +95,24 @@ def heap_bytes(text):
 
 
 def calibrate_heap(requested, rom=None):
-    """Heap for the process: what the firmware asked for plus what the emulation puts in it.
+    """Heap for the process: the ESP32 heap asked for, in this host's words, plus what the
+    emulation puts in it. Returns (bytes, emulation overhead, word scale).
 
-    On a board, machine/network and the REPL are C code and the frozen app's bytecode and
-    qstrs are in flash, all outside the GC heap. Here the shims, the ROMFS image and the
-    interned qstrs of the frozen modules are in it, so their measured size is added on top:
-    a first run imports the frozen app to list its qstrs, a second boots like the device
-    (qstrs pre-interned) and measures what the heap holds before the firmware starts."""
+    Word scale: MicroPython objects are made of machine words and its GC allocates in blocks
+    of four words, so an object takes the same number of blocks on the ESP32 (16-byte blocks)
+    as on a 64-bit host (32-byte blocks). To hold what a board's heap holds, the host heap
+    has the same number of blocks: twice the bytes on a 64-bit host. (Raw byte buffers are
+    the exception: denser here, which makes the emulation a little generous for them.)
+
+    Overhead: on a board, machine/network and the REPL are C code and the frozen app's
+    bytecode and qstrs are in flash, all outside the GC heap. Here the shims, the ROMFS image
+    and the interned qstrs of the frozen modules are in it, so their measured size is added
+    on top: a first run imports the frozen app to list its qstrs, a second boots like the
+    device (qstrs pre-interned) and measures what the heap holds before the firmware starts."""
     env = dict(os.environ, VDEV_MODE="calibrate")
     for k in ("VDEV_ROOT", "VDEV_HW", "VDEV_ROM", "VDEV_QSTRS"):
         env.pop(k, None)
-    cmd = [micropython_binary(), "-X", "heapsize=%d" % (requested + 1024 * 1024), BOARD]
+    cmd = [micropython_binary(), "-X", "heapsize=%d" % (2 * requested + 1024 * 1024), BOARD]
     if rom:
         env["VDEV_ROM"] = rom
         r = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, VDEV_IMPORT="1"),
@@ -118,10 +125,11 @@ def calibrate_heap(requested, rom=None):
         env["VDEV_QSTRS"] = rom + ".qstrs"
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     try:
-        overhead = int(r.stdout.split("base ", 1)[1].split()[0])
+        words = r.stdout.split("base ", 1)[1].split()
+        overhead, scale = int(words[0]), max(1, int(words[2]) // 4)
     except (ValueError, IndexError):
         raise SystemExit("vdev: cannot run micropython: %s" % (r.stderr or r.stdout))
-    return requested + (overhead + 1023) // 1024 * 1024, overhead
+    return requested * scale + (overhead + 1023) // 1024 * 1024, overhead, scale
 
 
 def build_rom(run_dir):
@@ -510,9 +518,10 @@ class Device:
         self.rom = None if self.a.no_frozen else build_rom(self.run_dir)
         if populate(self.root, with_lib=self.rom is None):
             self.say("flash %s populated from the repo" % self.root)
-        self.heap, overhead = calibrate_heap(heap_bytes(self.a.heap), self.rom)
-        self.say("heap %s for the firmware (+%d bytes of board emulation and frozen app)"
-                 % (self.a.heap, overhead))
+        self.heap, overhead, scale = calibrate_heap(heap_bytes(self.a.heap), self.rom)
+        self.say("heap %s for the firmware (ESP32 bytes; x%d on this %d-bit host, same number of "
+                 "GC blocks) + %d bytes of board emulation and frozen app"
+                 % (self.a.heap, scale, 32 * scale, overhead))
         self.open_pty()
         for fn in (self.serve_hw, self.watchdog, self.host_to_device, self.bus.run):
             threading.Thread(target=fn, daemon=True).start()
@@ -521,6 +530,7 @@ class Device:
         ch = self.boot(mode)
         print("pty: %s" % self.pty_name, flush=True)
         print("control: %s" % self.control_path, flush=True)
+        print("heap: %d x%d" % (heap_bytes(self.a.heap) * scale, scale), flush=True)
         print("can-tx: %s" % self.bus.tx_log, flush=True)
         while True:
             rc = ch.wait()
@@ -563,7 +573,8 @@ def main(argv=None):
     r.add_argument("--speed", type=float, default=1.0,
                    help="replay speed factor (0 = as fast as the firmware drains)")
     r.add_argument("--pty", help="make PATH a link to the serial port")
-    r.add_argument("--heap", default="100K", help="MicroPython GC heap (ESP32: about 110K)")
+    r.add_argument("--heap", default="100K", help="the ESP32's MicroPython GC heap to emulate (about 110K without PSRAM; "
+                        "scaled to the host's word size)")
     r.add_argument("--once", action="store_true", help="play the log once (default: loop)")
     r.add_argument("--ring", type=int, default=16, help="CAN RX ring slots (ESP32 driver: 16)")
     r.add_argument("--tx-log", help="where frames sent by the firmware go (default DIR.cantx.log)")

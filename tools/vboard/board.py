@@ -294,7 +294,7 @@ def calibrate():
     and list its qstrs instead (for pre-interning)."""
     import micropython
     gc.collect()
-    write("base %d\n" % gc.mem_alloc())
+    write("base %d word %d\n" % (gc.mem_alloc(), 8 if sys.maxsize > 1 << 32 else 4))
     if rom and os.getenv("VDEV_IMPORT"):
         micropython.qstr_info()
         for m in _modules("/rom/lib", ""):
