@@ -29,7 +29,8 @@ class VDev:
     def start(self):
         log = open(self.dir / "vdev.log", "ab")
         self.p = subprocess.Popen([sys.executable, VDEV, "run", "--root", str(self.root), "--pty", self.pty,
-                                   "--heap", HEAP], stdout=subprocess.PIPE, stderr=log, text=True)
+                                   "--heap", HEAP, "--log", str(self.dir / "console.log")],
+                                  stdout=subprocess.PIPE, stderr=log, text=True)
         log.close()
         while True:
             line = self.p.stdout.readline()
@@ -38,6 +39,14 @@ class VDev:
                 break
         threading.Thread(target=self.p.stdout.read, daemon=True).start()
         return self
+
+    def console(self):
+        """What the device printed (all power-ons) and the virtual device's own log."""
+        try:
+            return ((self.dir / "console.log").read_bytes().decode(errors="replace")
+                    + "\n--- vdev ---\n" + (self.dir / "vdev.log").read_text(errors="replace"))
+        except OSError:
+            return ""
 
     def kill(self):
         if self.p and self.p.poll() is None:
@@ -159,9 +168,13 @@ def test_power_cut_during_config_writes_on_the_virtual_device(tmp_path):
     try:
         for n in range(10):
             v.start()
-            d = cli_serial.Device(v.pty, 20)
+            d = None
             try:
-                w, g, corrupt = eval(d.exec(GEN_CODE + CHECK).strip())
+                try:
+                    d = cli_serial.Device(v.pty, 20)
+                    w, g, corrupt = eval(d.exec(GEN_CODE + CHECK).strip())
+                except cli_serial.LinkError as e:
+                    raise AssertionError("%s\nconsole:\n%s" % (e, v.console()[-3000:]))
                 if n == 0:  # first power-on of an empty flash
                     w = [x for x in w if not x.startswith("config: no config in /store yet")]
                 assert corrupt == [] and w == [], (w, corrupt)
@@ -173,7 +186,7 @@ def test_power_cut_during_config_writes_on_the_virtual_device(tmp_path):
             finally:
                 v.kill()  # power cut mid-write
                 try:
-                    d.t.serial.close()
+                    d and d.t.serial.close()
                 except OSError:
                     pass
         v.start()

@@ -69,6 +69,19 @@ def parse_candump(path):
     return frames
 
 
+def _waiting_in_syscall(pid):
+    """True if pid's main thread sleeps in a system call other than a lock (futex)."""
+    base = "/proc/%d/task/%d/" % (pid, pid)
+    try:
+        with open(base + "stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(base + "wchan") as f:
+            wchan = f.read()
+    except (OSError, IndexError):
+        return True   # no /proc: deliver at once
+    return state == "S" and wchan not in ("", "0") and "futex" not in wchan
+
+
 def _tgkill(pid, sig):
     """Signal the main thread of pid (where MicroPython checks for KeyboardInterrupt)."""
     nr = {"x86_64": 234, "aarch64": 131}.get(platform.machine())
@@ -284,7 +297,8 @@ class Device:
         self.cause = PWRON
         self.wdt_timeout = 0
         self.wdt_fed = 0.0
-        self.last_sigint = 0.0
+        self.last_sigint = None  # when the running code was interrupted (None: not yet)
+        self.stretch = 0         # counts RUN state changes (an interrupt is for one stretch)
         self.running = False  # the board runs code (Ctrl-C interrupts) rather than reading input
         self.booting = True   # powered on, main.py not started yet
         self.held_intr = False
@@ -340,14 +354,18 @@ class Device:
 
     def _run_state(self, how, conn):
         with self.intr_lock:
+            self.stretch += 1
+            self.last_sigint = None
             if how == [b"B"]:      # boot.py: a Ctrl-C now is held for main.py
                 self.running = False
                 return
             self.booting = False
-            self.running = how == [b"1"]
-            if self.running and self.held_intr:
+            if how == [b"M"]:      # main.py starts, unless Ctrl-C was pressed during power-on
+                self.running = not self.held_intr
                 self.held_intr = False
-                self._sigint()
+                conn.send(b"GO" if self.running else b"STOP")
+                return
+            self.running = how == [b"1"]
             if not self.running:
                 self.held_intr = False
                 conn.send(b"IDLE")  # no interrupt for the code that ended can follow now
@@ -434,7 +452,8 @@ class Device:
     def interrupt(self):
         """Ctrl-C as a board's UART handles it: a KeyboardInterrupt while code runs, a plain
         character while the REPL reads input (never landing inside the REPL protocol), and at
-        power-on held until main.py starts (a host connecting then wants to stop the app)."""
+        power-on held: main.py then does not start (a host connecting wants the REPL; a signal
+        would land in the middle of the app's imports)."""
         with self.intr_lock:
             if self.running:
                 self._sigint()
@@ -444,12 +463,29 @@ class Device:
                 self.to_device(b"\x03")
 
     def _sigint(self):
+        # (called with intr_lock held) One SIGINT per stretch of running code (another after
+        # 2 s): a second SIGINT that arrives before the first became a KeyboardInterrupt makes
+        # the unix port exit from inside its signal handler.
         with self.child_lock:
             ch = self.child
         now = time.monotonic()
-        if ch and ch.poll() is None and now - self.last_sigint > 0.25:
+        if ch and ch.poll() is None and (self.last_sigint is None or now - self.last_sigint > 2.0):
             self.last_sigint = now
-            _tgkill(ch.pid, signal.SIGINT)
+            threading.Thread(target=self._deliver, args=(ch.pid, self.stretch),
+                             daemon=True).start()
+
+    def _deliver(self, pid, stretch):
+        # The KeyboardInterrupt is raised where the interpreter next looks, which is unsafe
+        # inside a garbage collection or with an internal lock held (the heap stays locked, or
+        # the next qstr deadlocks). On a board the UART interrupt only sets a flag too, but
+        # there is no GC thread handshake; here the signal waits (up to 1 s) for the main
+        # thread to sleep in a system call (poll, sleep, read) that is not a lock.
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end and not _waiting_in_syscall(pid):
+            time.sleep(0.001)
+        with self.intr_lock:
+            if self.running and self.stretch == stretch:
+                _tgkill(pid, signal.SIGINT)
 
     def to_device(self, data):
         with self.child_lock:
@@ -499,6 +535,8 @@ class Device:
                    VDEV_CAUSE=str(self.cause), VDEV_UID=self.uid, VDEV_CAN_RING=str(self.a.ring))
         with self.intr_lock:
             self.running, self.booting, self.held_intr = False, True, False
+            self.last_sigint = None
+            self.stretch += 1
         with self.child_lock:
             self.child = subprocess.Popen(
                 [micropython_binary(), "-X", "heapsize=%d" % self.heap, BOARD],

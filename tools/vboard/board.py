@@ -108,7 +108,7 @@ def soft_reset(raw):
     sys.exit(EXIT_SOFT_RAW if raw else EXIT_SOFT)
 
 
-def run(code, how=b"1"):
+def run(code, how=_hw.RUN):
     """Execute compiled code in the REPL namespace; Ctrl-C interrupts it only meanwhile."""
     _hw.running(how)
     exec(code, ns)
@@ -123,7 +123,9 @@ def run_file(name):
     try:
         with open(name) as f:
             src = f.read()
-        run(compile(src, name, "exec"), b"B" if name == "boot.py" else b"1")
+        if name == "main.py" and not _hw.start_main():
+            raise KeyboardInterrupt
+        run(compile(src, name, "exec"), _hw.BOOT if name == "boot.py" else _hw.RUN)
     except SystemExit:
         return True
     except BaseException as e:  # noqa: B036  (a board prints every escape, incl. KeyboardInterrupt)
@@ -138,7 +140,7 @@ def execute(src, mode_, eof):
         try:
             run(compile(src, "<stdin>", mode_))
         finally:
-            _hw.running(b"0")
+            _hw.running(_hw.REPL)
             if eof:
                 write("\x04")
     except SystemExit:
@@ -175,7 +177,7 @@ def raw_paste():
 
 def raw_repl():
     """The raw REPL (Ctrl-A); returns when the host asks for the friendly REPL (Ctrl-B)."""
-    _hw.running(b"0")
+    _hw.running(_hw.REPL)
     while True:
         write("raw REPL; CTRL-B to exit\r\n")
         restart = False
@@ -248,7 +250,7 @@ def needs_more(src):
 
 
 def friendly_repl():
-    _hw.running(b"0")
+    _hw.running(_hw.REPL)
     write(BANNER)
     while True:
         r = readline(">>> ")
