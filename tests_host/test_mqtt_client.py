@@ -195,13 +195,13 @@ return [c.backoff_ms(n) for n in range(1, 9) for _ in range(20)]
 
 def test_broker_restart_recovers_and_resends_unacked_qos1(broker, dev_factory, peers):
     d = dev_factory(SETUP)
-    # backoff of 2-3 s: the peer below subscribes before the device is back (no race)
     d.start("new(%d, keepalive=5, backoff_min=2, backoff_max=3)\nawait c.run()" % broker.port)
     d.wait_event(lambda e: e["ev"] == "up")
     broker.stop()
     d.wait_event(lambda e: e["ev"] == "down", timeout=5)
-    # published while the broker is away: waits in the in-flight list
-    n = d.start('await c.publish("dev/q1", "while-down", qos=1)\nreturn "acked"')
+    # published while the broker is away: waits in the in-flight list (retained, so the peer
+    # below sees it however the device's reconnect and the peer's subscribe are ordered)
+    n = d.start('await c.publish("dev/q1", "while-down", qos=1, retain=True)\nreturn "acked"')
     time.sleep(1.0)
     broker.start()
     peer = peers(broker.port, subs=("dev/#",))
