@@ -9,7 +9,7 @@ SEQPACKET = 5
 
 _path = os.getenv("VDEV_HW")
 _ctl = None
-state = {"wifi": 1, "rssi": -58, "idle": 1, "go": 0}
+state = {"wifi": 1, "rssi": -58, "reply": None}
 
 
 def connect(hello):
@@ -31,10 +31,8 @@ def _reader(s):
         if not msg:
             return
         words = msg.split()
-        if words == [b"IDLE"]:
-            state["idle"] = 1
-        elif words in ([b"GO"], [b"STOP"]):
-            state["go"] = 1 if words == [b"GO"] else 2
+        if len(words) == 1 and words[0] in (b"IDLE", b"GO", b"STOP"):
+            state["reply"] = words[0]
         elif len(words) == 2 and words[0] in (b"WIFI", b"RSSI"):
             state[words[0].decode().lower()] = int(words[1])
 
@@ -53,34 +51,24 @@ REPL = b"RUN 0"   # the REPL reads input: Ctrl-C is a plain character
 MAIN = b"RUN M"   # main.py starts: runs as RUN, unless a Ctrl-C came during the power-on
 
 
-def start_main():
-    """True if main.py may run; False if the host pressed Ctrl-C while the board powered on
-    (the board then stops before main.py instead of interrupting it mid-import)."""
+def running(how):
+    """Tell the host how Ctrl-C acts from now on (RUN, BOOT, MAIN or REPL; no allocation: the
+    heap may be locked). MAIN and REPL wait for the host's answer: for MAIN, False means a
+    Ctrl-C came during the power-on and main.py must not start; for REPL, an interrupt the
+    host sent for the code that just ended is taken here, not inside the REPL."""
     if _ctl is None:
         return True
-    state["go"] = 0
-    ctl(MAIN)
-    while not state["go"]:
-        time.sleep_ms(1)
-    return state["go"] == 1
-
-
-def running(how):
-    """Tell the host how Ctrl-C acts from now on (RUN, BOOT or REPL; no allocation: the heap
-    may be locked). Leaving for the REPL waits until the host has confirmed, so
-    an interrupt it sent for the code that just ended is taken here, not inside the REPL."""
-    if _ctl is None:
-        return
-    state["idle"] = 0
+    state["reply"] = None
     ctl(how)
-    while how is REPL:
+    while how is MAIN or how is REPL:
         try:
-            while not state["idle"]:
+            while state["reply"] is None:
                 time.sleep_ms(1)
             time.sleep_ms(1)  # a late KeyboardInterrupt surfaces here
-            return
+            return state["reply"] != b"STOP"
         except KeyboardInterrupt:
             pass
+    return True
 
 
 def ctl(msg):

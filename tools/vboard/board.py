@@ -110,7 +110,8 @@ def soft_reset(raw):
 
 def run(code, how=_hw.RUN):
     """Execute compiled code in the REPL namespace; Ctrl-C interrupts it only meanwhile."""
-    _hw.running(how)
+    if not _hw.running(how):
+        raise KeyboardInterrupt  # Ctrl-C during power-on: main.py does not start
     exec(code, ns)
 
 
@@ -123,9 +124,7 @@ def run_file(name):
     try:
         with open(name) as f:
             src = f.read()
-        if name == "main.py" and not _hw.start_main():
-            raise KeyboardInterrupt
-        run(compile(src, name, "exec"), _hw.BOOT if name == "boot.py" else _hw.RUN)
+        run(compile(src, name, "exec"), _hw.BOOT if name == "boot.py" else _hw.MAIN)
     except SystemExit:
         return True
     except BaseException as e:  # noqa: B036  (a board prints every escape, incl. KeyboardInterrupt)
