@@ -54,7 +54,8 @@ MAIN = b"RUN M"   # main.py starts: runs as RUN, unless a Ctrl-C came during the
 def running(how):
     """Tell the host how Ctrl-C acts from now on (RUN, BOOT, MAIN or REPL; no allocation: the
     heap may be locked). MAIN and REPL wait for the host's answer: for MAIN, False means a
-    Ctrl-C came during the power-on and main.py must not start; for REPL, an interrupt the
+    Ctrl-C came during the power-on (or for main.py while it waits here) and main.py must not
+    start; for REPL, an interrupt the
     host sent for the code that just ended is taken here, not inside the REPL."""
     if _ctl is None:
         return True
@@ -67,7 +68,8 @@ def running(how):
             time.sleep_ms(1)  # a late KeyboardInterrupt surfaces here
             return state["reply"] != b"STOP"
         except KeyboardInterrupt:
-            pass
+            if how is MAIN:  # the host let main.py run, then a Ctrl-C came for it
+                return False
     return True
 
 
