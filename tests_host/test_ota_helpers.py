@@ -146,6 +146,7 @@ def check_slot(root, slot, version, pub_pem):
 #   healthy         ota.mark_healthy()
 #   crash           the app raises at start: ota_boot.crashed(exc) (exit code 99 = reset)
 #   push FILE ID CH push bundle FILE (resuming a transfer with the same ID), CH bytes per chunk
+#   xfer FILE ID CH the same, but stop (power cut) before the "end" request
 #   firmware        print the running partition label (esp32 emulation)
 # Markers "M <phase>" go to stdout before each step, so a test can cut the power at a phase.
 DEVICE = r"""
@@ -157,7 +158,7 @@ args = sys.argv[2:]
 def mark(p):
     print("M", p)
 
-def push(path, bid, ch):
+def push(path, bid, ch, end=True):
     from ovms import ota
     rx = ota.receiver()
     n = os.stat(path)[6]
@@ -182,6 +183,8 @@ def push(path, bid, ch):
                 print("ERR", j["error"])
                 return
             off = j["next"]
+    if not end:
+        return
     mark("end")
     j = json.loads(rx.handle("end", b""))
     print("ERR " + j["error"] if "error" in j else "STAGED " + j["staged"])
@@ -210,8 +213,8 @@ while i < len(args):
         print("HEALTHY", ota.mark_healthy())
     elif a == "crash":
         ota_boot.crashed(RuntimeError("app crashed"), 0)
-    elif a == "push":
-        push(args[i], args[i + 1], int(args[i + 2]))
+    elif a in ("push", "xfer"):
+        push(args[i], args[i + 1], int(args[i + 2]), a == "push")
         i += 3
     elif a == "status":
         from ovms import ota

@@ -122,6 +122,31 @@ def test_good_bundle_is_staged_verified_and_config_untouched(tmp_path):
     assert snapshot_config(root) == cfg
 
 
+@pytest.mark.parametrize("unrenamed", [(-1,), (0, -1)])
+def test_cut_between_a_files_last_byte_and_its_rename_resumes(tmp_path, unrenamed):
+    """Power cut after a file's last byte reached flash but before its .part was renamed: the
+    resumed transfer finishes that file from flash, also when it is the bundle's last file (no
+    more data comes for it)."""
+    root = flash_root(tmp_path)
+    b = app_bundle(tmp_path, "2.0.0")
+    p = os.path.join(str(tmp_path), "bundle.bin")
+    with open(p, "wb") as f:
+        f.write(b)
+    bid = cli_ota.bundle_id(b)
+    rc, out = device(root, "xfer", p, bid, "512")
+    assert not lines(out, "STAGED") and not lines(out, "ERR"), out
+    files = cli_ota.parse_bundle(b)[2]["files"]
+    for path, n, _ in (files[k] for k in unrenamed):
+        full = os.path.join(root, "app", "a", path)
+        assert os.path.getsize(full) == n
+        os.rename(full, full + ".part")
+    rc, out = device(root, "push", p, bid, "512")
+    assert lines(out, "RESUME") == [str(len(b))], out
+    assert lines(out, "STAGED") == ["2.0.0"], out
+    check_slot(root, "a", "2.0.0", keypair()[1])
+    assert not any(f.endswith(".part") for d, _, fs in os.walk(root) for f in fs)
+
+
 def test_real_app_from_this_repo_stages_in_100k_heap(tmp_path):
     """The whole lib/ of this repo, compiled for the device arch, goes through at 1 KiB chunks."""
     root = flash_root(tmp_path)

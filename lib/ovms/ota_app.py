@@ -79,10 +79,17 @@ class AppSink:
             if fsize(self._base + p) != n:
                 k = fsize(self._base + p + ".part")
                 if 0 < k <= n:
-                    self._fo = k
                     done += k
-                else:
-                    rm(self._base + p + ".part")
+                    if k < n:
+                        self._fo = k
+                        break
+                    # cut between its last byte and the rename: finish it now (it may be
+                    # the last file, with no more data to come)
+                    h = hashlib.sha256()
+                    hash_file(self._base + p + ".part", n, h, self._buf)
+                    self._finish(h.digest())
+                    continue
+                rm(self._base + p + ".part")
                 break
             done += n
             self._next()
