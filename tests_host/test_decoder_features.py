@@ -297,26 +297,55 @@ def test_extended_multiplexing_is_a_clear_error(name, msg, sig, tmp_path):
         assert msg in r.stderr and sig in r.stderr and "SG_MUL_VAL_" in r.stderr
 
 
-def test_signal_beyond_message_length_is_an_error():
-    p = os.path.join(DATA, "dbc_catalog", "joshwardell-model3dbc", "Model3CAN.dbc")
-    with pytest.raises(dbc2table.CompileError) as e:
-        dbc2table.compile_dbc(p)
-    assert "ID5D5RearDItemps" in str(e.value) and "DI_lashAngle" in str(e.value)
-    assert "beyond message length" in str(e.value)
+M3 = os.path.join(DATA, "dbc_catalog", "joshwardell-model3dbc", "Model3CAN.dbc")
+
+
+def test_dbc_flaws_cantools_cannot_decode_either_are_skipped_with_a_warning(tmp_path):
+    """Model3CAN.dbc: two messages have a signal beyond their length (cantools fails on every
+    frame of them) and 0x201's signals name a multiplexer that its long-name attribute renamed
+    (cantools decodes only the multiplexer). Those parts give no value, with a warning naming
+    them; everything else decodes as cantools does."""
+    import cantools
     warnings = []
-    t = dbc2table.compile_dbc(p, skip_unsupported=True, warn=warnings.append)
-    assert dbc2table.summary(t)["messages"] > 100 and any("DI_lashAngle" in w for w in warnings)
+    t = dbc2table.compile_dbc(M3, warn=warnings.append)
+    assert dbc2table.summary(t)["messages"] > 100
+    assert any("ID5D5RearDItemps" in w and "DI_lashAngle" in w and "beyond message length" in w
+               for w in warnings), warnings
+    assert any("VCFRONT_chillerExvFlow" in w and "no multiplexer" in w for w in warnings)
+    db = cantools.database.load_file(M3, strict=False)
+    frames = [(0x5D5, bytes(range(1, 9))), (0x201, bytes([3]) + bytes(range(7))),
+              (0x118, bytes(range(8)))]
+    log = tmp_path / "m3.log"
+    log.write_text("".join("(%d.0) can0 %03X#%s\n" % (k, i, d.hex().upper())
+                           for k, (i, d) in enumerate(frames)))
+    r = run_tool("candecode.py", "--dbc", M3, "--log", str(log))
+    assert r.returncode == 0, r.stderr
+    assert "DI_lashAngle" in r.stderr
+    got = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [g["id"] for g in got] == [0x201, 0x118]         # no value where cantools has none
+    with pytest.raises(Exception):
+        db.decode_message(0x5D5, frames[0][1])
+    for g, (i, d) in zip(got, frames[1:]):
+        assert g["signals"] == db.decode_message(i, d, allow_truncated=True)
 
 
-@pytest.mark.parametrize("sig,valtype,err", [
-    ('F16 : 0|16@1- (1,0) [0|0] "" N', 1, "unsupported float length 16"),
-    ('Wide : 0|32@1+ (1,0) [0|0] "" N', None, "beyond message length"),
+@pytest.mark.parametrize("metric", [
+    {"message": "ID5D5RearDItemps", "signal": "DI_lashAngle"},
+    {"message": "ID201VCFRONT_loggingAndVitals10Hz", "signal": "VCFRONT_chillerExvFlow"},
 ])
-def test_unrepresentable_signals(sig, valtype, err, tmp_path):
-    vt = [(0x300, sig.split()[0], valtype)] if valtype else []
-    path, _ = load(dbc_text([(0x300, "BAD", 2 if valtype is None else 8, [sig])], vt), tmp_path)
+def test_mapping_a_signal_cantools_cannot_decode_is_an_error(metric, tmp_path):
+    p = write_mapping(tmp_path, {"xm3.x": metric}, buses={"can0": M3})
+    with pytest.raises(dbc2table.CompileError) as e:
+        dbc2table.compile_mapping(p)
+    assert metric["message"] in str(e.value) and metric["signal"] in str(e.value)
+
+
+def test_unrepresentable_signal_is_an_error(tmp_path):
+    path, _ = load(dbc_text([(0x300, "BAD", 8, ['F16 : 0|16@1- (1,0) [0|0] "" N'])],
+                            [(0x300, "F16", 1)]), tmp_path)
     r = run_tool("candecode.py", "--dbc", path, "--log", os.devnull)
-    assert r.returncode == 2 and err in r.stderr and "BAD" in r.stderr, r.stderr
+    assert r.returncode == 2 and "unsupported float length 16" in r.stderr, r.stderr
+    assert "BAD" in r.stderr and "F16" in r.stderr
 
 
 def test_multiplexer_with_scale_is_an_error(tmp_path):

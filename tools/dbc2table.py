@@ -283,15 +283,31 @@ def mux_info(msg):
     if mx.scale != 1 or mx.offset != 0:
         raise CompileError("%s: multiplexer with scale/offset is not supported" % _where(msg, mx))
     for s in msg.signals:
+        if s.multiplexer_signal != mx.name:
+            continue  # an orphan (see orphans): never decoded
         for v in s.multiplexer_ids or ():
             if not 0 <= v < 2 ** 31:
                 raise CompileError("%s: multiplexer value %d out of range 0..2**31-1"
                                    % (_where(msg, s), v))
-    for s in msg.signals:
-        if s.multiplexer_ids and s.multiplexer_signal != mx.name:
-            raise CompileError("%s: multiplexed by %s, not by the message multiplexer %s"
-                               % (_where(msg, s), s.multiplexer_signal, mx.name))
     return mx
+
+
+def orphans(msg):
+    """Signals multiplexed by a name that is no multiplexer of the message (e.g. a DBC whose
+    long-name attribute renamed the multiplexer only): cantools never decodes them."""
+    muxers = [s.name for s in msg.signals if s.is_multiplexer]
+    return [s for s in msg.signals if s.multiplexer_signal is not None
+            and s.multiplexer_signal not in muxers]
+
+
+def undecodable(msg):
+    """Why cantools decodes no frame of msg at all (a signal needs bytes beyond the message
+    length: every decode fails), or None."""
+    for s in msg.signals:
+        if s.start >= 0 and 1 <= s.length <= 64 and pieces_of(s)[1] > msg.length:
+            return "%s: signal beyond message length (needs %d bytes, message has %d)" % (
+                _where(msg, s), pieces_of(s)[1], msg.length)
+    return None
 
 
 def overlaps(msg):
@@ -389,8 +405,13 @@ def build(entries, warn=None, messages=()):
                 warn("%s: signals %s and %s overlap (decoded at their DBC bit positions)"
                      % (_where(msg), a, b))
         first = len(sigs)
+        lost = orphans(msg)
         for e in ents:
             s = e.sig
+            if s in lost:
+                raise CompileError("%s: multiplexed by %s, which is no multiplexer of the "
+                                   "message (cantools never decodes it)"
+                                   % (_where(msg, s), s.multiplexer_signal))
             check_signal(msg, s)
             ps, need = pieces_of(s)
             flags = 0
@@ -515,9 +536,22 @@ def compile_dbc(db, bus=0, skip_unsupported=False, warn=None):
         db = load_dbc(db, warn)
     entries, msgs = [], []
     for m in _dedup_messages(db):
+        # flaws of the DBC itself, where cantools gives no value either: skipped, not errors
+        why = undecodable(m)
+        if why:
+            if warn:
+                warn("skipped: %s: cantools cannot decode it either" % why)
+            continue
+        lost = orphans(m)
+        if lost and warn:
+            warn("%s: signals %s skipped: multiplexed by %s, which is no multiplexer of the "
+                 "message (cantools never decodes them)" % (
+                     _where(m), ", ".join(s.name for s in lost),
+                     ", ".join(sorted(set(s.multiplexer_signal for s in lost)))))
+        sigs = [s for s in m.signals if s not in lost]
         try:
             mux_info(m)
-            for s in m.signals:
+            for s in sigs:
                 check_signal(m, s)
         except CompileError as e:
             if not skip_unsupported:
@@ -526,7 +560,7 @@ def compile_dbc(db, bus=0, skip_unsupported=False, warn=None):
                 warn("skipped: %s" % e)
             continue
         msgs.append((bus, m))
-        entries.extend(Entry(bus, m, s) for s in m.signals)
+        entries.extend(Entry(bus, m, s) for s in sigs)
     return build(entries, warn, msgs)
 
 
