@@ -18,7 +18,9 @@ A frame of a multiplexed message whose multiplexer value has no signals prints t
 multiplexer and the unmultiplexed signals (cantools raises an error there).
 The DBC is compiled on the host (tools/dbc2table.py); anything the decoder cannot
 represent is an error on stderr and exit status 2 (--skip-unsupported: drop those
-messages with a warning instead).
+messages with a warning instead).  Flaws of the DBC itself that cantools cannot decode
+either (a signal beyond its message's length, signals under a multiplexer name the message
+does not have) give no value and a warning.
 """
 import argparse
 import ast
