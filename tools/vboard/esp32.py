@@ -111,13 +111,21 @@ class Partition:
         return DIR + "/" + self._row[0] + ".bin"
 
     def _read(self, addr, n):
+        b = bytearray(n)
+        self._readinto(addr, b)
+        return b
+
+    def _readinto(self, addr, buf):
+        # into the caller's buffer: the board's flash reads take no heap, nor may this
+        k = 0
         try:
             with open(self._file(), "rb") as f:
                 f.seek(addr)
-                b = f.read(n)
+                k = f.readinto(buf) or 0
         except OSError:
-            b = b""
-        return b + b"\xff" * (n - len(b))
+            pass
+        for i in range(k, len(buf)):
+            buf[i] = 0xFF
 
     def _write(self, addr, b):
         if addr < 0 or addr + len(b) > self._row[4]:
@@ -135,17 +143,19 @@ class Partition:
         return self._read(0, 1) == b"\xe9"      # ESP image magic
 
     def readblocks(self, block, buf, offset=0):
-        buf[:] = self._read(block * self._bs + offset, len(buf))
+        self._readinto(block * self._bs + offset, buf)
 
     def writeblocks(self, block, buf, offset=None):
         addr = block * self._bs
         if offset is None:                      # erase the blocks, then program
             if len(buf) % self._bs:
                 raise OSError(22)
-            self._write(addr, bytes(buf))
+            self._write(addr, buf)              # no copy: the board's flash writes take no heap
         else:                                   # NOR flash: programming only clears bits
             old = self._read(addr + offset, len(buf))
-            self._write(addr + offset, bytes(a & b for a, b in zip(old, buf)))
+            for i in range(len(old)):
+                old[i] &= buf[i]
+            self._write(addr + offset, old)
 
     def ioctl(self, op, arg):
         if op == 4:
