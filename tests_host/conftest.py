@@ -16,13 +16,10 @@ def mpy():
 
 
 @pytest.fixture(scope="session")
-def mpy_lib(tmp_path_factory):
-    """lib/ compiled to .mpy for this host (as `make deploy` lays it out): code that must run in
-    the 100K heap loads bytecode, as on the module, instead of compiling source in that heap."""
-    import deploy
-    from util import REPO
-    out = deploy.build(REPO, str(tmp_path_factory.mktemp("deploy")), march="x64")
-    return os.path.join(out, "lib")
+def mpy_lib():
+    """lib/ compiled to .mpy for this host (util.compiled_lib)."""
+    from util import compiled_lib
+    return compiled_lib()
 
 
 @pytest.fixture

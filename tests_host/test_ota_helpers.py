@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from util import LIB, MICROPYTHON, TOOLS
+from util import LIB, MICROPYTHON, TOOLS, compiled_lib
 
 import cli_ota
 
@@ -230,7 +230,7 @@ def device_cmd(root, *args, heap="100K", esp32_dir=None):
     """argv + env for one simulated power-on of the device on flash dir `root`."""
     top = os.path.dirname(root)
     vb = os.path.join(top, "vb")        # only the esp32 emulation (not the vdev machine shim)
-    code = "import sys\nsys.path[:0] = %r\n" % ([LIB, vb],) + DEVICE
+    code = "import sys\nsys.path[:0] = %r\n" % ([compiled_lib(), vb],) + DEVICE
     path = os.path.join(top, "device.py")
     if not os.path.exists(path):
         os.makedirs(vb, exist_ok=True)

@@ -21,6 +21,19 @@ def tool(name):
 
 MICROPYTHON = tool("micropython")
 MPY_CROSS = tool("mpy-cross")
+_compiled = []
+
+
+def compiled_lib():
+    """lib/ compiled to .mpy for this host, laid out as `make deploy` does (built once per run).
+    Device code that must live in the 100K heap loads this bytecode, as on a module, instead of
+    compiling its source inside that heap (which a module never does)."""
+    if not _compiled:
+        sys.path.insert(0, TOOLS)
+        import deploy
+        out = deploy.build(REPO, tempfile.mkdtemp(prefix="ovms-lib-"), march="x64")
+        _compiled.append(os.path.join(out, "lib"))
+    return _compiled[0]
 
 
 def run_mpy(code, heap="100K", timeout=120, path=(LIB,), cwd=None, check=True, args=()):
