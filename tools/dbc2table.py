@@ -304,9 +304,10 @@ def undecodable(msg):
     """Why cantools decodes no frame of msg at all (a signal needs bytes beyond the message
     length: every decode fails), or None."""
     for s in msg.signals:
-        if s.start >= 0 and 1 <= s.length <= 64 and pieces_of(s)[1] > msg.length:
+        need = pieces_of(s)[1] if s.start >= 0 and 1 <= s.length <= 64 else 0
+        if need > msg.length:
             return "%s: signal beyond message length (needs %d bytes, message has %d)" % (
-                _where(msg, s), pieces_of(s)[1], msg.length)
+                _where(msg, s), need, msg.length)
     return None
 
 

@@ -55,8 +55,8 @@ def running(how):
     """Tell the host how Ctrl-C acts from now on (RUN, BOOT, MAIN or REPL; no allocation: the
     heap may be locked). MAIN and REPL wait for the host's answer: for MAIN, False means a
     Ctrl-C came during the power-on (or for main.py while it waits here) and main.py must not
-    start; for REPL, an interrupt the
-    host sent for the code that just ended is taken here, not inside the REPL."""
+    start; for REPL, an interrupt the host sent for the code that just ended is taken here, not
+    inside the REPL."""
     if _ctl is None:
         return True
     state["reply"] = None
