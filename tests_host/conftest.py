@@ -15,13 +15,6 @@ def mpy():
     return run_mpy
 
 
-@pytest.fixture(scope="session")
-def mpy_lib():
-    """lib/ compiled to .mpy for this host (util.compiled_lib)."""
-    from util import compiled_lib
-    return compiled_lib()
-
-
 @pytest.fixture
 def broker(tmp_path):
     """A fresh mosquitto on free loopback ports with a generated CA (TLS + plain)."""

