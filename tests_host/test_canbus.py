@@ -1,4 +1,4 @@
-"""ovms.canbus: IRQ-driven drain into the decoder, filters, listen-only, bus-off recovery, counters."""
+"""ovms.can.bus: IRQ-driven drain into the decoder, filters, listen-only, bus-off recovery, counters."""
 import os
 
 import pytest
@@ -167,7 +167,7 @@ def mpy(code, built, **kw):
 
 def test_cover_filters():
     r = run_mpy("""
-from ovms.canbus import cover
+from ovms.can.bus import cover
 def ok(ids, f, ext=False):
     full = 0x1FFFFFFF if ext else 0x7FF
     acc = sum(1 for x in range(0x800) if any((x & m) == (i & m) for i, m in f)) if not ext else None
@@ -196,7 +196,8 @@ print(cover([0x7FF, 0x7FF, 0x7FF], 4))
 
 def test_drain_decodes_without_allocating(built):
     r = mpy("""
-from ovms import metrics as m, vehicle, canbus
+from ovms import metrics as m
+from ovms.can import vehicle, bus as canbus
 v = vehicle.load("KN")
 can = FakeCAN()
 bus = canbus.CanBus("can0", 0, v.bitrate(0), v.decoder, v.ids(0), True, can)
@@ -233,7 +234,8 @@ print(m.get("v.b.soc"), m.get("v.b.voltage"), m.get("v.p.odometer"))
 def test_task_drains_on_irq_and_publishes_counters(built):
     r = mpy("""
 import asyncio
-from ovms import metrics as m, vehicle, canbus
+from ovms import metrics as m
+from ovms.can import vehicle, bus as canbus
 v = vehicle.load("KN")
 can = FakeCAN()
 async def producer():
@@ -266,7 +268,8 @@ asyncio.run(main())
 
 def test_overruns_are_counted(built):
     r = mpy("""
-from ovms import metrics as m, canbus
+from ovms import metrics as m
+from ovms.can import bus as canbus
 can = FakeCAN()
 bus = canbus.CanBus("can0", 0, 500000, None, None, True, can)
 bus.open()
@@ -291,7 +294,8 @@ print(m.get("m.can0.overruns"), m.get("m.can0.frames"), m.get("m.can0.errors"), 
 
 def test_overrun_flag_on_next_frame(built):
     r = mpy("""
-from ovms import metrics as m, canbus
+from ovms import metrics as m
+from ovms.can import bus as canbus
 can = FakeCAN()
 bus = canbus.CanBus("can0", 0, 500000, None, None, True, can)
 bus.open()
@@ -307,7 +311,8 @@ print(bus.drain(100), bus.rx_overrun, bus.rx_errors)
 def test_bus_off_restart_with_backoff(built):
     r = mpy("""
 import time
-from ovms import metrics as m, canbus
+from ovms import metrics as m
+from ovms.can import bus as canbus
 can = FakeCAN()
 bus = canbus.CanBus("can0", 0, 500000, None, None, True, can)
 bus.backoff_min = 50
@@ -336,7 +341,7 @@ print(m.get("m.can0.busoff"), m.get("m.can0.restarts"), m.get("m.can0.busstate")
 
 def test_listen_only_blocks_transmit_normal_mode_sends(built):
     r = mpy("""
-from ovms import canbus, vehicle
+from ovms.can import bus as canbus, vehicle
 v = vehicle.load("KN")
 a = FakeCAN()
 canbus._buses.append(canbus.CanBus("can0", 0, 500000, v.decoder, v.ids(0), True, a).open())
@@ -361,7 +366,7 @@ print(canbus.send(1, 0x100, False, b""))
 
 def test_filters_follow_vehicle_ids(built):
     r = mpy("""
-from ovms import canbus, vehicle
+from ovms.can import bus as canbus, vehicle
 v = vehicle.load("RV")
 can = FakeCAN()
 bus = canbus.CanBus("can0", 0, 500000, v.decoder, v.ids(0), True, can).open()
@@ -389,7 +394,8 @@ print(p.filters)
 
 def test_garbage_frames_do_not_crash(built):
     r = mpy("""
-from ovms import metrics as m, vehicle, canbus
+from ovms import metrics as m
+from ovms.can import vehicle, bus as canbus
 v = vehicle.load("KN")
 can = FakeCAN()
 bus = canbus.CanBus("can0", 0, 500000, v.decoder, None, True, can).open()
@@ -419,7 +425,8 @@ def test_virtual_device_replay_end_to_end(tmp_path, built):
     (root / "boot.py").write_text("")
     (root / "main.py").write_text("""
 import asyncio
-from ovms import metrics as m, vehicle, canbus
+from ovms import metrics as m
+from ovms.can import vehicle, bus as canbus
 v = vehicle.load('KN')
 async def watch():
     last, same = -1, 0

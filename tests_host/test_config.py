@@ -392,14 +392,14 @@ import sys
 class Boom:
     def run(self):
         raise MemoryError
-sys.modules['ovms.config_recover'] = Boom()
+sys.modules['ovms.config.recover'] = Boom()
 out(config.load())
 out(config.get('vehicle', 'id'))
 try:
     config.set('vehicle', 'id', 'OTHER')
 except OSError as e:
     out(str(e))
-out('ovms.config_recover' in sys.modules)
+out('ovms.config.recover' in sys.modules)
 """)
     assert out[0] == ["config: load failed (MemoryError()), booting on defaults, config is read-only until reboot"]
     assert out[1] == ""
@@ -413,9 +413,9 @@ out('ovms.config_recover' in sys.modules)
 def test_ram_cost(tmp_path):
     """Resident heap after import + load of 30 values (compiled .mpy as on the device)."""
     lib = tmp_path / "lib" / "ovms"
-    lib.mkdir(parents=True)
+    (lib / "config").mkdir(parents=True)
     import subprocess
-    for m in ("__init__", "config", "config_schema", "config_recover"):
+    for m in ("__init__", "config/__init__", "config/schema", "config/recover"):
         subprocess.run([MPY_CROSS, "-o", str(lib / (m + ".mpy")), os.path.join(LIB, "ovms", m + ".py")],
                        check=True)
     store = tmp_path / "store"

@@ -421,7 +421,7 @@ def test_candecode_messages_mapped(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ device API
 DEVICE_API = r"""
 import array
-from ovms.decoder import Decoder, SIGNED, CHOICES, INT, MINT, AUX, BIGENDIAN
+from ovms.can.decoder import Decoder, SIGNED, CHOICES, INT, MINT, AUX, BIGENDIAN
 t = open(TABLE, "rb").read()
 d = Decoder(t)
 n = d.nsignals
@@ -489,7 +489,7 @@ def test_info_flags(tmp_path):
                                                      'U : 40|3@1+ (1,0) [0|0] "" N'])]), tmp_path)
     tf = tmp_path / "t.bin"
     tf.write_bytes(dbc2table.compile_dbc(path))
-    out = run_mpy("from ovms.decoder import *\nd = Decoder(open(%r, 'rb').read())\n"
+    out = run_mpy("from ovms.can.decoder import *\nd = Decoder(open(%r, 'rb').read())\n"
                   "print([d.info(k)[4] for k in range(d.nsignals)], d.msg_info(0))\n"
                   "print(SIGNED, FLOAT, CHOICES, MUXER, MUXED, INT, MINT, AUX, BIGENDIAN)"
                   % str(tf)).stdout.split("\n")
@@ -503,7 +503,7 @@ def test_info_flags(tmp_path):
 
 GARBAGE = r"""
 import array
-from ovms.decoder import Decoder
+from ovms.can.decoder import Decoder
 d = Decoder(open(TABLE, "rb").read())
 n = d.nsignals
 d.bind(bytearray(n), array.array("i", [0] * n), array.array("H", range(n)))
@@ -560,7 +560,7 @@ def test_corrupt_tables_rejected(tmp_path):
     for i, c in enumerate(cases):
         paths.append(str(tmp_path / ("c%d" % i)))
         open(paths[-1], "wb").write(c)
-    code = "from ovms.decoder import Decoder\nfor p in %r:\n    try:\n" \
+    code = "from ovms.can.decoder import Decoder\nfor p in %r:\n    try:\n" \
            "        Decoder(open(p, 'rb').read())\n        print('accepted')\n" \
            "    except ValueError as e:\n        print('ValueError', e)\n" % (paths,)
     out = run_mpy(code).stdout.splitlines()
@@ -570,7 +570,7 @@ def test_corrupt_tables_rejected(tmp_path):
 # ------------------------------------------------------------------ zero allocation
 HEAPLOCK = r"""
 import array, micropython, gc
-from ovms.decoder import Decoder
+from ovms.can.decoder import Decoder
 
 @micropython.viper
 def copy(dst, src, off: int, n: int):
@@ -644,7 +644,7 @@ def test_python_path_same_results_as_viper(tmp_path):
     tf, rf = tmp_path / "t.bin", tmp_path / "r.bin"
     tf.write_bytes(dbc2table.compile_dbc(PCAN))
     rf.write_bytes(candecode.pack_records(frames))
-    code = ("import sys\nsys.path.insert(0, %r)\nfrom ovms.decoder import Decoder as V\n"
+    code = ("import sys\nsys.path.insert(0, %r)\nfrom ovms.can.decoder import Decoder as V\n"
             "from %s import Decoder as P\nt = open(%r, 'rb').read()\nb = open(%r, 'rb').read()\n"
             "v, p = V(t), P(t)\nprint(v.feed_batch(b, %d, 1), p.feed_batch(b, %d, 1))\n"
             "print([v.raw(k) for k in range(v.nsignals)] == [p.raw(k) for k in range(p.nsignals)])\n"
@@ -670,7 +670,7 @@ def test_bench_decode_meets_targets():
 
 HEAP300 = r"""
 import gc, array, sys
-from ovms.decoder import Decoder
+from ovms.can.decoder import Decoder
 import kn300
 gc.collect()
 m0 = gc.mem_alloc()
@@ -739,7 +739,7 @@ def test_overlapping_signals_decode_at_their_dbc_positions():
 
 MULTIBUS = r"""
 import array
-from ovms.decoder import Decoder
+from ovms.can.decoder import Decoder
 d = Decoder(open(TABLE, "rb").read())
 print([d.info(k)[2] for k in range(d.nsignals)], [d.msg_info(i)[:3] for i in range(d.nmessages)])
 for bus in (0, 1, 2):

@@ -1,6 +1,6 @@
 """The viper hot path with 32-bit machine words (as on the ESP32), emulated on CPython.
 
-Viper ints are 64-bit on x86-64 but 32-bit on the ESP32.  Here lib/ovms/decoder.py runs
+Viper ints are 64-bit on x86-64 but 32-bit on the ESP32.  Here lib/ovms/can/decoder.py runs
 on CPython with every viper `int` replaced by a type that wraps each result to a signed
 32-bit word (ptr32 loads are reinterpreted as signed, stores keep the low 32 bits), and
 its output is compared with cantools: any reliance on >32-bit intermediates shows up."""
@@ -70,7 +70,7 @@ def load_decoder():
     mp.viper = mp.native = lambda f: f
     sys.modules.setdefault("micropython", mp)
     spec = importlib.util.spec_from_file_location("decoder_word32",
-                                                  os.path.join(LIB, "ovms", "decoder.py"))
+                                                  os.path.join(LIB, "ovms", "can", "decoder.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     g = dict(mod.__dict__, int=I32, ptr8=lambda x: x, ptr16=lambda x: x, ptr32=P32)

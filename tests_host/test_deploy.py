@@ -94,14 +94,14 @@ def test_deploy_to_a_fresh_virtual_device(tmp_path):
         assert not list((root / "lib").rglob("*.py"))
         assert (root / "lib" / "veh_kn.mpy").exists()
         # a second deploy (a file removed from lib/) leaves no stale module behind
-        os.remove(os.path.join(src, "lib", "ovms", "cmd_vehicle.py"))
+        os.remove(os.path.join(src, "lib", "ovms", "shell", "vehicle.py"))
         r = subprocess.run([sys.executable,
                             os.path.join(REPO, "tools", "deploy.py"), "--port", d.pty,
                             "--arch", "x64", "--source", src],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
-        assert not (root / "lib" / "ovms" / "cmd_vehicle.mpy").exists()
-        assert (root / "lib" / "ovms" / "shell.mpy").exists()
+        assert not (root / "lib" / "ovms" / "shell" / "vehicle.mpy").exists()
+        assert (root / "lib" / "ovms" / "shell" / "__init__.mpy").exists()
     finally:
         d.stop()
 

@@ -62,7 +62,9 @@ class FakeCAN:
 can = FakeCAN()
 _f = asyncio.ThreadSafeFlag()       # (asyncio's event module: not part of the budget)
 m("before")
-from ovms import config, metrics, decoder, vehicle, canbus
+from ovms import config, metrics
+from ovms.can import decoder
+from ovms.can import vehicle, bus as canbus
 m("imported")
 config.init(%(store)r)
 metrics.load(%(store)r + "/metrics.sav")
@@ -128,8 +130,8 @@ def test_resident_heap_of_can_metrics_stack(tmp_path):
     res = [x for x in r.stdout.splitlines() if x.startswith("RESULT")][0].split()
     assert int(res[1]) == 3 * 600 and int(res[2]) > 100 and float(res[3]) > 0
     # rarely used code is not kept: only the modules that run all the time stay loaded
-    assert "metrics_tab" not in r.stdout and "config_schema" not in r.stdout \
-        and "canbus_filters" not in r.stdout and "config_recover" not in r.stdout, r.stdout
+    assert "metrics.tab" not in r.stdout and "config.schema" not in r.stdout \
+        and "can.filters" not in r.stdout and "config.recover" not in r.stdout, r.stdout
     used = live["steady"] - live["before"]
     print("resident heap of the CAN->metrics stack: %d B (imports %d B)"
           % (used, live["imported"] - live["before"]))
@@ -142,10 +144,11 @@ def test_rare_api_is_loaded_on_demand_and_dropped(tmp_path):
     # helpers come back on use (metrics: until the next tick; config, canbus: for the call)
     r = run_mpy("""
 import sys
-from ovms import metrics as m, config, canbus
+from ovms import metrics as m, config
+from ovms.can import bus as canbus
 def loaded():
-    return sorted(k[5:] for k in sys.modules if k in ("ovms.metrics_tab", "ovms.metrics_io",
-                  "ovms.config_schema", "ovms.canbus_filters", "ovms.config_recover"))
+    return sorted(k[5:] for k in sys.modules if k in ("ovms.metrics.tab", "ovms.metrics.io",
+                  "ovms.config.schema", "ovms.can.filters", "ovms.config.recover"))
 m.tick()
 print(loaded())
 i = m.define("xq.speed", "f", "km/h")
@@ -168,8 +171,8 @@ print(canbus.cover([0x100, 0x200], 4), loaded())
 """ % str(tmp_path), heap="200K")     # (compiled from source here: frozen on the device)
     out = r.stdout.strip().split("\n")
     assert out[0] == "[]"
-    assert out[1] == "['metrics_tab'] km/h 5 fibsvwDT km/h 0"
-    assert out[2] == "['metrics_io'] 3.5,3.25"
+    assert out[1] == "['metrics.tab'] km/h 5 fibsvwDT km/h 0"
+    assert out[2] == "['metrics.io'] 3.5,3.25"
     assert out[3] == "[]"
     assert out[4] == "AttributeError"
     assert out[5] == "[] X1 text, max 32 chars (default '') False"
@@ -208,7 +211,7 @@ def test_on_demand_modules_carry_no_native_code():
                                                                recursive=True)
                     if "@micropython.viper" in open(p).read()
                     or "@micropython.native" in open(p).read())
-    assert native == ["ovms/decoder.py", "ovms/metrics.py"]
+    assert native == ["ovms/can/decoder.py", "ovms/metrics/__init__.py"]
 
 
 def test_metric_requests_do_not_grow_the_heap():

@@ -426,7 +426,7 @@ def test_footprint_of_standard_table():
     # the table itself (without code) is small: bytes per metric
     r = mpy("""
 import gc
-from ovms import metrics_tab
+import ovms; metrics_tab = ovms.load("metrics.tab")
 metrics_tab.drop(); gc.collect(); a = gc.mem_alloc()
 m._init(); gc.collect(); b = gc.mem_alloc()
 print(m.count(), b - a)
@@ -438,7 +438,7 @@ print(m.count(), b - a)
 def test_compiles_under_small_heap():
     # every metrics module compiles from source and works in a 100K heap together
     r = run_mpy(PRE + """
-from ovms import metrics_io, metrics_tab
+import ovms; metrics_io = ovms.load("metrics.io"); metrics_tab = ovms.load("metrics.tab")
 m.set("v.b.soc", "12.5"); m.tick(); print(m.text("v.b.soc"))
 """, heap="100K")
     assert r.stdout.split()[-1] == "12.5"

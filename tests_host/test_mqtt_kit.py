@@ -16,35 +16,18 @@ import time
 
 import pytest
 
-from util import LIB, MICROPYTHON, MPY_CROSS
+from util import MICROPYTHON, compiled_lib
 
 
 # ---- device lib compiled like on the device (bytecode in .mpy, not source) ------------------
 
-_BUILT = {}
-
 
 def build_lib():
-    """lib/ compiled to .mpy for this host's micropython (x64), cached per session.
+    """lib/ compiled to .mpy for this host's micropython, once per session (util.compiled_lib).
 
     The device runs compiled (or frozen) modules; compiling source at import time needs
     far more heap than the modules themselves, so tests load .mpy files like the device."""
-    src = os.path.join(LIB, "ovms")
-    stamp = max(os.stat(os.path.join(src, f)).st_mtime for f in os.listdir(src))
-    if _BUILT.get("stamp") == stamp:
-        return _BUILT["dir"]
-    d = tempfile.mkdtemp(prefix="mqttlib-")
-    os.makedirs(os.path.join(d, "ovms"))
-    for f in os.listdir(src):
-        if not f.endswith(".py"):
-            continue
-        if f == "__init__.py":
-            shutil.copy(os.path.join(src, f), os.path.join(d, "ovms", f))
-            continue
-        subprocess.run([MPY_CROSS, "-march=x64", "-o", os.path.join(d, "ovms", f[:-3] + ".mpy"),
-                        os.path.join(src, f)], check=True)
-    _BUILT.update(stamp=stamp, dir=d)
-    return d
+    return compiled_lib()
 
 
 AGENT = r'''

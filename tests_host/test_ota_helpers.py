@@ -17,7 +17,7 @@ from util import LIB, MICROPYTHON, TOOLS, compiled_lib
 import cli_ota
 
 VBOARD = os.path.join(TOOLS, "vboard")
-OTA_MODULES = ("ota.py", "ota_rx.py", "ota_app.py", "ota_fw.py", "ota_fs.py", "ota_rsa.py")
+OTA_MODULES = ("ota/__init__.py", "ota/rx.py", "ota/app.py", "ota/fw.py", "ota/fs.py", "ota/rsa.py")
 _KEYDIR = tempfile.mkdtemp(prefix="ota-keys-")
 
 
@@ -69,10 +69,13 @@ def make_app(d, version, crash=False):
     os.makedirs(os.path.join(ovms, "pkg"), exist_ok=True)
     os.makedirs(os.path.join(ovms, "data"), exist_ok=True)
     for m in OTA_MODULES:
-        shutil.copy(os.path.join(LIB, "ovms", m), ovms)
+        os.makedirs(os.path.dirname(os.path.join(ovms, m)), exist_ok=True)
+        shutil.copy(os.path.join(LIB, "ovms", m), os.path.join(ovms, m))
     shutil.copy(os.path.join(LIB, "ota_boot.py"), os.path.join(d, "lib"))
+    with open(os.path.join(LIB, "ovms", "__init__.py")) as f:
+        helpers = f.read().split("\nhooks = {}\n", 1)[1]      # ovms.load, ovms.unload
     with open(os.path.join(ovms, "__init__.py"), "w") as f:
-        f.write('"""test app"""\nVERSION = %r\n' % version)
+        f.write('"""test app"""\nVERSION = %r\n' % version + helpers)
         if crash:
             f.write('raise RuntimeError("broken build " + VERSION)\n')
     with open(os.path.join(ovms, "util.py"), "w") as f:
@@ -261,6 +264,6 @@ def test_helpers_sign_and_check(tmp_path):
     pub = serialization.load_pem_public_key(keypair()[1].encode())
     pub.verify(sig, mb, padding.PKCS1v15(), hashes.SHA256())
     paths = [p for p, _, _ in man["files"]]
-    assert "lib/ovms/ota_rx.mpy" in paths and "lib/ovms/data/empty.txt" in paths
+    assert "lib/ovms/ota/rx.mpy" in paths and "lib/ovms/data/empty.txt" in paths
     assert not any("ota_boot" in p for p in paths)     # the boot helper is never in a slot
     assert len(b) == hl + man["size"]

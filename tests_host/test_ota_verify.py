@@ -66,7 +66,7 @@ def test_rsa_verify_on_device_good_bad_and_timing():
     flipped = bytes([good[0] ^ 1]) + good[1:]
     r = run_mpy("""
 import time, hashlib
-from ovms.ota_rsa import parse_key, verify
+from ovms.ota.rsa import parse_key, verify
 key = parse_key(%r)
 d = hashlib.sha256(%r).digest()
 print(verify(d, %r, key), verify(d, %r, key), verify(d, %r, key), verify(d, %r[:-1], key))
@@ -91,8 +91,8 @@ def test_public_key_formats_and_garbage():
     ec_pem = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
     r = run_mpy("""
-from ovms.ota_rsa import parse_key
-from ovms.ota_fs import OTAError
+from ovms.ota.rsa import parse_key
+from ovms.ota.fs import OTAError
 a = parse_key(%r); b = parse_key(%r)
 print(a == b, a[1], a[2])
 for bad in (%r, "-----BEGIN PUBLIC KEY-----\\nAAAA\\n-----END PUBLIC KEY-----", "hello", ""):

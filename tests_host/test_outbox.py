@@ -1,4 +1,4 @@
-"""Persistent notification outbox (ovms.outbox) on the micropython binary."""
+"""Persistent notification outbox (ovms.v3.outbox) on the micropython binary."""
 import os
 import random
 import signal
@@ -10,7 +10,7 @@ from util import MICROPYTHON, run_mpy
 
 
 def ob(path, code, **kw):
-    pre = "from ovms.outbox import Outbox\no = Outbox(%r%s)\n" % (
+    pre = "from ovms.v3.outbox import Outbox\no = Outbox(%r%s)\n" % (
         str(path), "".join(", %s=%r" % kv for kv in kw.items()))
     r = run_mpy(pre + code, path=(build_lib(),))
     return r.stdout.strip().split("\n")
@@ -93,7 +93,7 @@ def test_damaged_files_recover_without_crash(tmp_path):
 POWERCUT = r'''
 import sys
 sys.path[:0] = [%r]
-from ovms.outbox import Outbox
+from ovms.v3.outbox import Outbox
 o = Outbox(%r, max_items=20)
 k = int(open(%r).read() or 0)
 while True:

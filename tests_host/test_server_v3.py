@@ -1,4 +1,4 @@
-"""OVMS v3 server (ovms.server_v3) on the micropython binary against a real mosquitto."""
+"""OVMS v3 server (ovms.v3.server) on the micropython binary against a real mosquitto."""
 import os
 import time
 
@@ -13,7 +13,7 @@ SETUP = r'''
 from ovms import config, metrics, shell
 config.init(%(store)r)
 config.update(%(cfg)r)
-from ovms import server_v3
+from ovms.v3 import server as server_v3
 count = [0]
 def _count(session, args):
     count[0] += 1

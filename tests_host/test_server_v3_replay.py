@@ -133,12 +133,13 @@ def test_replayed_log_publishes_mapped_metrics(code, log, broker, dev_factory, p
     store.mkdir()
     setup = r'''
 sys.path.insert(0, %r)
-from ovms import config, metrics, vehicle
+from ovms import config, metrics
+from ovms.can import vehicle
 config.init(%r)
 config.update([("server.v3", "server", "127.0.0.1"), ("server.v3", "port", %d),
                ("server.v3", "tls", False), ("server.v3", "user", "demo"),
                ("vehicle", "id", "CAR9")])
-from ovms import server_v3
+from ovms.v3 import server as server_v3
 ''' % (str(vlib), str(store), broker.port)
     d = dev_factory(setup, heap="512K")
     names = d.call("""

@@ -1,4 +1,4 @@
-"""Delta publishing rules (ovms.v3_sched) on the micropython binary with a simulated clock."""
+"""Delta publishing rules (ovms.v3.sched) on the micropython binary with a simulated clock."""
 from test_mqtt_kit import build_lib
 from util import run_mpy
 
@@ -8,7 +8,7 @@ import time
 T = [time.ticks_ms()]
 metrics._ms = lambda: T[0] & 0x3FFFFFFF
 metrics._up_last = metrics._ms()
-from ovms.v3_sched import Scheduler
+from ovms.v3.sched import Scheduler
 s = Scheduler((5, 10, 10, 60, 600))
 def now():
     return metrics.uptime()

@@ -1,12 +1,11 @@
-"""Command shell (ovms.shell + cmd_* modules) on the micropython binary."""
-import glob
+"""Command shell (ovms.shell and its command modules) on the micropython binary."""
 import json
 import os
 import subprocess
 
 import pytest
 
-from util import LIB, MICROPYTHON, MPY_CROSS, run_mpy
+from util import LIB, MICROPYTHON, compiled_lib, run_mpy
 
 PRELUDE = r'''
 import json, sys, os
@@ -58,15 +57,9 @@ OUT = 'import json\ndef out(x):\n    print("@" + json.dumps(x))\n'
 
 
 @pytest.fixture(scope="module")
-def mlib(tmp_path_factory):
-    """lib/ compiled to .mpy (x64, native code included) as it is deployed: no compile-time heap peaks."""
-    d = tmp_path_factory.mktemp("mpylib")
-    os.makedirs(d / "ovms")
-    for src in glob.glob(os.path.join(LIB, "ovms", "*.py")):
-        dst = d / "ovms" / (os.path.basename(src)[:-3] + ".mpy")
-        r = subprocess.run([MPY_CROSS, "-march=x64", "-o", str(dst), src], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-    return str(d)
+def mlib():
+    """lib/ compiled to .mpy (native code included) as it is deployed: no compile-time heap peaks."""
+    return compiled_lib()
 
 
 def sh(mlib, tmp_path, code, heap="100K", prelude=True):
@@ -651,7 +644,7 @@ b = gc.mem_alloc()
 shell.run("help")
 gc.collect()
 c = gc.mem_alloc()
-for m in ("cmd_metrics", "cmd_config", "cmd_module", "cmd_can", "cmd_vehicle"):
+for m in ("shell.metrics", "shell.config", "shell.module", "shell.can", "shell.vehicle"):
     __import__("ovms." + m)
 gc.collect()
 d = gc.mem_alloc()
@@ -671,15 +664,15 @@ R = shell.run
 metrics.set("v.b.soc", 85.5)
 shell.register("xtt", "App commands", None)
 shell.register("xtt hello", "Say hello", lambda s, a: "hello", "", 0, 0, False)
-out([R("metrics get v.b.soc"), "ovms.cmd_metrics" in sys.modules])
+out([R("metrics get v.b.soc"), "ovms.shell.metrics" in sys.modules])
 gc.collect()
 ballast = []
 while gc.mem_free() * 4 > gc.mem_free() + gc.mem_alloc():    # leave < 1/4 of the heap free
     ballast.append(bytearray(512))
-out([R("metrics get v.b.soc"), "ovms.cmd_metrics" in sys.modules, "cmd_metrics" in dir(ovms)])
+out([R("metrics get v.b.soc"), "ovms.shell.metrics" in sys.modules, "metrics" in dir(ovms.shell)])
 ballast = None
 gc.collect()
-out([R("met g v.b.soc"), "ovms.cmd_metrics" in sys.modules, R("xtt hello"), R("metrics ?").count("\\n")])
+out([R("met g v.b.soc"), "ovms.shell.metrics" in sys.modules, R("xtt hello"), R("metrics ?").count("\\n")])
 """, prelude=False)
     assert o[0] == ["85.5%", True]
     assert o[1] == ["85.5%", False, False]      # answered, then dropped to give the heap back
@@ -696,11 +689,12 @@ def test_vehicle_commands_with_a_real_definition(mlib, tmp_path):
     os.remove(vehicles.build(vdir, str(tmp_path), mpy=True))
     o = sh(mlib, tmp_path, """
 sys.path.append(STORE)
-from ovms import shell, vehicle
+from ovms import shell
+from ovms.can import vehicle
 R = shell.run
 FRAMES = []
 shell.hook("can_send", lambda bus, fid, ext, data: FRAMES.append([bus, fid, ext, "".join(["%02x" % b for b in data])]))
-vehicle.load("KN")          # no "vehicle" hook: the shell uses ovms.vehicle.current()
+vehicle.load("KN")          # no "vehicle" hook: the shell uses ovms.can.vehicle.current()
 out(R("charge limit 80"))
 shell.local.secure = True
 out([R("charge limit 80"), FRAMES])

@@ -1,4 +1,4 @@
-"""End to end: tools/ovms.py shell over mosquitto to a micropython device running ovms.server_v3
+"""End to end: tools/ovms.py shell over mosquitto to a micropython device running ovms.v3.server
 and ovms.shell (metric values back, secure gating per client id, vehicle command frames)."""
 import os
 import subprocess
@@ -13,7 +13,8 @@ from util import REPO
 HEAP = "256K"   # whole app on the x64 port (8-byte pointers: about twice the ESP32's heap)
 
 SETUP = r'''
-from ovms import config, metrics, shell, server_v3
+from ovms import config, metrics, shell
+from ovms.v3 import server as server_v3
 config.init(%(store)r)
 config.update([("server.v3", "server", "127.0.0.1"), ("server.v3", "port", %(port)d),
                ("server.v3", "user", "bob"), ("server.v3", "ca", %(ca)r), ("vehicle", "id", "CAR1"),

@@ -113,7 +113,7 @@ def test_frozen_app_is_on_the_path_and_costs_no_bytecode_heap(tmp_path):
     with VDev(root) as d:
         out = d.exec("import sys, os, gc\nprint('/rom/lib' in sys.path, "
                      "'ovms' in os.listdir('/rom/lib'))\ngc.collect()\nf0 = gc.mem_free()\n"
-                     "import ovms.decoder\ngc.collect()\nprint(f0 - gc.mem_free() < 8000)")
+                     "import ovms.can.decoder\ngc.collect()\nprint(f0 - gc.mem_free() < 8000)")
     assert out.split() == ["True", "True", "True"]
 
 

@@ -106,7 +106,8 @@ def _expect(vdir, exp_path, bus="can0"):
 def _replay(vcode, log, built, bus="can0", extra=""):
     return mpy("""
 import json
-from ovms import metrics as m, vehicle
+from ovms import metrics as m
+from ovms.can import vehicle
 v = vehicle.load(%r)
 dec = v.decoder
 n = 0
@@ -211,7 +212,8 @@ def test_rav4_speed_matches_comma_wheel_speeds(built):
     path = os.path.join(built, "rav4_feed.txt")
     open(path, "w").write("\n".join(feed) + "\n")
     r = mpy("""
-from ovms import metrics as m, vehicle
+from ovms import metrics as m
+from ovms.can import vehicle
 v = vehicle.load("RV")
 dec = v.decoder
 for line in open(%r):
@@ -250,7 +252,8 @@ def test_rav4_odometer_in_km_and_steering(built):
 
 def test_load_errors_and_unload(built):
     r = mpy("""
-from ovms import metrics as m, vehicle
+from ovms import metrics as m
+from ovms.can import vehicle
 try:
     vehicle.load("ZZ")
 except ImportError as e:
@@ -266,7 +269,8 @@ print(vehicle.current(), m.source("v.p.speed"))
     out = r.stdout.split("\n")
     assert out[0].startswith("ImportError") and "veh_zz" in out[0]
     r = mpy("""
-from ovms import metrics as m, vehicle
+from ovms import metrics as m
+from ovms.can import vehicle
 class Bad:
     CODE = "BD"
     TABLE = b"OVDT garbage"
@@ -291,7 +295,7 @@ def test_kona_charge_limit_frames_match_cantools(built):
     db = load_dbc(os.path.join(VEH, "kn", "pcan.dbc"))
     msg = db.get_message_by_name("UpdateChargeSettings")
     r = mpy("""
-from ovms import vehicle
+from ovms.can import vehicle
 v = vehicle.load("KN")
 print(v.commands())
 for soc in (10, 50, 80, 90.5, 100):
@@ -322,7 +326,7 @@ print(v.command_frames("lock"), v.command_frames("climatecontrol.on"))
 
 def test_rav4_has_no_commands(built):
     r = mpy("""
-from ovms import vehicle
+from ovms.can import vehicle
 v = vehicle.load("RV")
 print(v.commands(), v.command_frames("lock"), v.command_frames("charge.start"))
 """, built)
@@ -383,7 +387,8 @@ def test_raw_command_frames_and_cli(tmp_path, built):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     r = mpy("""
-from ovms import vehicle, metrics as m
+from ovms import metrics as m
+from ovms.can import vehicle
 v = vehicle.load("TX")
 print(v.command_frames("lock", ["1234"]), m.typecode("xtx.gear"))
 """, str(out))
@@ -410,7 +415,8 @@ def test_catalogue_dbc_vehicle_builds(tmp_path, built):
     f1 = doors.encode({s.name: 0 for s in doors.signals} | {"DOOR_OPEN_FL": 1}, strict=False)
     f2 = wheels.encode({"WHEEL_SPEED_FR": 10, "WHEEL_SPEED_FL": 42.5}, strict=False)
     r = mpy("""
-from ovms import vehicle, metrics as m
+from ovms import metrics as m
+from ovms.can import vehicle
 v = vehicle.load("TX")
 for fid, data in ((%d, %r), (%d, %r)):
     v.decoder.feed(0, fid, False, data, len(data), m.uptime())
@@ -443,7 +449,10 @@ def test_footprint_300_metrics(tmp_path, built):
     os.remove(vehicles.build(d, out, mpy=True))
     r = mpy("""
 import gc
-from ovms import metrics as m, metrics_tab, metrics_io, decoder, vehicle
+from ovms import metrics as m
+import ovms; metrics_tab = ovms.load("metrics.tab"); metrics_io = ovms.load("metrics.io")
+from ovms.can import decoder
+from ovms.can import vehicle
 def mem():
     gc.collect()
     return gc.mem_alloc()

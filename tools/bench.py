@@ -79,7 +79,7 @@ PY_SHIM = "def ptr8(x):\n    return x\n\n\nptr16 = ptr32 = ptr8\n"
 
 def python_variant(dst_dir):
     """Write the decoder without @micropython.viper (pure-Python path) as pydecoder.py."""
-    src = open(os.path.join(LIB, "ovms", "decoder.py")).read()
+    src = open(os.path.join(LIB, "ovms", "can", "decoder.py")).read()
     src = re.sub(r"(?m)^[ \t]*@micropython\.viper[ \t]*\n", "", src)
     with open(os.path.join(dst_dir, "pydecoder.py"), "w") as f:
         f.write(PY_SHIM + src)
@@ -120,7 +120,7 @@ def bench_decode(a):
         with open(rp, "wb") as f:
             f.write(recs)
         heap = "%d" % max(2 << 20, 2 * len(recs) + 2 * len(table) + (1 << 20))
-        vfps, vheap, vsig, vstate = _run_device(tp, rp, len(frames), LIB, "ovms.decoder",
+        vfps, vheap, vsig, vstate = _run_device(tp, rp, len(frames), LIB, "ovms.can.decoder",
                                                 a.seconds, heap)
         mod = python_variant(tmp)
         pfps, _, psig, _ = _run_device(tp, rp, len(frames), tmp, mod, a.seconds / 2, heap)

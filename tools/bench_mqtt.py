@@ -7,13 +7,13 @@
 
 data_usage() -- one simulated day, run on the micropython binary with the device's own code:
   the recorded RAV4 drive (firmware/vehicles/rv, 60 s of real CAN traffic, looped to fill
-  --drive-min) goes through the real decoder and vehicle mapping (ovms.vehicle) into the
+  --drive-min) goes through the real decoder and vehicle mapping (ovms.can.vehicle) into the
   metric table, with a simulated clock (metrics._ms). The car is on (v.e.on, v.e.awake)
   while driving, awake for --awake-min after, then parked (idle) for --idle-h. metrics.tick()
   runs every second (m.monotonic, m.freeram, derived metrics) and the CAN counters
   (m.can0.frames/fps/decoded) change as on the device. Two schedulers read the same metric
   changes through separate change bits:
-    ours  -- ovms.v3_sched.Scheduler, exactly as the server uses it (collect/due every
+    ours  -- ovms.v3.sched.Scheduler, exactly as the server uses it (collect/due every
              250 ms, default policies, stale markers), plus keepalive pings (120 s);
     ovms  -- the OVMS v3 defaults: modified metrics every 5/10/10/60/600 s
              (on/charging/peers/awake/idle), a full resend of every defined metric every
@@ -133,8 +133,8 @@ import time
 T = [time.ticks_ms()]
 metrics._ms = lambda: T[0] & 0x3FFFFFFF     # simulated clock (ms, wraps like ticks_ms)
 metrics._up_last = metrics._ms()
-from ovms import vehicle
-from ovms.v3_sched import Scheduler
+from ovms.can import vehicle
+from ovms.v3.sched import Scheduler
 veh = vehicle.load("RV")
 dec = veh.decoder
 PFX = "ovms/demo/DEMO1/"
@@ -403,12 +403,13 @@ import sys, gc, struct, time
 sys.path[:0] = [%(lib)r]
 import asyncio
 from ovms import config, metrics, shell
-import ovms.cmd_metrics
+import ovms.shell.metrics
 config.init(%(store)r)
 config.update([("server.v3", "server", "127.0.0.1"), ("server.v3", "port", %(port)d),
                ("server.v3", "ca", %(ca)r), ("server.v3", "user", "demo"),
                ("server.v3", "tls", %(tls)r), ("vehicle", "id", "DEMO1")])
-from ovms import vehicle, server_v3
+from ovms.can import vehicle
+from ovms.v3 import server as server_v3
 veh = vehicle.load("RV")
 dec = veh.decoder
 NSTEPS = %(nsteps)d

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Decode a candump -L log with the DEVICE decoder (lib/ovms/decoder.py on micropython).
+"""Decode a candump -L log with the DEVICE decoder (lib/ovms/can/decoder.py on micropython).
 
 Usage:
   candecode.py --dbc FILE.dbc --log FILE.log [--bus NAME] [--messages all|mapped]
@@ -44,7 +44,7 @@ LINE_RE = re.compile(r"^\s*\((\d+(?:\.\d*)?)\)\s+(\S+)\s+([0-9A-Fa-f]{1,8})#(#?)
 
 DEVICE = r"""
 import sys
-from ovms.decoder import Decoder
+from ovms.can.decoder import Decoder
 tf, rf = sys.argv[1], sys.argv[2]
 with open(tf, "rb") as f:
     dec = Decoder(f.read())

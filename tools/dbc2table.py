@@ -8,7 +8,7 @@ Usage:
 `--dbc` compiles every message and signal of one DBC (bus index N, default 0).
 `--map` compiles only the signals a vehicle mapping file names.  `-o` writes the binary
 table; `--py` writes a freezable module `TABLE = b"..."` (load with
-`ovms.decoder.Decoder(module.TABLE)`).  A summary goes to stderr.  Anything the device
+`ovms.can.decoder.Decoder(module.TABLE)`).  A summary goes to stderr.  Anything the device
 decoder cannot represent exactly is an error naming the message and signal (exit 2).
 
 Vehicle mapping file (JSON)

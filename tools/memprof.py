@@ -45,8 +45,8 @@ m("start")
 """
 
 DEFAULT = """
-for name in ("ovms.config", "ovms.metrics", "ovms.decoder", "ovms.vehicle", "ovms.canbus",
-             "ovms.shell", "ovms.mqtt", "ovms.outbox", "ovms.v3_sched", "ovms.server_v3",
+for name in ("ovms.config", "ovms.metrics", "ovms.can.decoder", "ovms.can.vehicle", "ovms.can.bus",
+             "ovms.shell", "ovms.mqtt", "ovms.v3.outbox", "ovms.v3.sched", "ovms.v3.server",
              "ovms.net", "ovms.health", "ovms.events", "ovms.app"):
     __import__(name)
     m(name)

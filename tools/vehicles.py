@@ -7,7 +7,7 @@ Usage:
   vehicles.py check VEHICLE_DIR                  validate only (errors exit 2)
 
 VEHICLE_DIR holds vehicle.json (format: firmware/vehicles/README.md) and its DBC files.
-The generated module (load on the device with ovms.vehicle.load("<code>")) contains
+The generated module (load on the device with ovms.can.vehicle.load("<code>")) contains
     CODE, NAME, BUSES {bus name: bitrate}, METRICS (per-metric options), DERIVED,
     COMMANDS {name: frames}, TABLE (tools/dbc2table.py decode table).
 Command frames are encoded here with cantools; a signal value "$1" (or "$2", ...) is a
@@ -41,10 +41,10 @@ METRIC_KEYS = {"bus", "message", "signal", "factor", "add", "unit", "type", "sta
 
 
 def standard_metrics():
-    """{name: (type letter, unit label, stale seconds)} from lib/ovms/metric_defs.py."""
+    """{name: (type letter, unit label, stale seconds)} from lib/ovms/metrics/defs.py."""
     ns = {}
-    with open(os.path.join(REPO, "lib", "ovms", "metric_defs.py"), encoding="utf-8") as f:
-        exec(compile(f.read(), "metric_defs.py", "exec"), ns)
+    with open(os.path.join(REPO, "lib", "ovms", "metrics", "defs.py"), encoding="utf-8") as f:
+        exec(compile(f.read(), "defs.py", "exec"), ns)
     units = ["", "%", "km", "V", "A", "kW", "kWh", "\u00b0C", "Ah", "Wh/km", "km/h", "m",
              "Sec", "Min", "dBm", "kPa", "\u00b0", "rpm", "Nm", "W", "m/s\u00b2", "Hour"]
     uch = "-%kVAWECHcsmSMdpgrnwah"
@@ -83,7 +83,7 @@ def _coerce(t, v, where):
 
 def _infer_type(sig, entry):
     """Type letter of a vehicle metric; without "map" the same rule the device applies to
-    the decode table's flags (ovms.vehicle._infer), so such metrics need no METRICS row."""
+    the decode table's flags (ovms.can.vehicle._infer), so such metrics need no METRICS row."""
     if "map" in entry:
         vals = [v for v in entry["map"].values() if v is not None]
         if vals and all(isinstance(v, bool) for v in vals):

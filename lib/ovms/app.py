@@ -71,7 +71,7 @@ def _setup():
 
 def _start_vehicle():
     """Load the configured vehicle and start its CAN buses; returns the Vehicle or None."""
-    from ovms import canbus, vehicle
+    from ovms.can import bus as canbus, vehicle
     vt = config.get("vehicle", "type")
     v = None
     if vt:
@@ -101,7 +101,8 @@ def _watchdog_cmd(session, args):
 
 def _watch():
     """The critical tasks the watchdog waits for (each may be silent for the WDT timeout)."""
-    from ovms import canbus, server_v3
+    from ovms.can import bus as canbus
+    from ovms.v3 import server as server_v3
     ms = max(5, config.get("module", "watchdog.timeout")) * 1000
     if canbus.buses():
         name = canbus.buses()[0].name
@@ -112,7 +113,8 @@ def _watch():
 
 def _hooks():
     # the shell itself loads on the first command
-    from ovms import canbus, server_v3, vehicle
+    from ovms.can import bus as canbus, vehicle
+    from ovms.v3 import server as server_v3
     ovms.hooks.update(watchdog=_watchdog_cmd, can_send=canbus.send, can_status=canbus.status,
                       vehicle=vehicle.current, notify=server_v3.notify,
                       event=events.raise_event, tasks=task_list, crashlog=health.crashes)
@@ -121,7 +123,8 @@ def _hooks():
 
 def _healthy():
     """MQTT connected and CAN running (what an OTA trial version must show)."""
-    from ovms import canbus, server_v3
+    from ovms.can import bus as canbus
+    from ovms.v3 import server as server_v3
     s = server_v3.server()
     mqtt_up = bool(s and getattr(s, "connected", False)) or metrics.get("s.v3.connected") is True
     can_up = any(getattr(b, "_running", False) for b in canbus.buses())
@@ -151,7 +154,8 @@ async def _stable():
 
 
 async def _main():
-    from ovms import net, server_v3
+    from ovms import net
+    from ovms.v3 import server as server_v3
     warnings = _setup()
     _hooks()
     _start_vehicle()
@@ -177,7 +181,8 @@ async def _main():
 
 def stop():
     """Stop the app cleanly: CAN off, MQTT says goodbye, persisted metrics saved."""
-    from ovms import canbus, server_v3
+    from ovms.can import bus as canbus
+    from ovms.v3 import server as server_v3
     canbus.stop()
     asyncio.new_event_loop()
     try:
@@ -198,11 +203,10 @@ def unload():
     import ovms
     ovms.hooks.clear()
     for name in [k for k in sys.modules if k.startswith("ovms.") or k.startswith("veh_")]:
-        del sys.modules[name]
-        try:
-            delattr(ovms, name[5:])
-        except AttributeError:
-            pass
+        if name[0] == "o":
+            ovms.unload(name[5:])
+        else:
+            del sys.modules[name]
     gc.collect()
 
 

@@ -125,11 +125,8 @@ def _vscan(mod: ptr8, fl: ptr8, start: int, x: int) -> int:
 def __getattr__(a):
     # metrics.<name> not found here: the rarely used API, imported on demand (see above):
     # persistence in metrics_io, the rest (table building, binding, ...) in metrics_tab
-    if a == "save" or a == "load":
-        from ovms import metrics_io as h
-    else:
-        from ovms import metrics_tab as h
-    return getattr(h, a)
+    import ovms
+    return getattr(ovms.load("metrics.io" if a == "save" or a == "load" else "metrics.tab"), a)
 
 
 def count():
@@ -205,8 +202,8 @@ def _coerce(t, v):
     if isinstance(v, str):
         if t == _T_STR:
             return v
-        from ovms import metrics_io
-        return metrics_io.parse(t, v)
+        import ovms
+        return ovms.load("metrics.io").parse(t, v)
     if t == _T_FLOAT:
         if isinstance(v, (int, float, bool)) and v == v and v - v == 0:
             return float(v)
@@ -389,8 +386,8 @@ def text(m):
         return _ftext(v)
     if t == _T_INT:
         return str(v)
-    from ovms import metrics_io     # vectors, dates and times
-    return metrics_io.text(t, v)
+    import ovms
+    return ovms.load("metrics.io").text(t, v)     # vectors, dates and times
 
 
 # ---- change tracking -------------------------------------------------------------
@@ -427,11 +424,11 @@ def tick():
     """Housekeeping, about once a second outside the CAN path: module health, derived
     metrics; drops the on-demand helper modules again. (m.freeram is ovms.health's: the
     free heap after a collection, not whatever garbage happens to be around.)"""
-    import ovms
-    for nm in ("metrics_tab", "metrics_io"):
-        if nm in ovms.__dict__:
-            delattr(ovms, nm)
-            sys.modules.pop("ovms." + nm, None)
+    g = globals()
+    if "tab" in g or "io" in g:
+        import ovms
+        ovms.unload("metrics.tab")
+        ovms.unload("metrics.io")
     try:
         set("m.monotonic", uptime() - 1)
         t = time.time()

@@ -3,7 +3,7 @@ import asyncio
 from time import ticks_ms, ticks_diff
 from micropython import const
 
-from ovms.mqtt_proto import MQTTException, _b, _u16, _hdr, _reason
+from ovms.mqtt.wire import MQTTException, _b, _u16, _hdr, _reason
 
 try:
     from random import getrandbits

@@ -4,9 +4,9 @@ import hashlib
 from micropython import const
 import ota_boot
 from ovms import ota
-from ovms.ota_fs import OTAError, fp, hexs, mkdirs, rmtree, du, rm, free, hash_file, check_path, \
+from ovms.ota.fs import OTAError, fp, hexs, mkdirs, rmtree, du, rm, free, hash_file, check_path, \
     copy_range
-from ovms.ota_fs import size as fsize
+from ovms.ota.fs import size as fsize
 
 MAX_APP = 2 * 1024 * 1024       # largest app bundle accepted
 _RESERVE = const(16384)         # flash left free after staging

@@ -5,8 +5,8 @@ import hashlib
 from micropython import const
 import ota_boot
 from ovms import ota
-from ovms.ota_fs import OTAError, fp, mkdirs, rm, check_manifest
-from ovms.ota_fs import size as fsize
+from ovms.ota.fs import OTAError, fp, mkdirs, rm, check_manifest
+from ovms.ota.fs import size as fsize
 
 # Bundle = header + data. Header: b"MOTA", format 1, 0, u16 sig length S, u32 manifest length M
 # (big-endian), S bytes RSA PKCS#1 v1.5 SHA-256 signature over the M manifest bytes, the manifest
@@ -172,17 +172,17 @@ class Receiver:
                 h.update(mv[:k])
                 n -= k
             f.seek(_HDR)
-            from ovms.ota_rsa import load_key, verify
+            from ovms.ota.rsa import load_key, verify
             if not verify(h.digest(), f.read(sl), load_key()):
                 raise OTAError("signature verification failed: bundle not signed with this "
                                "module's OTA key, or tampered with")
             self._open_manifest(f)
             m = check_manifest(f, self.hl, self.size)
         if m["kind"] == "firmware":
-            from ovms import ota_fw
+            from ovms.ota import fw as ota_fw
             self.sink = ota_fw.prepare(m, self._meta)
         else:
-            from ovms import ota_app
+            from ovms.ota import app as ota_app
             self.sink = ota_app.prepare(m, self._buf)
         self.slot = self.sink.slot
         self._meta()
@@ -220,10 +220,10 @@ class Receiver:
             m = check_manifest(f, self.hl, self.size)
         self.slot = slot
         if m["kind"] == "firmware":
-            from ovms import ota_fw
+            from ovms.ota import fw as ota_fw
             self.sink, done = ota_fw.reopen(m, self._meta, st.get("fw", 0))
         else:
-            from ovms.ota_app import AppSink
+            from ovms.ota.app import AppSink
             self.sink = AppSink(slot, m, self._buf)
             done = self.sink.resume()
         self.next = self.hl + done
@@ -246,11 +246,6 @@ class Receiver:
 
 def _unload():
     """Drop the staging modules after a transfer (their code is RAM unless frozen)."""
-    import sys
     import ovms
-    for n in ("ota_rsa", "ota_app", "ota_fw"):
-        sys.modules.pop("ovms." + n, None)
-        try:
-            delattr(ovms, n)
-        except (AttributeError, KeyError):
-            pass
+    for n in ("ota.rsa", "ota.app", "ota.fw"):
+        ovms.unload(n)

@@ -22,7 +22,7 @@
 #   m.net.*). Standard vehicle numbers and every bool/string keep the state interval. Set an
 #   explicit policy with metrics.configure() (or deadband/min_interval in vehicle.json) to
 #   override; a tiny deadband (1e-9) means "every change".
-# - Stale markers: see ovms.server_v3.
+# - Stale markers: see ovms.v3.server.
 import array
 from micropython import const
 

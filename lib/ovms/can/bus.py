@@ -32,13 +32,10 @@ _buses = []
 def __getattr__(a):
     # canbus.cover and the filter helpers live in canbus_filters (used when a bus opens):
     # imported for the call and dropped again
-    import sys
     import ovms
-    from ovms import canbus_filters
-    sys.modules.pop("ovms.canbus_filters", None)
-    if "canbus_filters" in ovms.__dict__:
-        del ovms.canbus_filters
-    return getattr(canbus_filters, a)
+    f = ovms.load("can.filters")
+    ovms.unload("can.filters")
+    return getattr(f, a)
 
 
 class CanBus:

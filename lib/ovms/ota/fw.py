@@ -2,7 +2,7 @@
 import hashlib
 from micropython import const
 import ota_boot
-from ovms.ota_fs import OTAError, hexs
+from ovms.ota.fs import OTAError, hexs
 
 _BLK = const(4096)
 _FW_SAVE = const(16)            # persist progress every 16 blocks (64 KiB)

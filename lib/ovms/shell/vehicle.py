@@ -7,7 +7,7 @@ def _vehicle():
     h = shell.hooks.get("vehicle")
     if h is None:
         import sys
-        vm = sys.modules.get("ovms.vehicle")    # the loaded vehicle, if the app loaded one
+        vm = sys.modules.get("ovms.can.vehicle")    # the loaded vehicle, if the app loaded one
         if vm is None:
             return None
         h = vm.current
@@ -25,7 +25,7 @@ def _do(name, args, label, ok, fail):
         return "Error: %s" % (e,)
     if not frames:
         return "Error: %s not available on this vehicle" % label
-    from ovms import cmd_can
+    from ovms.shell import can as cmd_can
     try:
         frames = [cmd_can.frame(f) for f in frames]
     except ValueError as e:

@@ -36,12 +36,9 @@ def init(defs=None):
     if defs is None:
         defs = M._defs
         if defs is None:
-            from ovms import metric_defs
-            defs = M._defs = metric_defs.DEFS      # (in flash on the device)
-            sys.modules.pop("ovms.metric_defs", None)
             import ovms
-            if "metric_defs" in ovms.__dict__:
-                del ovms.metric_defs
+            defs = M._defs = ovms.load("metrics.defs").DEFS      # (in flash on the device)
+            ovms.unload("metrics.defs")
     elif not defs.endswith("\n"):
         defs += "\n"                 # every name ends with a newline
     drop()

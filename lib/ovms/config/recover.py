@@ -3,7 +3,7 @@ from micropython import const
 
 from ovms import config as c
 from ovms.config import _MAGIC, _crc, path, _exists, _remove, _replace
-from ovms.config_schema import check
+from ovms.config.schema import check
 
 _MAX_LINES = const(512)
 _MAX_CORRUPT = const(3)

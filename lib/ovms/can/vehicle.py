@@ -38,7 +38,7 @@ class Vehicle:
     """A loaded vehicle: decoder, bound metrics, derived metrics and command frames."""
 
     def __init__(self, mod):
-        from ovms.decoder import Decoder
+        from ovms.can.decoder import Decoder
         self.code = mod.CODE
         self.name = getattr(mod, "NAME", mod.CODE)
         self.buses = dict(getattr(mod, "BUSES", {"can0": 500000}))

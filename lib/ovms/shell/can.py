@@ -20,11 +20,11 @@ def frame(f):
 
 
 def _bus(hook, attr):
-    # the app's hook, else ovms.canbus.<attr> when the app runs buses, else None
+    # the app's hook, else ovms.can.bus.<attr> when the app runs buses, else None
     h = shell.hooks.get(hook)
     if h is None:
         import sys
-        cb = sys.modules.get("ovms.canbus")     # never imported from here: no heap cost
+        cb = sys.modules.get("ovms.can.bus")     # never imported from here: no heap cost
         if cb is not None and cb.buses():
             h = getattr(cb, attr, None)
     return h

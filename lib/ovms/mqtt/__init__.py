@@ -20,9 +20,9 @@ import asyncio
 from time import ticks_ms
 from micropython import const
 
-from ovms.mqtt_proto import (MQTTException, CONNACK_ERRORS, Receiver, _b, _u16, _str,
+from ovms.mqtt.wire import (MQTTException, CONNACK_ERRORS, Receiver, _b, _u16, _str,
                              _hdr, _reason)
-from ovms.mqtt_link import Keeper
+from ovms.mqtt.link import Keeper
 
 _NEW = const(0)    # not sent on the current connection yet
 _SENT = const(1)   # PUBLISH sent, waiting for PUBACK / PUBREC

@@ -27,22 +27,14 @@ _frozen = False  # load failed unexpectedly: never write over the files
 _cbs = []
 
 
-def _unload(name):
-    # drop a helper module of ovms from RAM again (boot-time or rarely used code)
-    import sys
-    import ovms
-    sys.modules.pop("ovms." + name, None)
-    if name in ovms.__dict__:
-        delattr(ovms, name)
-
-
 def __getattr__(a):
     # config.<name> not found here: the rarely used API (set, rm, update, check, describe,
     # params, known, freeform, readable, register, save) in config_schema, imported for the
     # call and dropped again (the function keeps what it needs while it is used)
-    from ovms import config_schema
-    _unload("config_schema")
-    return getattr(config_schema, a)
+    import ovms
+    s = ovms.load("config.schema")
+    ovms.unload("config.schema")
+    return getattr(s, a)
 
 
 _schemas = [__getattr__("SCHEMA")]
@@ -304,16 +296,16 @@ def load():
     global _data, _gen, _loaded, _frozen
     _loaded = True
     _frozen = False
+    import ovms
     try:
-        from ovms import config_recover
-        w = config_recover.run()
+        w = ovms.load("config.recover").run()
     except Exception as e:  # (MemoryError, a broken file system...): defaults, and never
         # overwrite the files we could not read
         w, _data, _gen, _frozen = ["config: load failed (%r), booting on defaults, "
                                    "config is read-only until reboot" % (e,)], {}, 0, True
     # boot-time code: unload it again to give its RAM back
-    _unload("config_recover")
-    _unload("config_schema")
+    ovms.unload("config.recover")
+    ovms.unload("config.schema")
     return w
 
 

@@ -121,13 +121,7 @@ def unload():
             n[_SEC] = False
             n[_CH] = None
             n[_LAZY] = m
-        m = "ovms." + m
-        if m in sys.modules:
-            del sys.modules[m]
-            try:
-                delattr(ovms, m[5:])
-            except AttributeError:
-                pass
+        ovms.unload(m)
     gc.collect()
 
 
@@ -641,21 +635,21 @@ register("help", "Show commands (help <command> for details)", _helpcmd, "[<comm
 register("enable", "Enter secure mode (password module)", _enable, "[<password>]", 0, 1, False)
 register("disable", "Leave secure mode", _disable, "", 0, 0, False)
 _BUILTIN = (
-        ("metrics", "Metrics framework", "cmd_metrics"),
-        ("config", "Configuration framework", "cmd_config"),
-        ("stat", "Show vehicle status", "cmd_module"),
-        ("module", "Module information and control", "cmd_module"),
-        ("notify", "Notification framework", "cmd_module"),
-        ("event", "Event framework", "cmd_module"),
-        ("server", "Server framework", "cmd_module"),
-        ("can", "CAN bus framework", "cmd_can"),
-        ("lock", "Lock vehicle", "cmd_vehicle"),
-        ("unlock", "Unlock vehicle", "cmd_vehicle"),
-        ("climatecontrol", "Climate control", "cmd_vehicle"),
-        ("charge", "Charge control", "cmd_vehicle"),
-        ("wakeup", "Wake up the vehicle", "cmd_vehicle"),
-        ("homelink", "Activate a homelink button", "cmd_vehicle"),
-        ("ota", "OTA updates", "cmd_ota"))
+        ("metrics", "Metrics framework", "shell.metrics"),
+        ("config", "Configuration framework", "shell.config"),
+        ("stat", "Show vehicle status", "shell.module"),
+        ("module", "Module information and control", "shell.module"),
+        ("notify", "Notification framework", "shell.module"),
+        ("event", "Event framework", "shell.module"),
+        ("server", "Server framework", "shell.module"),
+        ("can", "CAN bus framework", "shell.can"),
+        ("lock", "Lock vehicle", "shell.vehicle"),
+        ("unlock", "Unlock vehicle", "shell.vehicle"),
+        ("climatecontrol", "Climate control", "shell.vehicle"),
+        ("charge", "Charge control", "shell.vehicle"),
+        ("wakeup", "Wake up the vehicle", "shell.vehicle"),
+        ("homelink", "Activate a homelink button", "shell.vehicle"),
+        ("ota", "OTA updates", "shell.ota"))
 for _n, _t, _m in _BUILTIN:
     lazy(_n, _t, _m)
 del _n, _t, _m

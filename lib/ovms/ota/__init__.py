@@ -8,10 +8,10 @@
 #                  <prefix>client/<cid>/ota-reply (QoS 1, no need to wait for the PUBACK);
 #                  one request at a time, small bounded queue (the host resends what is dropped);
 #                  after the reply to "reboot" (receiver().reboot is True): ~1 s, machine.reset()
-#   shell          `ota status` (ovms.cmd_ota) -> status_text()
+#   shell          `ota status` (ovms.shell.ota) -> status_text()
 import sys
 import ota_boot
-from ovms.ota_fs import free
+from ovms.ota.fs import free
 
 REPLY = "ota-reply"             # reply topic under <prefix>client/<cid>/ (requests: .../ota/<op>)
 _ARCHS = ("", "x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp", "armv7emdp",
@@ -27,7 +27,7 @@ def arch():
 
 def set_pubkey(pem):
     """Validate and store the OTA public key PEM (provisioning over serial calls this)."""
-    from ovms.ota_rsa import set_pubkey as sp
+    from ovms.ota.rsa import set_pubkey as sp
     sp(pem)
 
 
@@ -35,13 +35,13 @@ _rx = None
 
 
 def receiver():
-    """The shared OTA receiver: receiver().handle(op, payload) -> reply bytes (see ovms.ota_rx).
+    """The shared OTA receiver: receiver().handle(op, payload) -> reply bytes (see ovms.ota.rx).
     Best created when the MQTT server starts, before the heap fragments."""
     global _rx
     if _rx is None:
         import gc
         gc.collect()
-        from ovms.ota_rx import Receiver
+        from ovms.ota.rx import Receiver
         _rx = Receiver()
     return _rx
 

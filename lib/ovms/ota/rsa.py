@@ -3,7 +3,7 @@ import os
 import sys
 import binascii
 import ota_boot
-from ovms.ota_fs import OTAError, mkdirs
+from ovms.ota.fs import OTAError, mkdirs
 
 KEY = "/store/ota.pub"          # RSA public key (PEM) unless config `ota pubkey` says
 # ASN.1 DigestInfo prefix for SHA-256 (RFC 8017 9.2 note 1)

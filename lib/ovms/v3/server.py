@@ -3,7 +3,7 @@
 #   metric/<name with . -> />       retained, QoS 0, metrics.text() (OVMS AsString format)
 #   metric/s/v3/connected           "yes" once connected; last will "no" (retained)
 #   stale/<name with . -> />        retained "yes" while the metric is stale (see below)
-#   notify/<type>/<subtype path>    QoS 1, from the persistent flash outbox (ovms.outbox)
+#   notify/<type>/<subtype path>    QoS 1, from the persistent flash outbox (ovms.v3.outbox)
 #   event/<name path> (+ legacy "event" = name)  QoS 0, only while connected
 #   client/<cid>/response/<id>      QoS 1, reply to client/<cid>/command/<id> (ovms.shell)
 #   client/<cid>/metric/done        QoS 1, count of metrics republished for
@@ -31,8 +31,8 @@ from micropython import const
 
 from ovms import config, metrics
 from ovms.mqtt import MQTTClient, ssl_context
-from ovms.outbox import Outbox
-from ovms.v3_sched import Scheduler
+from ovms.v3.outbox import Outbox
+from ovms.v3.sched import Scheduler
 
 _POLL_MS = const(250)     # change collection / priority latency
 _CHUNK = const(8)         # publications between yields to the event loop
@@ -384,7 +384,7 @@ class Server:
             self._rev.set()
 
     async def _ota(self):
-        """OTA requests (ovms.ota_rx protocol), one at a time, replies on client/<cid>/ota-reply."""
+        """OTA requests (ovms.ota.rx protocol), one at a time, replies on client/<cid>/ota-reply."""
         ota = rx = None         # the OTA code loads with the first request
         while True:
             await self._oev.wait()

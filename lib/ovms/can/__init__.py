@@ -1,0 +1,1 @@
+"""CAN: bus driver, filters, signal decoder, vehicle definitions."""
