@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from util import LIB, MPY_CROSS, run_mpy
+from util import LIB, MPY_CROSS, compiled_lib, run_mpy
 
 
 def cfg(root, code, heap="100K", text=False):
@@ -12,7 +12,7 @@ def cfg(root, code, heap="100K", text=False):
     out(x) in the snippet emits x; returns the list of them (and the other output if text)."""
     pre = ("import json\nfrom ovms import config\nW = config.init(%r)\n"
            "def out(x):\n    print('@' + json.dumps(x))\n" % str(root))
-    r = run_mpy(pre + code, heap=heap)
+    r = run_mpy(pre + code, heap=heap, path=(compiled_lib(),))   # bytecode, as on a module
     outs = [json.loads(x[1:]) for x in r.stdout.splitlines() if x.startswith("@")]
     if text:
         return outs, "".join(x + "\n" for x in r.stdout.splitlines() if not x.startswith("@"))

@@ -6,6 +6,20 @@ VERSION = "0.1.0"
 hooks = {}
 
 
+def attr(attrs, a, drop=False):
+    """The one lazy-loading pattern (asyncio's `_attrs`): a module's `__getattr__(a)` returns
+    attr(_attrs, a), where _attrs maps a name to the submodule that defines it ("*": every
+    other name). The submodule is imported on first access; drop=True unloads it again at
+    once (the caller keeps what it got), else its owner drops it when convenient."""
+    m = attrs.get(a) or attrs.get("*")
+    if m is None:
+        raise AttributeError(a)
+    mod = load(m)
+    if drop:
+        unload(m)
+    return getattr(mod, a)
+
+
 def load(name):
     """The module ovms.<name> (e.g. "metrics.io"), imported on first use. Use this, not
     `from ovms.pkg import sub`, for a submodule of a package that has a module __getattr__

@@ -29,13 +29,14 @@ _M_DECODED = const(9)
 _buses = []
 
 
+# bus.cover and the filter helpers live in can.filters (used when a bus opens): imported
+# for the call and dropped again
+_attrs = {"*": "can.filters"}
+
+
 def __getattr__(a):
-    # canbus.cover and the filter helpers live in canbus_filters (used when a bus opens):
-    # imported for the call and dropped again
     import ovms
-    f = ovms.load("can.filters")
-    ovms.unload("can.filters")
-    return getattr(f, a)
+    return ovms.attr(_attrs, a, True)
 
 
 class CanBus:

@@ -27,14 +27,15 @@ _frozen = False  # load failed unexpectedly: never write over the files
 _cbs = []
 
 
+# config.<name> not found here: the rarely used API (set, rm, update, check, describe,
+# params, known, freeform, readable, register, save) in config.schema, imported for the
+# call and dropped again (the function keeps what it needs while it is used)
+_attrs = {"*": "config.schema"}
+
+
 def __getattr__(a):
-    # config.<name> not found here: the rarely used API (set, rm, update, check, describe,
-    # params, known, freeform, readable, register, save) in config_schema, imported for the
-    # call and dropped again (the function keeps what it needs while it is used)
     import ovms
-    s = ovms.load("config.schema")
-    ovms.unload("config.schema")
-    return getattr(s, a)
+    return ovms.attr(_attrs, a, True)
 
 
 _schemas = [__getattr__("SCHEMA")]

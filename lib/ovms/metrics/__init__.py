@@ -1,13 +1,12 @@
 """Metric table: one preallocated, array-backed store of OVMS-style metrics."""
-import sys
 import time
 import micropython
 from micropython import const
 
 # RAM: every module-level name and function costs heap on the device (the code itself is
 # frozen), so this module holds only the state and what runs all the time. Table building,
-# binding, persistence, text parsing and rarely used accessors are in metrics_tab and
-# metrics_io, reached through __getattr__ (metrics.define(...) works as before): imported on
+# binding, persistence, text parsing and rarely used accessors are in metrics.tab and
+# metrics.io, reached through __getattr__ (metrics.define(...) works as before): imported on
 # first use, dropped again by the next tick().
 
 # Consumers: one change bit each in a per-metric byte (bits 4..7 are free for others).
@@ -52,9 +51,14 @@ _EPOCH = 946684800 if time.gmtime(0)[0] == 2000 else 0   # Unix seconds at the p
 #   or _NOSLOT, _tupd uptime of the last update (0 = never), _mod change bits; dicts _obj
 #   (str/list values), _ovr (overrides of CAN values), _xlat (CAN value maps); _stt stale
 #   timeouts, _pdb/_pmi publish policies (deadband, min interval).
-_n = 0
-_dec = None
-_defs = None    # the standard definitions (metric_defs.DEFS, in flash on the device)
+# The state is declared here (this module owns it); metrics.tab builds and resizes it.
+_n = 0          # metrics in the table
+_cap = 0        # capacity of the per-metric arrays
+_dec = None     # the decoder whose signal values CAN-bound metrics read
+_defs = None    # the standard definitions (metrics.defs.DEFS, in flash on the device)
+_std = _ext = _noff = _order = _fl = _sp = _src = _slot = _tupd = _mod = _val = None
+_obj = _ovr = _xlat = _stt = _pdb = _pmi = _derived = None
+_up_s = _up_rem = _up_last = 0      # uptime(): whole seconds, ms remainder, last clock read
 
 
 @micropython.viper
@@ -122,11 +126,14 @@ def _vscan(mod: ptr8, fl: ptr8, start: int, x: int) -> int:
     return -1
 
 
+# metrics.<name> not found here: the rarely used API, imported on demand (see above):
+# persistence in metrics.io, the rest (table building, binding, ...) in metrics.tab
+_attrs = {"save": "metrics.io", "load": "metrics.io", "*": "metrics.tab"}
+
+
 def __getattr__(a):
-    # metrics.<name> not found here: the rarely used API, imported on demand (see above):
-    # persistence in metrics_io, the rest (table building, binding, ...) in metrics_tab
     import ovms
-    return getattr(ovms.load("metrics.io" if a == "save" or a == "load" else "metrics.tab"), a)
+    return ovms.attr(_attrs, a)
 
 
 def count():

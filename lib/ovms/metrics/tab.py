@@ -1,7 +1,6 @@
 """Metric table building and rarely used accessors (loaded on demand through ovms.metrics;
 bytecode only: native code could not be freed when the module is dropped again)."""
 import array
-import sys
 from micropython import const
 from ovms import metrics as M
 

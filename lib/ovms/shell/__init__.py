@@ -108,7 +108,6 @@ def _resolve(n):
 def unload():
     """Drop the built-in command modules to free heap; they load again on next use.
     (Commands that other modules registered under these top-level names are dropped too.)"""
-    import sys
     import gc
     import ovms
     for name, title, m in _BUILTIN:
