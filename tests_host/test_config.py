@@ -415,7 +415,7 @@ def test_ram_cost(tmp_path):
     lib = tmp_path / "lib" / "ovms"
     (lib / "config").mkdir(parents=True)
     import subprocess
-    for m in ("__init__", "config/__init__", "config/schema", "config/recover"):
+    for m in ("__init__", "fsutil", "config/__init__", "config/schema", "config/recover"):
         subprocess.run([MPY_CROSS, "-o", str(lib / (m + ".mpy")), os.path.join(LIB, "ovms", m + ".py")],
                        check=True)
     store = tmp_path / "store"

@@ -107,7 +107,7 @@ def test_sigkill_at_random_moments_during_writes(tmp_path):
 
 CRASH_CODE = GEN_CODE + """
 import os as real_os
-from ovms import config
+from ovms import config, fsutil           # (config's renames are fsutil's)
 
 class Cut(Exception):
     pass
@@ -153,7 +153,7 @@ for kind, arg in cases:
     assert config.init(root) == [] or g == 0
     g0 = consistent(config)
     if kind == 'rename':
-        config.os = FakeOS(arg)
+        fsutil.os = FakeOS(arg)
     else:
         config.open = cut_write(arg)
     try:
@@ -162,7 +162,7 @@ for kind, arg in cases:
     except Cut:
         completed = False
     if kind == 'rename':
-        config.os = real_os
+        fsutil.os = real_os
     else:
         del config.open
     w = config.init(root)                 # reboot

@@ -74,16 +74,9 @@ MPY_CROSS = _exe("mpy-cross")
 
 
 def _build(dst):
-    """lib/ovms compiled to .mpy for the host micropython + the RV vehicle module."""
-    os.makedirs(os.path.join(dst, "ovms"))
-    src = os.path.join(LIB, "ovms")
-    for f in os.listdir(src):
-        if f == "__init__.py":
-            shutil.copy(os.path.join(src, f), os.path.join(dst, "ovms", f))
-        elif f.endswith(".py"):
-            subprocess.run([MPY_CROSS, "-march=x64", "-o",
-                            os.path.join(dst, "ovms", f[:-3] + ".mpy"), os.path.join(src, f)],
-                           check=True)
+    """lib/ compiled to .mpy for the host micropython + the RV vehicle module."""
+    import deploy
+    deploy.compile_lib(LIB, dst, "host")      # the whole tree, subpackages included
     import vehicles
     py = vehicles.build(RV, dst, warn=lambda m: None)
     subprocess.run([MPY_CROSS, "-march=x64", "-o", py[:-3] + ".mpy", py], check=True)

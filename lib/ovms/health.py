@@ -61,10 +61,8 @@ def log_crash(reason):
                                                          metrics.uptime(), reason)
     lines = crashes() + [line.replace("\n", " ")[:200]]
     try:
-        with open(CRASHLOG + ".tmp", "w") as f:
-            f.write("\n".join(lines[-_KEEP:]) + "\n")
-        import os
-        os.rename(CRASHLOG + ".tmp", CRASHLOG)
+        from ovms import fsutil
+        fsutil.write(CRASHLOG, "\n".join(lines[-_KEEP:]) + "\n")
     except OSError as e:
         print("health: cannot write crash log:", e)
 

@@ -242,14 +242,6 @@ def _remove(p):
         pass
 
 
-def _replace(src, dst):
-    try:
-        os.rename(src, dst)
-    except OSError:  # file systems that do not rename over an existing file
-        _remove(dst)
-        os.rename(src, dst)
-
-
 def _write(fn, data, gen):
     with open(fn, "wb") as f:
         ln = b"%s gen=%d\n" % (_MAGIC, gen)
@@ -281,9 +273,10 @@ def _save():
     except OSError:
         pass
     _write(tmp, _data, _gen + 1)
+    from ovms.fsutil import replace
     if _exists(cfg):
-        _replace(cfg, cfg + ".bak")
-    _replace(tmp, cfg)
+        replace(cfg, cfg + ".bak")
+    replace(tmp, cfg)
     _gen += 1
 
 

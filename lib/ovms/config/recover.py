@@ -2,7 +2,8 @@
 from micropython import const
 
 from ovms import config as c
-from ovms.config import _MAGIC, _crc, path, _exists, _remove, _replace
+from ovms.config import _MAGIC, _crc, path, _exists, _remove
+from ovms.fsutil import replace as _replace
 from ovms.config.schema import check
 
 _MAX_LINES = const(512)

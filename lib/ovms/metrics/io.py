@@ -128,23 +128,24 @@ def _unser(s):
 
 def save(path):
     """Write the defined persisted metrics to path atomically (temp file + rename)."""
-    import os
-    tmp = path + ".tmp"
+    from ovms import fsutil
+    return fsutil.write(path, _save)
+
+
+def _save(f):
     n = 0
     b = (1 << M.PERSIST) ^ 0xFF
-    with open(tmp, "w") as f:
-        line = _MAGIC + "\n"
-        f.write(line)
-        crc = _crc(line.encode())
-        for i in range(M._n):
-            if M._fl[i] & _F_PERSIST and M.defined(i):
-                line = "%s\t%s\n" % (M.name(i), _ser(i))
-                f.write(line)
-                crc = _crc(line.encode(), crc)
-                M._mod[i] &= b
-                n += 1
-        f.write("#%08x\n" % crc)
-    os.rename(tmp, path)
+    line = _MAGIC + "\n"
+    f.write(line)
+    crc = _crc(line.encode())
+    for i in range(M._n):
+        if M._fl[i] & _F_PERSIST and M.defined(i):
+            line = "%s\t%s\n" % (M.name(i), _ser(i))
+            f.write(line)
+            crc = _crc(line.encode(), crc)
+            M._mod[i] &= b
+            n += 1
+    f.write("#%08x\n" % crc)
     return n
 
 

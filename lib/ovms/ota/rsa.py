@@ -1,5 +1,4 @@
 """ota_rsa: RSA public-key parsing and PKCS#1 v1.5 SHA-256 signature check with pow()."""
-import os
 import sys
 import binascii
 import ota_boot
@@ -95,6 +94,5 @@ def set_pubkey(pem):
     parse_key(pem)
     p = ota_boot.ROOT + key_path()
     mkdirs(p[:p.rfind("/")])
-    with open(p + ".tmp", "w") as f:
-        f.write(pem)
-    os.rename(p + ".tmp", p)
+    from ovms import fsutil
+    fsutil.write(p, pem)

@@ -1,5 +1,4 @@
 """ota_rx: the OTA transfer protocol: chunks with offsets, signed header check, resume after reboot."""
-import os
 import json
 import hashlib
 from micropython import const
@@ -78,9 +77,9 @@ class Receiver:
     # /ota/stage.json {"id","size","slot","fw"} + /ota/stage.hdr (the header bytes received so far)
     def _meta(self, fw=0):
         mkdirs(fp("/ota"))
-        with open(fp("/ota/stage.tmp"), "w") as f:
-            json.dump({"id": self.id, "size": self.size, "slot": self.slot, "fw": fw}, f)
-        os.rename(fp("/ota/stage.tmp"), fp("/ota/stage.json"))
+        from ovms import fsutil
+        fsutil.write(fp("/ota/stage.json"),
+                     json.dumps({"id": self.id, "size": self.size, "slot": self.slot, "fw": fw}))
 
     def _abort(self):
         self._last = None

@@ -9,6 +9,7 @@
 import os
 from binascii import crc32
 from micropython import const
+from ovms import fsutil
 
 _HDR_MAX = const(48)
 
@@ -105,30 +106,29 @@ class Outbox:
             f.close()
 
     def _rewrite(self, skip, new):
-        tmp = self.path + ".tmp"
+        self.count, self.size = fsutil.write(self.path, lambda o: self._copy(o, skip, new), "wb")
+
+    def _copy(self, o, skip, new):
         n = 0
         size = 0
-        with open(tmp, "wb") as o:
-            o.write(b"OBX1 %d %d\n" % (self.dropped, self.seq))
-            k = 0
-            for s, b in self._records():
-                k += 1
-                if k <= skip:
-                    continue
-                _write(o, s, b)
-                n += 1
-                size += len(b)
-            if new is not None:
-                _write(o, new[0], new[1])
-                n += 1
-                size += len(new[1])
-        _replace(tmp, self.path)
-        self.count = n
-        self.size = size
+        o.write(b"OBX1 %d %d\n" % (self.dropped, self.seq))
+        k = 0
+        for s, b in self._records():
+            k += 1
+            if k <= skip:
+                continue
+            _write(o, s, b)
+            n += 1
+            size += len(b)
+        if new is not None:
+            _write(o, new[0], new[1])
+            n += 1
+            size += len(new[1])
+        return n, size
 
     def _load(self):
         if not _exists(self.path) and _exists(self.path + ".tmp"):
-            _replace(self.path + ".tmp", self.path)  # cut between remove and rename (FAT)
+            fsutil.replace(self.path + ".tmp", self.path)  # cut between remove and rename (FAT)
         try:
             f = open(self.path, "rb")
         except OSError:
@@ -191,14 +191,3 @@ def _exists(p):
     except OSError:
         return False
 
-
-def _replace(src, dst):
-    try:
-        os.rename(src, dst)
-    except OSError:
-        # FAT: rename does not replace an existing file
-        try:
-            os.remove(dst)
-        except OSError:
-            pass
-        os.rename(src, dst)
