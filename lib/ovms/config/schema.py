@@ -1,77 +1,14 @@
-"""Config schema table (names follow OVMS v3), and the rarely used schema queries and edits.
+"""Config: the rarely used schema queries and edits (the schema table is ovms.config.SCHEMA).
 
 ovms.config keeps what runs all the time (get, secret, display, persistence); set/rm/update,
 check, describe, params, known, freeform, readable and register are here, reached through
 ovms.config (config.set(...) works as before): imported for the call, not kept in RAM."""
 from micropython import const
 
+from ovms import config as c
+
 _MAX_ENTRIES = const(256)
 _MAX_NAME = const(64)
-
-# One entry per line: "param instance type default spec"
-#   type: s = string, S = secret string (write-only), i = integer, b = bool (yes/no),
-#         e = enum
-#   default: "-" = empty string
-#   spec: s/S = max length, i = min:max, e = choice|choice|..., b = "-"
-#   instance "*" = free-form instance names (any name is accepted for that param)
-# Kept as one string (not a dict of tuples) to keep RAM small; looked up with str.find.
-SCHEMA = """
-vehicle id s - 32
-vehicle type s - 16
-vehicle name s - 32
-vehicle timezone s UTC0 64
-vehicle units.distance e K K|M
-vehicle units.temp e C C|F
-vehicle can.mode e listen listen|normal
-vehicle can.bitrate i 500000 10000:1000000
-vehicle minsoc i 0 0:100
-server.v3 server s - 128
-server.v3 port i 0 0:65535
-server.v3 tls b yes -
-server.v3 user s - 64
-server.v3 clientid s - 64
-server.v3 topic.prefix s - 96
-server.v3 ca s /store/ca.pem 128
-server.v3 updatetime.on i 5 1:3600
-server.v3 updatetime.charging i 10 1:3600
-server.v3 updatetime.connected i 10 1:3600
-server.v3 updatetime.awake i 60 1:86400
-server.v3 updatetime.idle i 600 1:86400
-server.v3 updatetime.sendall i 0 0:86400
-server.v3 updatetime.keepalive i 120 10:3600
-server.v3 updatetime.priority b no -
-server.v3 updatetime.immediately b no -
-server.v3 metrics.include s - 256
-server.v3 metrics.exclude s - 256
-server.v3 metrics.priority s - 256
-server.v3 metrics.include.immediately s - 256
-server.v3 metrics.exclude.immediately s - 256
-server.v3 queue.sendall i 100 1:1000
-server.v3 queue.modified i 150 1:1000
-server.v3 events.legacy_topic b yes -
-server.v3 retain.depth.limit b no -
-server.v3 conn.stable_wait i 10 3:600
-server.v3 conn.jitter.max i 5 0:60
-server.v3 shell.readonly b no -
-server.v3 shell.timeout i 300 0:86400
-password module S - 64
-password server.v3 S - 128
-wifi.ssid * S - 64
-wifi.ap * S - 64
-auto init b yes -
-auto server.v3 b yes -
-auto wifi.mode e client off|client|ap|apclient
-auto wifi.ssid.client s - 32
-module watchdog.timeout i 60 0:3600
-module safemode.crashes i 3 1:20
-module hostname s - 32
-ota pubkey s /store/ota.pub 128
-ota health.deadline i 120 10:3600
-usr * s - 256
-"""
-
-# (after SCHEMA: importing ovms.config reads SCHEMA from this module)
-from ovms import config as c  # noqa: E402
 
 
 def register(text):
