@@ -15,7 +15,7 @@ from cantools.database.utils import decode_data
 
 import candecode
 import dbc2table
-from util import DATA, LIB, REPO, run_mpy
+from util import DATA, LIB, REPO, TOOLS, run_mpy
 
 CT = os.path.join(DATA, "dbc_catalog", "cantools-45.1.0-tests")
 OPENDBC = os.path.join(DATA, "dbc_catalog", "opendbc-0.3.1")
@@ -421,7 +421,8 @@ def test_candecode_messages_mapped(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ device API
 DEVICE_API = r"""
 import array
-from ovms.can.decoder import Decoder, SIGNED, CHOICES, INT, MINT, AUX, BIGENDIAN
+from ovms.can.decoder import SIGNED, CHOICES, INT, MINT, AUX, BIGENDIAN
+from decinfo import Decoder
 t = open(TABLE, "rb").read()
 d = Decoder(t)
 n = d.nsignals
@@ -462,7 +463,7 @@ def test_device_api_bind_mod_tupd_values(tmp_path):
     })
     tf = tmp_path / "t.bin"
     tf.write_bytes(dbc2table.compile_mapping(p))
-    out = run_mpy("TABLE = %r\n" % str(tf) + DEVICE_API).stdout.splitlines()
+    out = run_mpy("TABLE = %r\n" % str(tf) + DEVICE_API, path=(LIB, TOOLS)).stdout.splitlines()
     names = eval(out[0][6:])
     # one table signal per metric; VCU_200 signals first (sorted by id), DBC order
     assert names == ["v.e.gear", "xkn.v.range", "xkn.v.range.km", "xkn.t"]
@@ -489,10 +490,10 @@ def test_info_flags(tmp_path):
                                                      'U : 40|3@1+ (1,0) [0|0] "" N'])]), tmp_path)
     tf = tmp_path / "t.bin"
     tf.write_bytes(dbc2table.compile_dbc(path))
-    out = run_mpy("from ovms.can.decoder import *\nd = Decoder(open(%r, 'rb').read())\n"
+    out = run_mpy("from ovms.can.decoder import *\nfrom decinfo import Decoder\nd = Decoder(open(%r, 'rb').read())\n"
                   "print([d.info(k)[4] for k in range(d.nsignals)], d.msg_info(0))\n"
                   "print(SIGNED, FLOAT, CHOICES, MUXER, MUXED, INT, MINT, AUX, BIGENDIAN)"
-                  % str(tf)).stdout.split("\n")
+                  % str(tf), path=(LIB, TOOLS)).stdout.split("\n")
     fl = eval(out[0].split("]")[0] + "]")
     c = dict(zip(("SIGNED", "FLOAT", "CHOICES", "MUXER", "MUXED", "INT", "MINT", "AUX", "BIG"),
                  map(int, out[1].split())))
@@ -503,7 +504,7 @@ def test_info_flags(tmp_path):
 
 GARBAGE = r"""
 import array
-from ovms.can.decoder import Decoder
+from decinfo import Decoder
 d = Decoder(open(TABLE, "rb").read())
 n = d.nsignals
 d.bind(bytearray(n), array.array("i", [0] * n), array.array("H", range(n)))
@@ -540,7 +541,7 @@ print("OK")
 def test_garbage_frames_do_not_crash(tmp_path):
     tf = tmp_path / "t.bin"
     tf.write_bytes(dbc2table.compile_dbc(PCAN))
-    out = run_mpy("TABLE = %r\n" % str(tf) + GARBAGE).stdout.splitlines()
+    out = run_mpy("TABLE = %r\n" % str(tf) + GARBAGE, path=(LIB, TOOLS)).stdout.splitlines()
     res, before = out[0].rsplit(" ", 1)
     res = eval(res)
     nsig_200 = len(dbc2table.load_dbc(PCAN).get_message_by_frame_id(0x200).signals)
@@ -739,7 +740,7 @@ def test_overlapping_signals_decode_at_their_dbc_positions():
 
 MULTIBUS = r"""
 import array
-from ovms.can.decoder import Decoder
+from decinfo import Decoder
 d = Decoder(open(TABLE, "rb").read())
 print([d.info(k)[2] for k in range(d.nsignals)], [d.msg_info(i)[:3] for i in range(d.nmessages)])
 for bus in (0, 1, 2):
@@ -759,6 +760,6 @@ def test_multi_bus_mapping_keys_by_bus(tmp_path):
                       buses={"can0": "../../a.dbc", "can1": str(b)})
     tf = tmp_path / "t.bin"
     tf.write_bytes(dbc2table.compile_mapping(p))
-    out = run_mpy("TABLE = %r\n" % str(tf) + MULTIBUS).stdout.splitlines()
+    out = run_mpy("TABLE = %r\n" % str(tf) + MULTIBUS, path=(LIB, TOOLS)).stdout.splitlines()
     assert out[0] == "['x.a', 'x.b'] [(0, 0, 256), (1, 0, 256)]"
     assert out[1:] == ["0 1 ['x.a'] [5]", "1 1 ['x.b'] [12]", "2 0 [] []"]

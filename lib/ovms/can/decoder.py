@@ -330,15 +330,6 @@ class Decoder:
             e += 1
         return str(t[o:e], "utf-8")
 
-    def info(self, k):
-        """(message name, signal name, metric name, unit, flags); flags = bit length |
-        SIGNED | FLOAT | CHOICES | MUXER | MUXED | INT | MINT | AUX | BIGENDIAN."""
-        s = self._sig(k)
-        fm = self._fm
-        mname = struct.unpack_from(fm, self._t, _OM + s[12] * struct.calcsize(fm))[5]
-        return (self._str(mname), self._str(s[9]), self._str(s[10]), self._str(s[11]),
-                s[3] | (s[5] << 8))
-
     def msg_info(self, i):
         """(bus, extended, frame id, name, length) of message i."""
         fm = self._fm
@@ -348,28 +339,6 @@ class Decoder:
         while not rng[2 * g] <= i < rng[2 * g + 1]:
             g += 1
         return (g >> 1, g & 1, fid, self._str(nm), ln)
-
-    def signal_message(self, k):
-        """Message index of signal k."""
-        return self._sig(k)[12]
-
-    def conv(self, k, convert=True):
-        """(scale, offset) of signal k (convert: with the mapping's factor/add)."""
-        s = self._sig(k)
-        c = s[8] if convert else s[7]
-        sc, of, si, oi = struct.unpack_from("<ddBB", self._t, self._u32[_U_CONV] + c * _CONV_LEN)
-        return (int(sc) if si else sc, int(of) if oi else of)
-
-    def choices(self, k):
-        """[(raw value, label)] of signal k (VAL_ table; empty if none)."""
-        s = self._sig(k)
-        fc = self._fc
-        lc = struct.calcsize(fc)
-        out = []
-        for i in range(s[14], s[14] + s[13]):
-            v, so = struct.unpack_from(fc, self._t, self._u32[_U_CHO] + i * lc)
-            out.append((v, self._str(so)))
-        return out
 
     def raw(self, k):
         """Raw value of signal k: sign-extended int, or float for IEEE float signals."""
@@ -410,12 +379,3 @@ class Decoder:
         if si and oi and sc == 1 and of == 0:
             return r
         return r * (int(sc) if si else sc) + (int(of) if oi else of)
-
-    def find(self, sig_name, msg_name=None):
-        """Index of the first signal named sig_name (in message msg_name), -1 if none."""
-        for k in range(self.nsignals):
-            inf = self.info(k)
-            if inf[1] == sig_name and (msg_name is None or inf[0] == msg_name):
-                return k
-        return -1
-
