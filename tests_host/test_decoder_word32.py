@@ -14,7 +14,6 @@ import cantools
 
 import candecode
 import dbc2table
-import decinfo
 from test_decoder_features import cantools_decode, dbc_text, plain, same
 from util import DATA, LIB
 
@@ -86,7 +85,7 @@ def decode32(table, frames, raw=False):
     for fr in frames:
         d.feed(0, fr[2], fr[3], fr[4], len(fr[4]), 1)
         if d.message >= 0:
-            out.append((fr, {decinfo.info(d, k)[1]: d.raw(k) if raw else d.value(k, True, False)
+            out.append((fr, {d.info(k)[1]: d.raw(k) if raw else d.value(k, True, False)
                              for k in d.touched}))
     return out, d
 

@@ -44,7 +44,7 @@ LINE_RE = re.compile(r"^\s*\((\d+(?:\.\d*)?)\)\s+(\S+)\s+([0-9A-Fa-f]{1,8})#(#?)
 
 DEVICE = r"""
 import sys
-from decinfo import Decoder
+from ovms.can.decoder import Decoder
 tf, rf = sys.argv[1], sys.argv[2]
 with open(tf, "rb") as f:
     dec = Decoder(f.read())
@@ -185,7 +185,7 @@ def decode(dbc, frames, messages="all", bus=None, skip_unsupported=False, warn=N
         with open(rf, "wb") as f:
             f.write(pack_records(frames))
         with open(sf, "w") as f:
-            f.write("import sys\nsys.path[:0] = [%r, %r]\n" % (LIB, HERE) + DEVICE)
+            f.write("import sys\nsys.path.insert(0, %r)\n" % LIB + DEVICE)
         heap = max(4 << 20, 3 * os.path.getsize(rf) + 2 * len(table) + (1 << 20))
         mp = micropython or find_tool("micropython", "OVMS_MICROPYTHON")
         proc = subprocess.Popen([mp, "-X", "heapsize=%d" % heap, sf, tf, rf,

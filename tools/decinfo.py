@@ -1,26 +1,15 @@
-"""decinfo: the device decoder with the table introspection only host tools and tests use.
+"""decinfo: the device decoder plus the table introspection only host tools and tests use.
 
 On micropython beside lib/ (tools/ on sys.path), `from decinfo import Decoder` gives
-ovms.can.decoder.Decoder plus info(), find(), conv(), choices() and signal_message(); the
-functions also take any decoder object as first argument (CPython runs of decoder.py). The
-firmware never needs them, so they cost the device no RAM."""
+ovms.can.decoder.Decoder plus find(), conv(), choices() and signal_message(); the functions
+also take any decoder object as first argument (CPython runs of decoder.py). The firmware
+never needs them, so they cost the device no RAM."""
 import struct
 import sys
 
-_OM = 60            # table offset of the message records (decoder _HDR_LEN + _RNG_LEN)
 _CONV_LEN = 20      # one conversion record
 _U_CONV = 13        # decoder _u32 slots holding the conversions' and choices' offsets
 _U_CHO = 14
-
-
-def info(self, k):
-    """(message name, signal name, metric name, unit, flags); flags = bit length |
-    SIGNED | FLOAT | CHOICES | MUXER | MUXED | INT | MINT | AUX | BIGENDIAN."""
-    s = self._sig(k)
-    fm = self._fm
-    mname = struct.unpack_from(fm, self._t, _OM + s[12] * struct.calcsize(fm))[5]
-    return (self._str(mname), self._str(s[9]), self._str(s[10]), self._str(s[11]),
-            s[3] | (s[5] << 8))
 
 
 def signal_message(self, k):
@@ -51,7 +40,7 @@ def choices(self, k):
 def find(self, sig_name, msg_name=None):
     """Index of the first signal named sig_name (in message msg_name), -1 if none."""
     for k in range(self.nsignals):
-        inf = info(self, k)
+        inf = self.info(k)
         if inf[1] == sig_name and (msg_name is None or inf[0] == msg_name):
             return k
     return -1
@@ -61,7 +50,6 @@ if sys.implementation.name == "micropython":
     from ovms.can.decoder import Decoder as _Decoder
 
     class Decoder(_Decoder):
-        info = info
         signal_message = signal_message
         conv = conv
         choices = choices

@@ -330,6 +330,15 @@ class Decoder:
             e += 1
         return str(t[o:e], "utf-8")
 
+    def info(self, k):
+        """(message name, signal name, metric name, unit, flags); flags = bit length |
+        SIGNED | FLOAT | CHOICES | MUXER | MUXED | INT | MINT | AUX | BIGENDIAN."""
+        s = self._sig(k)
+        fm = self._fm
+        mname = struct.unpack_from(fm, self._t, _OM + s[12] * struct.calcsize(fm))[5]
+        return (self._str(mname), self._str(s[9]), self._str(s[10]), self._str(s[11]),
+                s[3] | (s[5] << 8))
+
     def msg_info(self, i):
         """(bus, extended, frame id, name, length) of message i."""
         fm = self._fm
