@@ -17,7 +17,8 @@ from util import LIB, MICROPYTHON, TOOLS, compiled_lib
 import cli_ota
 
 VBOARD = os.path.join(TOOLS, "vboard")
-OTA_MODULES = ("ota/__init__.py", "ota/rx.py", "ota/app.py", "ota/fw.py", "ota/fs.py", "ota/rsa.py")
+OTA_MODULES = ("ota/__init__.py", "ota/rx.py", "ota/app.py", "ota/fw.py", "ota/fs.py", "ota/rsa.py",
+               "fsutil.py")
 _KEYDIR = tempfile.mkdtemp(prefix="ota-keys-")
 
 
