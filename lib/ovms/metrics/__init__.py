@@ -15,7 +15,7 @@ SHELL = const(1)
 HA = const(2)
 PERSIST = const(3)
 
-# Value types (low 3 bits of the flag byte; public as metrics.T_* from metrics_tab).
+# Value types (low 3 bits of the flag byte; public as metrics.T_* from metrics.tab).
 _T_FLOAT = const(0)
 _T_INT = const(1)
 _T_BOOL = const(2)
@@ -26,10 +26,10 @@ _T_DATE = const(6)     # int, Unix seconds, shown as "YYYY-MM-DD HH:MM:SS UTC"
 _T_TIME = const(7)     # int, seconds of the day, shown as "HH:MM:SS"
 
 # Unit labels (native OVMS units), one per line; metrics.UNITS is the list of them and a
-# definition's unit letter indexes metrics.UNIT_CHARS (both in metrics_tab).
+# definition's unit letter indexes metrics.UNIT_CHARS (both in metrics.tab).
 _units = "\n%\nkm\nV\nA\nkW\nkWh\n\u00b0C\nAh\nWh/km\nkm/h\nm\nSec\nMin\ndBm\nkPa\n\u00b0\nrpm\nNm\nW\nm/s\u00b2\nHour"
 
-# Flag byte bits (same values in metrics_tab / metrics_io).
+# Flag byte bits (same values in metrics.tab / metrics.io).
 _F_TYPE = const(7)
 _F_PERSIST = const(8)
 _F_PRIO = const(16)
@@ -43,7 +43,7 @@ _MAXI = const(1 << 53)
 _ms = time.ticks_ms     # clock source (tests may replace it)
 _EPOCH = 946684800 if time.gmtime(0)[0] == 2000 else 0   # Unix seconds at the port's epoch
 
-# Table storage (built by metrics_tab.init; one entry per metric unless noted):
+# Table storage (built by metrics.tab.init; one entry per metric unless noted):
 #   _std/_ext name blobs (every name ends with "\n"; the unit is the letter of a definition
 #   line in _std, the byte before the name in _ext), _noff name offset (| _EXT: in _ext),
 #   _order indexes sorted by name, _fl flags+type, _sp stale class |

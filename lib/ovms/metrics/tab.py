@@ -31,7 +31,7 @@ _EXT = const(0x8000)
 
 
 def init(defs=None):
-    """(Re)build the table from the definitions string (default: metric_defs.DEFS)."""
+    """(Re)build the table from the definitions string (default: metrics.defs.DEFS)."""
     if defs is None:
         defs = M._defs
         if defs is None:

@@ -1,4 +1,4 @@
-"""ota_app: stages an app bundle's files in the free slot /app/<a|b>/, verifies and marks it staged."""
+"""ota.app: stages an app bundle's files in the free slot /app/<a|b>/, verifies and marks it staged."""
 import os
 import hashlib
 from micropython import const

@@ -1,4 +1,4 @@
-"""ota_fs: small flash-file helpers for OTA staging (mkdirs, rmtree, sizes, hashing, checks)."""
+"""ota.fs: small flash-file helpers for OTA staging (mkdirs, rmtree, sizes, hashing, checks)."""
 import os
 import json
 import binascii

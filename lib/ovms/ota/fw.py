@@ -1,4 +1,4 @@
-"""ota_fw: writes a firmware image into the next OTA partition (esp32.Partition), then set_boot."""
+"""ota.fw: writes a firmware image into the next OTA partition (esp32.Partition), then set_boot."""
 import hashlib
 from micropython import const
 import ota_boot

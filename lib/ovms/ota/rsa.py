@@ -1,4 +1,4 @@
-"""ota_rsa: RSA public-key parsing and PKCS#1 v1.5 SHA-256 signature check with pow()."""
+"""ota.rsa: RSA public-key parsing and PKCS#1 v1.5 SHA-256 signature check with pow()."""
 import sys
 import binascii
 import ota_boot

@@ -1,4 +1,4 @@
-"""ota_rx: the OTA transfer protocol: chunks with offsets, signed header check, resume after reboot."""
+"""ota.rx: the OTA transfer protocol: chunks with offsets, signed header check, resume after reboot."""
 import json
 import hashlib
 from micropython import const

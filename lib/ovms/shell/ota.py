@@ -1,4 +1,4 @@
-"""cmd_ota: the `ota status` shell command (running/staged/previous versions, transfer, failures)."""
+"""shell.ota: the `ota status` shell command (running/staged/previous versions, transfer, failures)."""
 from ovms import shell, ota
 
 
