@@ -134,7 +134,7 @@ def replay(vcode, log, built):
     ("KN", "kn", KONA_LOG),
     ("KN", "kn", KONA21_LOG),
     ("RV", "rv", RAV4_LOG),
-])
+], ids=["kona-230112-7", "kona-221217-1", "rav4-seg40"])      # stable ids: the paths are temporary
 def test_real_log_gives_cantools_values(built, vcode, vdir, log):
     got = replay(vcode, log, built)
     want = _expect(os.path.join(VEH, vdir), log)
