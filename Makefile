@@ -4,6 +4,8 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PORT    ?= /dev/ttyUSB0
 ARCH    ?= xtensawin
+# test workers: most of a test run waits on devices, brokers and timers, so more than the cores
+JOBS    ?= 4
 
 .PHONY: deps sim test bench vehicles firmware flash deploy package clean
 
@@ -21,7 +23,7 @@ sim: deps
 
 # Every test: host tools on CPython, device code on the micropython binary, a real mosquitto.
 test: deps
-	$(VENV)/bin/pytest -q tests_host
+	$(VENV)/bin/pytest -q -n $(JOBS) tests_host
 
 # Benchmarks (decoder speed, MQTT data usage and loop health, memory): ratios from one run.
 bench: deps

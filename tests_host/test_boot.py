@@ -26,7 +26,8 @@ def wait_console(d, text, timeout=30):
     return False
 
 
-def test_three_crashes_in_a_row_give_safe_mode_until_power_on(tmp_path):
+def test_third_abnormal_reset_in_a_row_gives_safe_mode_until_power_on(tmp_path):
+    """Two abnormal boots recorded, then a watchdog reset: safe mode; a power-on clears it."""
     root = flash(tmp_path, boots=2)
     with VDev(root) as d:
         assert wait_console(d, "net:")
@@ -49,7 +50,9 @@ def test_three_crashes_in_a_row_give_safe_mode_until_power_on(tmp_path):
         assert "SAFE MODE" not in d.console()
 
 
-def test_app_crash_is_counted_and_logged(tmp_path):
+def test_corrupt_config_and_metrics_files_do_not_crash_the_app(tmp_path):
+    """Damaged ovms.cfg and metrics.dat: the app still boots (no abnormal boot counted) and
+    the damaged config is moved aside."""
     root = flash(tmp_path)
     # a corrupt persisted-metrics file must not crash the app; a corrupt config neither
     (root / "store" / "ovms.cfg").write_bytes(b"\x00garbage\xff" * 20)

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from util import DATA, compiled_lib, run_mpy
+from util import compiled_lib, run_mpy
 from test_vehicle import KONA_LOG, VEH, vehicles
 
 # A machine.CAN stand-in with the documented semantics: a 16-slot RX ring that counts

@@ -15,13 +15,14 @@ from cantools.database.utils import decode_data
 
 import candecode
 import dbc2table
-from util import DATA, LIB, REPO, TOOLS, run_mpy
+from util import LIB, REPO, TOOLS, run_mpy
+from util import data as corpus
 
-CT = os.path.join(DATA, "dbc_catalog", "cantools-45.1.0-tests")
-OPENDBC = os.path.join(DATA, "dbc_catalog", "opendbc-0.3.1")
-KONA = os.path.join(DATA, "kona_ev")
-PCAN = os.path.join(KONA, "dbc", "pcan.dbc")
-K1LOG = os.path.join(KONA, "logs", "230112-7-2019-pcan-ccan-power-off-on-ready-off.log")
+CT = "dbc_catalog/cantools-45.1.0-tests/"
+OPENDBC = "dbc_catalog/opendbc-0.3.1/"
+KONA = "kona_ev/"
+PCAN = corpus(KONA + "dbc/pcan.dbc")
+K1LOG = corpus(KONA + "logs/230112-7-2019-pcan-ccan-power-off-on-ready-off.log")
 
 
 # ------------------------------------------------------------------ helpers
@@ -105,7 +106,7 @@ def load(text, tmp_path, name="t.dbc"):
 
 # ------------------------------------------------------------------ value features
 def test_floats_ieee_32_and_64(tmp_path):
-    db = cantools.database.load_file(os.path.join(CT, "floating_point.dbc"))
+    db = cantools.database.load_file(corpus(CT + "floating_point.dbc"))
     rnd = random.Random(1)
     frames = []
     for v in (0.0, -0.0, 1.5, -2.25e-3, 3.4e38, 1e-300, float("inf"), float("nan"), 12345.678):
@@ -160,7 +161,7 @@ def test_signals_wider_than_32_bits(tmp_path):
 
 def test_extended_ids_vehicle_and_j1939():
     for name in ("vehicle.dbc", "j1939.dbc", "big_numbers.dbc"):
-        db = cantools.database.load_file(os.path.join(CT, name))
+        db = cantools.database.load_file(corpus(CT + name))
         assert any(m.is_extended_frame for m in db.messages)
         frames = frames_for(db, random.Random(name), 3)
         got = assert_matches(db, frames)
@@ -178,12 +179,12 @@ def test_same_id_standard_and_extended_are_different_messages(tmp_path):
 
 def test_choices_signed_and_misc_dbcs():
     for name in ("choices.dbc", "signed.dbc", "motohawk.dbc", "padding_bit_order.dbc", "abs.dbc"):
-        db = cantools.database.load_file(os.path.join(CT, name))
+        db = cantools.database.load_file(corpus(CT + name))
         rnd = random.Random(name)
         frames = frames_for(db, rnd, 25, lengths=lambda m: [m.length, m.length, m.length + 3, 0,
                                                             max(0, m.length - 3)])
         assert_matches(db, frames)
-    db = cantools.database.load_file(os.path.join(CT, "choices.dbc"))
+    db = cantools.database.load_file(corpus(CT + "choices.dbc"))
     m = db.messages[0]
     s = m.signals[0]
     for raw, label in s.choices.items():
@@ -195,7 +196,7 @@ def test_choices_signed_and_misc_dbcs():
 def test_multiplexing_simple_and_sg_mul_val_single_multiplexer():
     rnd = random.Random(3)
     for name in ("multiplex.dbc", "multiplex_choices.dbc"):
-        db = cantools.database.load_file(os.path.join(CT, name))
+        db = cantools.database.load_file(corpus(CT + name))
         frames = []
         for m in db.messages:
             mx = next(s for s in m.signals if s.is_multiplexer)
@@ -229,7 +230,7 @@ def test_unknown_multiplexer_value_gives_multiplexer_and_plain_signals(tmp_path)
 
 
 def test_multiplex_2_cascaded_messages_rejected_or_skipped():
-    p = os.path.join(CT, "multiplex_2.dbc")
+    p = corpus(CT + "multiplex_2.dbc")
     with pytest.raises(dbc2table.CompileError, match="multiplex"):
         dbc2table.compile_dbc(p)
     warnings = []
@@ -258,7 +259,7 @@ def test_multiplex_2_cascaded_messages_rejected_or_skipped():
                                   "gm_global_a_powertrain_generated.dbc"])
 def test_quirky_community_dbcs_load_and_decode(name):
     warnings = []
-    db = dbc2table.load_dbc(os.path.join(OPENDBC, name), warn=warnings.append)
+    db = dbc2table.load_dbc(corpus(OPENDBC + name), warn=warnings.append)
     assert warnings                      # the fix applied is reported
     t = dbc2table.compile_dbc(db, skip_unsupported=True)
     assert dbc2table.summary(t)["signals"] > 50
@@ -271,7 +272,7 @@ def test_quirky_community_dbcs_load_and_decode(name):
 
 def test_overlapping_signals_accepted_with_warning():
     warnings = []
-    p = os.path.join(DATA, "toyota_rav4_comma2k19", "dbc", "toyota_new_mc_pt_generated.dbc")
+    p = corpus("toyota_rav4_comma2k19/dbc/toyota_new_mc_pt_generated.dbc")
     dbc2table.compile_dbc(p, warn=warnings.append)
     assert any("PCS_HUD" in w and "overlap" in w for w in warnings)
 
@@ -289,15 +290,15 @@ def run_tool(name, *args):
 def test_extended_multiplexing_is_a_clear_error(name, msg, sig, tmp_path):
     log = tmp_path / "x.log"
     log.write_text("(1.000000) can0 00000001#0001020304050607\n")
-    for tool, args in (("candecode.py", ["--dbc", os.path.join(CT, name), "--log", str(log)]),
-                       ("dbc2table.py", ["--dbc", os.path.join(CT, name), "-o", str(tmp_path / "t")])):
+    for tool, args in (("candecode.py", ["--dbc", corpus(CT + name), "--log", str(log)]),
+                       ("dbc2table.py", ["--dbc", corpus(CT + name), "-o", str(tmp_path / "t")])):
         r = run_tool(tool, *args)
         assert r.returncode != 0
         assert r.stdout == ""
         assert msg in r.stderr and sig in r.stderr and "SG_MUL_VAL_" in r.stderr
 
 
-M3 = os.path.join(DATA, "dbc_catalog", "joshwardell-model3dbc", "Model3CAN.dbc")
+M3 = corpus("dbc_catalog/joshwardell-model3dbc/Model3CAN.dbc")
 
 
 def test_dbc_flaws_cantools_cannot_decode_either_are_skipped_with_a_warning(tmp_path):
@@ -640,7 +641,7 @@ def test_whole_real_log_with_heap_locked(tmp_path):
 def test_python_path_same_results_as_viper(tmp_path):
     import bench
     mod = bench.python_variant(str(tmp_path))
-    log = os.path.join(KONA, "logs", "221217-1-2021-pcan-bcan-no-key.log")
+    log = corpus(KONA + "logs/221217-1-2021-pcan-bcan-no-key.log")
     frames = candecode.read_log(log, "can0")[:3000]
     tf, rf = tmp_path / "t.bin", tmp_path / "r.bin"
     tf.write_bytes(dbc2table.compile_dbc(PCAN))
@@ -656,9 +657,9 @@ def test_python_path_same_results_as_viper(tmp_path):
 
 def test_bench_decode_meets_targets():
     r = run_tool("bench.py", "decode", "--dbc",
-                 os.path.join(DATA, "toyota_rav4_comma2k19", "dbc", "toyota_new_mc_pt_generated.dbc"),
-                 "--log", os.path.join(DATA, "toyota_rav4_comma2k19", "logs",
-                                       "comma2k19_rav4_b0c9d2329ad1606b_2018-08-02--08-34-47_seg40.log"),
+                 corpus("toyota_rav4_comma2k19/dbc/toyota_new_mc_pt_generated.dbc"),
+                 "--log", corpus("toyota_rav4_comma2k19/logs/"
+                      "comma2k19_rav4_b0c9d2329ad1606b_2018-08-02--08-34-47_seg40.log"),
                  "--bus", "can0", "--seconds", "0.4")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
@@ -722,7 +723,7 @@ def test_freezable_module_and_cli(tmp_path):
 def test_overlapping_signals_decode_at_their_dbc_positions():
     """cantools packs overlapping signals sequentially (values shifted); the decoder reads
     every signal at its own DBC bits: checked against cantools on one-signal messages."""
-    p = os.path.join(DATA, "toyota_rav4_comma2k19", "dbc", "toyota_new_mc_pt_generated.dbc")
+    p = corpus("toyota_rav4_comma2k19/dbc/toyota_new_mc_pt_generated.dbc")
     db = dbc2table.load_dbc(p)
     m = db.get_message_by_name("PCS_HUD")
     rnd = random.Random(5)

@@ -8,27 +8,27 @@ import sys
 
 import pytest
 
-from util import DATA, REPO
+from util import DATA, REPO, data, needs_corpus, reference
 
-KONA = os.path.join(DATA, "kona_ev")
-RAV4 = os.path.join(DATA, "toyota_rav4_comma2k19")
+KONA = "kona_ev"
+RAV4 = "toyota_rav4_comma2k19"
 RAV4_LOG = "comma2k19_rav4_b0c9d2329ad1606b_2018-08-02--08-34-47_seg40.log"
 K1 = "230112-7-2019-pcan-ccan-power-off-on-ready-off"
 K2 = "221217-1-2021-pcan-bcan-no-key"
 K3 = "250105-1-2020-comp-can-heating"
 
-# (log, bus, dbc, expected)
+# (log, bus, dbc) as corpus paths (util.data); the cantools values are recomputed (util.reference)
 CASES = [
-    (f"{KONA}/logs/{K1}.log", "can0", f"{KONA}/dbc/pcan.dbc", f"{KONA}/expected/{K1}.expected.jsonl.gz"),
-    (f"{KONA}/logs/{K1}.log", "can1", f"{KONA}/dbc/ccan.dbc", f"{KONA}/expected/{K1}.expected.jsonl.gz"),
-    (f"{KONA}/logs/{K2}.log", "can0", f"{KONA}/dbc/pcan.dbc", f"{KONA}/expected/{K2}.expected.jsonl.gz"),
-    (f"{KONA}/logs/{K2}.log", "can1", f"{KONA}/dbc/bcan.dbc", f"{KONA}/expected/{K2}.expected.jsonl.gz"),
-    (f"{KONA}/logs/{K3}.log", "can0", f"{KONA}/dbc/comp_can.dbc", f"{KONA}/expected/{K3}.expected.jsonl.gz"),
-    (f"{RAV4}/logs/{RAV4_LOG}", "can0", f"{RAV4}/dbc/toyota_new_mc_pt_generated.dbc",
-     f"{RAV4}/expected/comma2k19_rav4_seg40.expected.jsonl.gz"),
-    (f"{RAV4}/logs/{RAV4_LOG}", "can1", f"{RAV4}/dbc/toyota_adas.dbc",
-     f"{RAV4}/expected/comma2k19_rav4_seg40.expected.jsonl.gz"),
+    (f"{KONA}/logs/{K1}.log", "can0", f"{KONA}/dbc/pcan.dbc"),
+    (f"{KONA}/logs/{K1}.log", "can1", f"{KONA}/dbc/ccan.dbc"),
+    (f"{KONA}/logs/{K2}.log", "can0", f"{KONA}/dbc/pcan.dbc"),
+    (f"{KONA}/logs/{K2}.log", "can1", f"{KONA}/dbc/bcan.dbc"),
+    (f"{KONA}/logs/{K3}.log", "can0", f"{KONA}/dbc/comp_can.dbc"),
+    (f"{RAV4}/logs/{RAV4_LOG}", "can0", f"{RAV4}/dbc/toyota_new_mc_pt_generated.dbc"),
+    (f"{RAV4}/logs/{RAV4_LOG}", "can1", f"{RAV4}/dbc/toyota_adas.dbc"),
 ]
+EXPECTED = {f"{KONA}/logs/{k}.log": f"{KONA}/expected/{k}.expected.jsonl.gz" for k in (K1, K2, K3)}
+EXPECTED[f"{RAV4}/logs/{RAV4_LOG}"] = f"{RAV4}/expected/comma2k19_rav4_seg40.expected.jsonl.gz"
 IDS = ["kona1-can0", "kona1-can1", "kona2-can0", "kona2-can1", "kona3-can0", "rav4-can0", "rav4-can1"]
 
 
@@ -39,9 +39,22 @@ def candecode(*args):
     return [json.loads(line) for line in r.stdout.splitlines()]
 
 
-def expected(path, bus):
-    with gzip.open(path, "rt") as f:
-        return [r for r in (json.loads(line) for line in f) if r["bus"] == bus]
+def resolve(case):
+    """(log path, bus, dbc path, cantools reference records of that bus)."""
+    log, bus, dbc = case
+    return data(log), bus, data(dbc), reference(data(log), bus, data(dbc))
+
+
+@needs_corpus
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_recomputed_reference_equals_corpus_expected(case):
+    """The references recomputed with the pinned cantools are the corpus' shipped ones."""
+    log, bus, dbc, got = resolve(case)
+    with gzip.open(os.path.join(DATA, EXPECTED[case[0]]), "rt") as f:
+        want = [r for r in (json.loads(line) for line in f) if r["bus"] == bus]
+    assert len(got) == len(want)
+    for w, g in zip(want, got):
+        assert g == w, (w, g)
 
 
 def same(want, got):
@@ -51,9 +64,9 @@ def same(want, got):
     return type(got) is type(want) and got == want
 
 
-@pytest.mark.parametrize("log,bus,dbc,exp", CASES, ids=IDS)
-def test_real_log_matches_cantools(log, bus, dbc, exp):
-    want = expected(exp, bus)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_real_log_matches_cantools(case):
+    log, bus, dbc, want = resolve(case)
     got = candecode("--dbc", dbc, "--log", log, "--bus", bus)
     # one record per frame of a DBC-defined id, in log order
     assert len(got) == len(want)
@@ -69,9 +82,9 @@ def test_real_log_matches_cantools(log, bus, dbc, exp):
     assert not bad, bad[:10]
 
 
-@pytest.mark.parametrize("log,bus,dbc,exp", [CASES[0], CASES[5]], ids=[IDS[0], IDS[5]])
-def test_real_log_raw_values_exact(log, bus, dbc, exp):
-    want = expected(exp, bus)
+@pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=[IDS[0], IDS[5]])
+def test_real_log_raw_values_exact(case):
+    log, bus, dbc, want = resolve(case)
     got = candecode("--dbc", dbc, "--log", log, "--bus", bus, "--raw")
     assert len(got) == len(want)
     for w, g in zip(want, got):
@@ -82,8 +95,8 @@ def test_real_log_raw_values_exact(log, bus, dbc, exp):
 def test_truncated_frames_present_and_limited():
     """The Kona 230112-7 log has 961 frames shorter than their DBC length: only signals
     whose bytes all arrived are printed (cantools allow_truncated=True)."""
-    log, bus, dbc, exp = CASES[0]
-    want = [w for w in expected(exp, bus) if w.get("truncated")]
+    log, bus, dbc, want = resolve(CASES[0])
+    want = [w for w in want if w.get("truncated")]
     assert len(want) > 200
     got = {(g["t"], g["id"]): g for g in candecode("--dbc", dbc, "--log", log, "--bus", bus)}
     for w in want:
@@ -93,6 +106,6 @@ def test_truncated_frames_present_and_limited():
 
 def test_without_bus_all_frames_use_the_dbc(tmp_path):
     """No --bus: every frame is decoded with the given DBC (ids it defines print)."""
-    log, _, dbc, exp = CASES[4]                 # single-bus log
+    log, _, dbc, want = resolve(CASES[4])       # single-bus log
     got = candecode("--dbc", dbc, "--log", log)
-    assert len(got) == len(expected(exp, "can0"))
+    assert len(got) == len(want)

@@ -15,7 +15,7 @@ import cantools
 import candecode
 import dbc2table
 from test_decoder_features import cantools_decode, dbc_text, plain, same
-from util import DATA, LIB
+from util import LIB, data
 
 
 def _wrap(v):
@@ -147,14 +147,12 @@ def test_wide_signals_and_32_bit_pieces_with_32_bit_words(tmp_path):
 
 
 def test_real_log_with_32_bit_words():
-    r = os.path.join(DATA, "toyota_rav4_comma2k19")
-    log = os.path.join(r, "logs", "comma2k19_rav4_b0c9d2329ad1606b_2018-08-02--08-34-47_seg40.log")
-    db = dbc2table.load_dbc(os.path.join(r, "dbc", "toyota_adas.dbc"))
+    r = "toyota_rav4_comma2k19/"
+    log = data(r + "logs/comma2k19_rav4_b0c9d2329ad1606b_2018-08-02--08-34-47_seg40.log")
+    db = dbc2table.load_dbc(data(r + "dbc/toyota_adas.dbc"))
     frames = candecode.read_log(log, "can1")[:2500]
     check(db, frames)
-    k = os.path.join(DATA, "kona_ev")
-    db = dbc2table.load_dbc(os.path.join(k, "dbc", "pcan.dbc"))   # 32-bit VCU_109 signal
-    frames = candecode.read_log(os.path.join(k, "logs",
-                                             "230112-7-2019-pcan-ccan-power-off-on-ready-off.log"),
+    db = dbc2table.load_dbc(data("kona_ev/dbc/pcan.dbc"))   # 32-bit VCU_109 signal
+    frames = candecode.read_log(data("kona_ev/logs/230112-7-2019-pcan-ccan-power-off-on-ready-off.log"),
                                 "can0")[:2500]
     check(db, frames)

@@ -8,9 +8,9 @@ import subprocess
 import memprof
 import vdev
 
-from util import DATA, MICROPYTHON, run_mpy
+from util import MICROPYTHON, data, run_mpy
 
-RAV4_LOG = glob.glob(os.path.join(DATA, "toyota_rav4_comma2k19", "logs", "*.log"))[0]
+RAV4_LOG = data("toyota_rav4_comma2k19/logs/comma2k19_rav4_b0c9d2329ad1606b_2018-08-02--08-34-47_seg40.log")
 
 # The CAN -> metrics stack as the app runs it: import, config, restored metrics, the RAV4
 # definition, one bus on a machine.CAN stand-in replaying real frames, the 1 Hz housekeeping.

@@ -117,6 +117,29 @@ def test_frozen_app_is_on_the_path_and_costs_no_bytecode_heap(tmp_path):
     assert out.split() == ["True", "True", "True"]
 
 
+def test_romfs_image_is_built_once_per_content(tmp_path, monkeypatch):
+    """A second start with the same lib/ and vehicles copies the cached image (and its qstr
+    list) instead of compiling again; the copy is the same image."""
+    import sys
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import deploy
+    import vdev
+    monkeypatch.setenv("VDEV_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = vdev.build_rom(str(tmp_path / "a"))
+    vdev.calibrate_heap(100 * 1024, first)
+    cached = [n for n in os.listdir(tmp_path / "cache") if not n.endswith(".tmp")]
+    assert sorted(n.split(".", 1)[1] for n in cached) == ["romfs", "romfs.qstrs"]
+
+    def no_compile(*a, **k):
+        raise AssertionError("compiled again")
+    monkeypatch.setattr(deploy, "compile_lib", no_compile)
+    second = vdev.build_rom(str(tmp_path / "b"))
+    assert open(second, "rb").read() == open(first, "rb").read()
+    assert open(second + ".qstrs").read() == open(first + ".qstrs").read()
+
+
 def test_flash_is_the_root_dir(dev, tmp_path):
     out = dev.exec("import os, sys; print(sorted(os.listdir('/')), sys.path)")
     assert "'boot.py', 'boots.txt', 'main.py'" in out and "'/lib'" in out

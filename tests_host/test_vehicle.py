@@ -1,26 +1,21 @@
 """Vehicle definitions: host build, device load, real logs decoded into plausible metrics."""
 import csv
 import glob
-import gzip
 import json
 import os
 
 import pytest
 
-from util import DATA, REPO, compiled_lib, run_mpy
+from util import REPO, compiled_lib, data, reference, run_mpy
 
 import vehicles
 from dbc2table import CompileError
 
 VEH = os.path.join(REPO, "firmware", "vehicles")
-KONA_LOG = os.path.join(DATA, "kona_ev", "logs", "230112-7-2019-pcan-ccan-power-off-on-ready-off.log")
-KONA_EXP = os.path.join(DATA, "kona_ev", "expected",
-                        "230112-7-2019-pcan-ccan-power-off-on-ready-off.expected.jsonl.gz")
-KONA21_LOG = os.path.join(DATA, "kona_ev", "logs", "221217-1-2021-pcan-bcan-no-key.log")
-KONA21_EXP = os.path.join(DATA, "kona_ev", "expected", "221217-1-2021-pcan-bcan-no-key.expected.jsonl.gz")
-RAV4 = os.path.join(DATA, "toyota_rav4_comma2k19")
-RAV4_LOG = glob.glob(os.path.join(RAV4, "logs", "*.log"))[0]
-RAV4_EXP = os.path.join(RAV4, "expected", "comma2k19_rav4_seg40.expected.jsonl.gz")
+KONA_LOG = data("kona_ev/logs/230112-7-2019-pcan-ccan-power-off-on-ready-off.log")
+KONA21_LOG = data("kona_ev/logs/221217-1-2021-pcan-bcan-no-key.log")
+RAV4 = "toyota_rav4_comma2k19"
+RAV4_LOG = data(RAV4 + "/logs/comma2k19_rav4_b0c9d2329ad1606b_2018-08-02--08-34-47_seg40.log")
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +57,11 @@ def test_definitions_compile_and_map_standard_metrics():
             assert n in std or n.startswith("x%s." % v["code"].lower()), n
 
 
-def _expect(vdir, exp_path, bus="can0"):
+def _expect(vdir, log, bus="can0"):
     """Last value of every mapped metric according to cantools' reference decode."""
     mp = json.load(open(os.path.join(vdir, "vehicle.json")))
     last, labels = {}, {}
-    for line in gzip.open(exp_path, "rt"):
-        r = json.loads(line)
-        if r["bus"] != bus:
-            continue
+    for r in reference(log, bus, os.path.join(vdir, mp["buses"][bus])):
         for s, v in r["signals"].items():
             last[(r["msg"], s)] = v
             labels[(r["msg"], s)] = r.get("choices", {}).get(s)
@@ -139,14 +131,14 @@ def replay(vcode, log, built):
     return out
 
 
-@pytest.mark.parametrize("vcode,vdir,log,exp", [
-    ("KN", "kn", KONA_LOG, KONA_EXP),
-    ("KN", "kn", KONA21_LOG, KONA21_EXP),
-    ("RV", "rv", RAV4_LOG, RAV4_EXP),
-])
-def test_real_log_gives_cantools_values(built, vcode, vdir, log, exp):
+@pytest.mark.parametrize("vcode,vdir,log", [
+    ("KN", "kn", KONA_LOG),
+    ("KN", "kn", KONA21_LOG),
+    ("RV", "rv", RAV4_LOG),
+], ids=["kona-230112-7", "kona-221217-1", "rav4-seg40"])      # stable ids: the paths are temporary
+def test_real_log_gives_cantools_values(built, vcode, vdir, log):
     got = replay(vcode, log, built)
-    want = _expect(os.path.join(VEH, vdir), exp)
+    want = _expect(os.path.join(VEH, vdir), log)
     assert len(want) >= 10
     checked = 0
     for name, (v, t) in want.items():
@@ -197,7 +189,7 @@ def test_kona_2021_no_key_log(built):
 def test_rav4_speed_matches_comma_wheel_speeds(built):
     # comma's processed wheel speeds (m/s, decoded independently by comma.ai) at every
     # 400th sample vs the device's xrv.p.wheel.* (km/h) right after the frame at that time
-    rows = list(csv.DictReader(open(os.path.join(RAV4, "crosscheck", "comma_processed_wheel_speed_mps.csv"))))
+    rows = list(csv.DictReader(open(data(RAV4 + "/crosscheck/comma_processed_wheel_speed_mps.csv"))))
     checks = {round(float(r["t"]), 6): r for r in rows[::400]}
     lines = open(RAV4_LOG).read().split("\n")
     feed = []
@@ -246,7 +238,7 @@ def test_rav4_odometer_in_km_and_steering(built):
     assert 8 <= got["v.p.speed"][0] * 1 / 3.6 <= 21      # the segment drives at 8..20 m/s
     assert got["v.e.gear"][0] == 1 and got["v.e.locked"][0] is True
     steer = [float(r["steering_angle_deg"]) for r in
-             csv.DictReader(open(os.path.join(RAV4, "crosscheck", "comma_processed_steering_angle_deg.csv")))]
+             csv.DictReader(open(data(RAV4 + "/crosscheck/comma_processed_steering_angle_deg.csv")))]
     assert got["xrv.e.steer"][0] == pytest.approx(steer[-1], abs=1e-9)
 
 
@@ -400,7 +392,7 @@ print(v.command_frames("lock", ["1234"]), m.typecode("xtx.gear"))
 
 def test_catalogue_dbc_vehicle_builds(tmp_path, built):
     # any DBC from the catalogue works the same way (here: Nissan Leaf 2018 doors and gear)
-    leaf = os.path.join(DATA, "dbc_catalog", "opendbc-0.3.1", "nissan_leaf_2018_generated.dbc")
+    leaf = data("dbc_catalog/opendbc-0.3.1/nissan_leaf_2018_generated.dbc")
     d = _vdir(tmp_path, {"metrics": {
         "v.d.fl": {"message": "DOORS_LIGHTS", "signal": "DOOR_OPEN_FL"},
         "v.d.fr": {"message": "DOORS_LIGHTS", "signal": "DOOR_OPEN_FR"},

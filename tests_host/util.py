@@ -10,8 +10,89 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIB = os.path.join(REPO, "lib")
 TOOLS = os.path.join(REPO, "tools")
-DATA = os.environ.get("OVMS_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
+# The optional larger CAN corpus (same layout as tests_host/data): `OVMS_DATA=/path pytest ...`.
+DATA = os.environ.get("OVMS_DATA") or None
 TESTDATA = os.path.join(REPO, "tests_host", "data")
+VEH = os.path.join(REPO, "firmware", "vehicles")
+# corpus files that the repository already ships elsewhere (same bytes, gzipped)
+_REUSED = {
+    "kona_ev/logs/230112-7-2019-pcan-ccan-power-off-on-ready-off.log":
+        "kn/logs/230112-7-2019-pcan-ccan-power-off-on-ready-off.log.gz",
+    "kona_ev/dbc/pcan.dbc": "kn/pcan.dbc",
+    "toyota_rav4_comma2k19/logs/comma2k19_rav4_b0c9d2329ad1606b_2018-08-02--08-34-47_seg40.log":
+        "rv/logs/comma2k19_rav4_seg40.log.gz",
+    "toyota_rav4_comma2k19/dbc/toyota_new_mc_pt_generated.dbc": "rv/toyota_new_mc_pt_generated.dbc",
+}
+needs_corpus = __import__("pytest").mark.skipif(not DATA, reason="set OVMS_DATA to the full CAN corpus")
+
+
+@functools.lru_cache(None)
+def data(rel):
+    """Path of corpus file `rel` (e.g. "kona_ev/dbc/pcan.dbc"): from OVMS_DATA when set, else
+    the repository's copy (tests_host/data, or firmware/vehicles for the files it ships);
+    gzipped copies are unpacked once into a per-process temporary directory."""
+    if DATA and os.path.exists(os.path.join(DATA, rel)):
+        return os.path.join(DATA, rel)
+    src = os.path.join(VEH, _REUSED[rel]) if rel in _REUSED else os.path.join(TESTDATA, rel)
+    if os.path.exists(src) and not src.endswith(".gz"):
+        return src
+    if not src.endswith(".gz"):
+        src += ".gz"
+    if not os.path.exists(src):
+        raise FileNotFoundError("test data %s is not in the repository (tests_host/data)" % rel)
+    out = os.path.join(_unpack_dir(), rel)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    import gzip
+    with gzip.open(src, "rb") as f, open(out, "wb") as g:
+        shutil.copyfileobj(f, g)
+    return out
+
+
+@functools.lru_cache(None)
+def _unpack_dir():
+    d = tempfile.mkdtemp(prefix="ovms-data-")
+    atexit.register(shutil.rmtree, d, True)
+    return d
+
+
+@functools.lru_cache(None)
+def reference(log, bus, dbc):
+    """cantools reference records (the corpus' *.expected.jsonl format) for the frames of `bus`
+    in candump log `log` that DBC `dbc` defines, recomputed with the pinned cantools:
+    {"t", "bus", "id", "msg", "data", "signals", "raw", ["choices"], ["truncated"]}."""
+    if TOOLS not in sys.path:
+        sys.path.insert(0, TOOLS)
+    from dbc2table import load_dbc
+    db = load_dbc(dbc)
+    out = []
+    with open(log) as f:
+        for line in f:
+            p = line.split()
+            if len(p) != 3 or p[1] != bus:
+                continue
+            ident, _, hexdata = p[2].partition("#")
+            fid = int(ident, 16)
+            try:
+                m = db.get_message_by_frame_id(fid)
+            except KeyError:
+                continue
+            b = bytes.fromhex(hexdata)
+            trunc = len(b) < m.length
+            kw = dict(decode_choices=False, allow_truncated=True, allow_excess=True)
+            sig = m.decode(b, scaling=True, **kw)
+            raw = m.decode(b, scaling=False, **kw)
+            r = {"t": float(p[0].strip("()")), "bus": bus, "id": fid, "msg": m.name,
+                 "data": hexdata, "signals": sig, "raw": raw}
+            ch = {}
+            for s in m.signals:
+                if s.name in raw and s.choices and raw[s.name] in s.choices:
+                    ch[s.name] = str(s.choices[raw[s.name]])
+            if ch:
+                r["choices"] = ch
+            if trunc:
+                r["truncated"] = True
+            out.append(r)
+    return out
 BIN = os.path.dirname(sys.executable)
 
 

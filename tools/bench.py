@@ -30,7 +30,21 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 LIB = os.path.join(REPO, "lib")
-DATA = os.environ.get("OVMS_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
+# the CAN corpus: OVMS_DATA (the full corpus) if set, else the copies in the repository
+DATA = os.environ.get("OVMS_DATA")
+IN_REPO = {"kona_ev/dbc/pcan.dbc": "firmware/vehicles/kn/pcan.dbc",
+           "kona_ev/logs/230112-7-2019-pcan-ccan-power-off-on-ready-off.log":
+               "firmware/vehicles/kn/logs/230112-7-2019-pcan-ccan-power-off-on-ready-off.log.gz",
+           "toyota_rav4_comma2k19/dbc/toyota_new_mc_pt_generated.dbc":
+               "firmware/vehicles/rv/toyota_new_mc_pt_generated.dbc",
+           "toyota_rav4_comma2k19/dbc/toyota_adas.dbc": "tests_host/data/toyota_rav4_comma2k19/dbc/toyota_adas.dbc",
+           "toyota_rav4_comma2k19/logs/comma2k19_rav4_b0c9d2329ad1606b_2018-08-02--08-34-47_seg40.log":
+               "firmware/vehicles/rv/logs/comma2k19_rav4_seg40.log.gz"}
+
+
+def corpus(rel):
+    """Path of a corpus file: under OVMS_DATA when set, else the repository's copy."""
+    return os.path.join(DATA, rel) if DATA else os.path.join(REPO, IN_REPO[rel])
 sys.path.insert(0, HERE)
 
 import candecode  # noqa: E402
@@ -176,7 +190,7 @@ def bench_memory(a):
 def bench_all(a):
     out = {"decode": []}
     for name, dbc, log, bus in SHIPPED:
-        ns = argparse.Namespace(dbc=os.path.join(DATA, dbc), log=os.path.join(DATA, log),
+        ns = argparse.Namespace(dbc=corpus(dbc), log=corpus(log),
                                 bus=bus, seconds=a.seconds, quiet=True, detail=True)
         r = bench_decode(ns)
         r = dict(case=name, **r)

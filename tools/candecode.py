@@ -94,10 +94,13 @@ def find_tool(name, env):
 
 
 def read_log(path, bus=None, warn=None):
-    """candump -L lines -> [(t, iface, id, ext, data)] (bad lines warned and skipped)."""
+    """candump -L lines (a .gz file too) -> [(t, iface, id, ext, data)] (bad lines warned and
+    skipped)."""
     out = []
     bad = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
+    import gzip
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

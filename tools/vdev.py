@@ -126,7 +126,9 @@ def calibrate_heap(requested, rom=None):
     for k in ("VDEV_ROOT", "VDEV_HW", "VDEV_ROM", "VDEV_QSTRS"):
         env.pop(k, None)
     cmd = [micropython_binary(), "-X", "heapsize=%d" % (2 * requested + 1024 * 1024), BOARD]
-    if rom:
+    if rom and os.path.exists(rom + ".qstrs"):          # listed before (cached image)
+        env["VDEV_ROM"], env["VDEV_QSTRS"] = rom, rom + ".qstrs"
+    elif rom:
         env["VDEV_ROM"] = rom
         r = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, VDEV_IMPORT="1"),
                            timeout=120)
@@ -136,6 +138,8 @@ def calibrate_heap(requested, rom=None):
                 if ln.startswith("Q(") and ln.endswith(")") and "\n" not in ln[2:-1]:
                     f.write(ln[2:-1] + "\n")
         env["VDEV_QSTRS"] = rom + ".qstrs"
+        if _ROM_CACHED and r.returncode == 0 and names:
+            _cache_put(rom + ".qstrs", _ROM_CACHED + ".qstrs")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     try:
         words = r.stdout.split("base ", 1)[1].split()
@@ -145,8 +149,61 @@ def calibrate_heap(requested, rom=None):
     return requested * scale + (overhead + 1023) // 1024 * 1024, overhead, scale
 
 
+def _rom_key():
+    """Content hash of everything the ROMFS image (and its qstr list) is made from."""
+    tools = os.path.join(REPO, "tools")
+    files = [os.path.join(tools, n) for n in ("deploy.py", "vehicles.py", "dbc2table.py", "vdev.py")]
+    for top in (os.path.join(REPO, "lib"), os.path.join(REPO, "firmware", "vehicles"),
+                os.path.join(tools, "vboard")):
+        for dp, dn, fn in os.walk(top):
+            dn[:] = sorted(d for d in dn if d != "__pycache__")
+            files += [os.path.join(dp, f) for f in sorted(fn) if not f.endswith(".pyc")]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(os.path.relpath(p, REPO).encode() + b"\0")
+        with open(p, "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+    sys.path.insert(0, tools)
+    import deploy
+    for exe in (deploy.tool("mpy-cross"), micropython_binary()):
+        st = os.stat(exe) if exe and os.path.exists(exe) else None
+        h.update(repr((exe, st and (st.st_size, st.st_mtime_ns))).encode())
+    h.update(repr(host_march()).encode())
+    return h.hexdigest()[:32]
+
+
+def _rom_cache():
+    """Where built ROMFS images are kept, by content hash (VDEV_CACHE; empty: no cache)."""
+    d = os.environ.get("VDEV_CACHE", os.path.join(tempfile.gettempdir(),
+                                                   "micro-ovms-vdev-%d" % os.getuid()))
+    if d:
+        os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _cache_put(src, dst):
+    """Copy src to dst atomically (parallel virtual devices may store the same image)."""
+    tmp = "%s.%d.tmp" % (dst, os.getpid())
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+_ROM_CACHED = None    # cache path of the image build_rom returned (for its .qstrs)
+
+
 def build_rom(run_dir):
-    """The firmware's frozen app as a ROMFS image: lib/ compiled for this host + vehicle tables."""
+    """The firmware's frozen app as a ROMFS image: lib/ compiled for this host + vehicle tables.
+    Built once per content: later starts copy the cached image (and its qstr list)."""
+    global _ROM_CACHED
+    path = os.path.join(run_dir, "app.romfs")
+    cache = _rom_cache()
+    cached = os.path.join(cache, _rom_key() + ".romfs") if cache else None
+    if cached and os.path.exists(cached):
+        shutil.copyfile(cached, path)
+        if os.path.exists(cached + ".qstrs"):
+            shutil.copyfile(cached + ".qstrs", path + ".qstrs")
+        _ROM_CACHED = cached
+        return path
     sys.path.insert(0, os.path.join(REPO, "tools"))
     import deploy
     from mpremote.romfs import make_romfs
@@ -160,13 +217,23 @@ def build_rom(run_dir):
             os.remove(src)
     except Exception as e:  # noqa: BLE001  (the device still boots without vehicle tables)
         print("vdev: vehicle tables not built: %s" % e, file=sys.stderr)
+        cached = None                    # an incomplete image is not kept
     import contextlib
     import io
     with contextlib.redirect_stdout(io.StringIO()):
         img = make_romfs(tree, mpy_cross=False)
-    path = os.path.join(run_dir, "app.romfs")
     with open(path, "wb") as f:
         f.write(img)
+    if cached:
+        _cache_put(path, cached)
+        for old in sorted((os.path.join(cache, n) for n in os.listdir(cache) if n.endswith(".romfs")),
+                          key=os.path.getmtime)[:-8]:      # keep the 8 newest images
+            for p in (old, old + ".qstrs"):
+                try:
+                    os.remove(p)
+                except OSError:
+                    pass
+    _ROM_CACHED = cached
     return path
 
 
