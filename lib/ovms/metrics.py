@@ -397,22 +397,17 @@ def same(i, a, b):
 
 
 def _same(a, b, p):
-    # texts equal => a and b differ by at most one unit of the last digit shown; a larger
-    # difference needs no text (one float made here: set() must not litter the heap)
+    # texts equal => a and b differ by at most one unit of the last digit shown: a larger
+    # difference needs no text (two floats made at most: set() runs on every change)
     d = a - b if a > b else b - a
-    t = (1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4,
-         1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15)     # t[k] = 10^(k-9)
     if p:
-        k = 10 - p                  # 10^(1-p)
+        u = 10 ** (1 - p)           # (int constants: a float constant costs heap)
     else:
-        m = abs(a)
-        if abs(b) > m:
-            m = abs(b)
-        k = 4
-        while k < 25 and m >= t[k]:
-            k += 1
-        k -= 4                      # m < 10^(k+4-9): 6 digits show 10^(k-9) or finer
-    if k < 25 and d > t[k]:
+        u = abs(a)
+        if abs(b) > u:
+            u = abs(b)
+        u /= 50000                  # > one unit of the 6th significant digit
+    if d > u:
         return False
     return _ftext(a, p) == _ftext(b, p)
 
