@@ -109,7 +109,8 @@ for n in ("xrv.e.steer.fraction", "xrv.e.steer.angle", "xrv.e.steer", "v.p.odome
 def test_factor_override_and_default_texts_on_the_device(tmp_path):
     out = str(tmp_path / "b")
     os.mkdir(out)
-    os.remove(vehicles.build(_vdir(tmp_path, TX), out, mpy=True))
+    os.remove(vehicles.build(_vdir(tmp_path, TX, {"xtx.b.sum": {
+        "sum": ["v.b.soc", "xtx.b.uccs.odd"], "precision": 1}}), out, mpy=True))
     db = load_dbc(os.path.join(VEH, "kn", "pcan.dbc"))
     msg = db.get_message_by_name("BMS_542")
     fr = msg.encode({s.name: 0 for s in msg.signals} | {"SocDisp": 57.5, "uwe542_78_UCCS": 367.3})
@@ -117,7 +118,9 @@ def test_factor_override_and_default_texts_on_the_device(tmp_path):
 from ovms import metrics as m, vehicle
 v = vehicle.load("TX")
 v.decoder.feed(0, %d, False, %r, 8, m.uptime())
-for n in ("v.b.soc", "xtx.b.uccs", "xtx.b.uccs.kv", "xtx.b.uccs.odd", "xtx.b.uccs.round"):
+m.tick()
+for n in ("v.b.soc", "xtx.b.uccs", "xtx.b.uccs.kv", "xtx.b.uccs.odd", "xtx.b.uccs.round",
+          "xtx.b.sum"):
     print(n, m.text(n))
 m.precision("xtx.b.uccs", None)        # back to the OVMS default
 print(m.text("xtx.b.uccs"), m.precision("xtx.b.uccs"))
@@ -129,6 +132,7 @@ for x in (123456.7, 0.1 + 0.2, 1234567.0, -0.0000001, 2.5e-7, 0.0, -0.0):
     assert r == ["v.b.soc 57.5", "xtx.b.uccs 367.3", "xtx.b.uccs.kv 0.3673",
                  "xtx.b.uccs.odd 228.23",          # 367.3 V x 0.621371: 2 decimals show 0.06
                  "xtx.b.uccs.round 367",
+                 "xtx.b.sum 285.7",                # 57.5 + 228.228... at its 1 decimal
                  "367.3 None",
                  "123457", "0.3", "1.23457e+06", "-1e-07", "2.5e-07", "0", "0"]
 
