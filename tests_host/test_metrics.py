@@ -107,9 +107,10 @@ print(m.get("no.such"), repr(m.text("no.such")), m.defined("no.such"), m.age("no
     assert r[1] == "v.b.soc True 36.5 [36.5]"
     assert r[2] == "v.b.soc False 36.5 [36.5]"
     assert r[3] == "v.b.soc True 50.0 [50]"
-    assert r[4] == "v.b.soc True 0.3333333333333333 [0.3333333333333333]"
-    assert r[5] == "v.p.odometer True 123456.7 [123456.7]"        # no 6-digit rounding
-    assert r[6] == "v.p.latitude True 51.12345678 [51.12345678]"
+    # the value keeps full precision, its text has OVMS's 6 significant digits ...
+    assert r[4] == "v.b.soc True 0.3333333333333333 [0.333333]"
+    assert r[5] == "v.p.odometer True 123456.7 [123457]"
+    assert r[6] == "v.p.latitude True 51.12345678 [51.123457]"   # ... or its definition's 6 decimals
     assert r[7] == "v.e.locked True True [yes]"
     assert r[8] == "v.e.locked True False [no]"
     assert r[9] == "v.e.gear True -1 [-1]"

@@ -84,7 +84,7 @@ await start()
             break
         time.sleep(0.1)
     want = {"v.b.soc": "55.5", "v.e.locked": "yes", "v.d.fl": "no",
-            "v.b.c.voltage": "3.9,3.91,3.925", "v.p.odometer": "123456.7",
+            "v.b.c.voltage": "3.9,3.91,3.925", "v.p.odometer": "123457",
             "v.p.latitude": "52.123456", "v.c.state": "charging", "v.e.gear": "-1",
             "v.c.timerstart": "01:02:03", "s.v3.connected": "yes"}
     for k, v in want.items():

@@ -154,7 +154,8 @@ with open(%r, "rb") as f:
         f.readinto(memoryview(buf)[:nb])
         v.decoder.feed_batch(buf, nf, metrics.uptime())
 metrics.tick()
-return {n: (metrics.typecode(n), metrics.text(n)) for n in %r if metrics.defined(n)}
+return {n: (metrics.typecode(n), metrics.text(n), metrics.precision(n)) for n in %r
+        if metrics.defined(n)}
 """ % (code, str(rp), n, list(mp["metrics"])), timeout=60)
     peer = peers(broker.port, subs=(PFX + "metric/#",))
     peer.settle()
@@ -174,7 +175,7 @@ while srv.state != "connected":
         time.sleep(0.1)
     bad = []
     for name, exp in sorted(want.items()):
-        tc, text = names.get(name, ("?", None))
+        tc, text, prec = names.get(name, ("?", None, None))
         pub = got.get(name)
         if pub is None:
             if name not in maybe:
@@ -187,8 +188,9 @@ while srv.state != "connected":
             ok = pub == ("yes" if exp else "no")
         elif tc == "i":
             ok = int(pub) == round(float(exp))
-        elif tc == "f":
-            ok = abs(float(pub) - float(exp)) <= 1e-6 * max(1.0, abs(float(exp)))
+        elif tc == "f":      # rounded to its display decimals, else to 6 significant digits
+            tol = 0.5 * 10 ** -prec if prec is not None else 5e-6 * abs(float(exp))
+            ok = abs(float(pub) - float(exp)) <= tol * (1 + 1e-9) + 1e-12
         else:
             ok = pub == str(exp)
         if not ok:

@@ -37,7 +37,7 @@ UNIT_ALIASES = {"kph": "km/h", "km/h": "km/h", "kmh": "km/h", "deg": "\u00b0", "
                 "s": "Sec", "sec": "Sec", "h": "Hour", "kw": "kW", "kwh": "kWh", "v": "V",
                 "a": "A", "w": "W", "nm": "Nm", "rpm": "rpm", "kpa": "kPa", "ah": "Ah"}
 METRIC_KEYS = {"bus", "message", "signal", "factor", "add", "unit", "type", "stale", "persist",
-               "priority", "deadband", "min_interval", "map", "valid", "comment"}
+               "priority", "deadband", "min_interval", "map", "valid", "precision", "comment"}
 
 
 def standard_metrics():
@@ -102,6 +102,35 @@ def _infer_type(sig, entry):
     if not sig.is_float and all(float(v).is_integer() for v in vals):
         return "i"
     return "f"
+
+
+def resolution_decimals(step, offset=0):
+    """Display decimals for values raw * step + offset: each raw step stays visible
+    (10^-d <= |step|), exact when step and offset are short decimals (0.25 -> 2); None for
+    no step (0). Capped at 9."""
+    step = abs(step)
+    if not step:
+        return None
+    d = 0
+    while d < 9 and step * 10 ** d < 1 - 1e-9:
+        d += 1
+    best = d
+    for x in (step, offset):
+        for e in range(d + 3):              # a short exact decimal: all its digits
+            y = x * 10 ** e
+            if abs(y - round(y)) <= 1e-9 * max(1, abs(y)):
+                if e > best:
+                    best = e
+                break
+    return min(best, 9)
+
+
+def _precision(src, where):
+    """The "precision" option (display decimals 0..9) or None."""
+    p = src.get("precision")
+    if p is not None and (not isinstance(p, int) or isinstance(p, bool) or not 0 <= p <= 9):
+        _err(where, '"precision" must be decimals 0..9')
+    return p
 
 
 def _signal(dbs, buses, where, busname, mref, sname):
@@ -263,6 +292,7 @@ def compile_vehicle(vdir, warn=None):
             _err(where, '"deadband" must be a number >= 0')
         if mi is not None and (not isinstance(mi, int) or mi < 0):
             _err(where, '"min_interval" must be seconds >= 0')
+        prec = _precision(src, where)
         xl = None
         if "map" in src:
             if not isinstance(src["map"], dict) or not src["map"]:
@@ -291,6 +321,11 @@ def compile_vehicle(vdir, warn=None):
                 "factor": src.get("factor", 1), "add": src.get("add", 0)}) and \
                 unit == (src.get("unit", e.sig.unit) or "") and stale == 120:
             row = (mname, None, None, None, flags, row[5], mi, xl)     # device infers the rest
+        if prec is None and t in "fs" and "map" not in src and not e.sig.is_float:
+            f, a = src.get("factor", 1), src.get("add", 0)
+            prec = resolution_decimals(e.sig.scale * f, e.sig.offset * f + a)
+        if prec is not None:
+            row += (prec,)      # display decimals (none: 6 significant digits)
         metrics.append(row)
     derived = []
     for mname, spec in (mp.get("derived") or {}).items():
@@ -315,7 +350,9 @@ def compile_vehicle(vdir, warn=None):
             _err(where, '"scale" must be a number')
         t = std[mname][0] if mname in std else spec.get("type", "f")
         unit = None if mname in std else norm_unit(spec.get("unit", ""))
-        derived.append((mname, ops[0], tuple(args), float(scale), t, unit, spec.get("stale", 120)))
+        row = (mname, ops[0], tuple(args), float(scale), t, unit, spec.get("stale", 120))
+        prec = _precision(spec, where)
+        derived.append(row if prec is None else row + (prec,))
     commands = {}
     for cname, spec in (mp.get("commands") or {}).items():
         if cname not in COMMAND_NAMES and warn:
@@ -333,10 +370,11 @@ def to_module(v):
            "CODE = %r" % v["code"], "NAME = %r" % v["name"], "BUSES = %r" % (v["buses"],),
            "# options of mapped metrics (standard metrics without options are not listed):",
            "# (metric, type or None = standard, unit, stale s, flags P/!, deadband, min interval,",
-           "#  value map {signal value or label: metric value} or valid (low, high))",
+           "#  value map {signal value or label: metric value} or valid (low, high)[, decimals])",
            "METRICS = ("]
     out += ["    %r," % (m,) for m in v["metrics"] if m[1:] != (None, None, None, "", None, None, None)]
-    out += [")", "# (metric, op sum|mean|mul, inputs, scale, type, unit, stale s)", "DERIVED = ("]
+    out += [")", "# (metric, op sum|mean|mul, inputs, scale, type, unit, stale s[, decimals])",
+            "DERIVED = ("]
     out += ["    %r," % (d,) for d in v["derived"]]
     out += [")", "# name: ((bus index, id, extended, data, ((bit, length, big endian, scale, offset,",
             "#         signed, low, high, argument index), ...)), ...)", "COMMANDS = {"]

@@ -79,12 +79,17 @@ class Vehicle:
             if o and (o[5] is not None or o[6] is not None):
                 metrics.configure(i, deadband=o[5], min_interval=o[6])
             metrics.bind(i, k, o[7] if o else None)
+            if o and len(o) > 8:
+                metrics.precision(i, o[8])     # display decimals (from the DBC resolution)
             tg[k] = i
         mod_, tupd = metrics.tables()
         d.bind(mod_, tupd, tg)
         self._derived = []      # (metric, op, scale, input metric, ...)
-        for nm, op, ins, scale, t, unit, stale in derived:
+        for row in derived:
+            nm, op, ins, scale, t, unit, stale = row[:7]
             i = metrics.define(nm, t, unit or "", stale or 0)
+            if len(row) > 7 and row[7] is not None:
+                metrics.precision(i, row[7])
             self._derived.append((i, op, scale) + tuple(map(metrics.find, ins)))
         self._fn = None
         if self._derived:

@@ -47,7 +47,8 @@ _EPOCH = 946684800 if time.gmtime(0)[0] == 2000 else 0   # Unix seconds at the p
 #   _std/_ext name blobs (every name ends with "\n"; the unit is the letter of a definition
 #   line in _std, the byte before the name in _ext), _noff name offset (| _EXT: in _ext),
 #   _order indexes sorted by name, _fl flags+type, _sp stale class |
-#   policy << 4, _src decoder signal or -1, _slot index into _val (numbers set from Python)
+#   policy << 4, _dp display precision (0: up to 6 significant digits as OVMS, k + 1: k
+#   decimals, from the DBC resolution or the vehicle definition), _src decoder signal or -1, _slot index into _val (numbers set from Python)
 #   or _NOSLOT, _tupd uptime of the last update (0 = never), _mod change bits; dicts _obj
 #   (str/list values), _ovr (overrides of CAN values), _xlat (CAN value maps); _stt stale
 #   timeouts, _pdb/_pmi publish policies (deadband, min interval).
@@ -250,7 +251,7 @@ def _conv(i, v):
     if t == _T_BOOL:
         return v != 0
     if t == _T_STR:
-        return _ftext(v)
+        return _ftext(v, _dp[i])
     return round(v)
 
 
@@ -296,7 +297,8 @@ def _store(i, t, v):
     # store v locally; True if it differs from the previous local value
     f = _fl[i]
     if t == _T_STR or t == _T_VFLOAT or t == _T_VINT:
-        changed = not (f & _F_DEF) or _obj.get(i) != v
+        o = _obj.get(i)
+        changed = not (f & _F_DEF) or (o != v and (t != _T_VFLOAT or not same(i, o, v)))
         _obj[i] = v
     else:
         s = _slot[i]
@@ -304,8 +306,10 @@ def _store(i, t, v):
             s = len(_val)
             _val.append(0)
             _slot[i] = s
-        changed = not (f & _F_DEF) or _val[s] != v
-        _val[s] = v
+        o = _val[s]
+        changed = not (f & _F_DEF) or (t != _T_FLOAT and o != v) or not same(i, o, v)
+        _val[s] = v     # (kept at full precision: a change below the display precision
+                        # is no change, yet slow drifts add up)
     _fl[i] = f | _F_DEF
     return changed
 
@@ -325,7 +329,7 @@ def set(m, value):
         _store(i, t, v)
         _ovr[i] = _dec.value(k, t == _T_STR or i in _xlat)
         _fl[i] = (_fl[i] | _F_LOCAL) & ~_F_REST
-        changed = old != v
+        changed = old != v and (t != _T_FLOAT or old is None or not same(i, old, v))
     else:
         changed = _store(i, t, v) or bool(f & _F_REST)
         _fl[i] &= ~_F_REST
@@ -369,15 +373,52 @@ def stale(m):
     return not t or uptime() - t > to
 
 
-def _ftext(v):
-    r = repr(v)  # full precision (OVMS cuts floats to 6 significant digits)
-    if r.endswith(".0"):
-        r = r[:-2]
+def _ftext(v, p=0):
+    # p = 0: up to 6 significant digits (OVMS's default ostream format); k + 1: k decimals,
+    # trailing zeros dropped (OVMS drops them too)
+    if p:
+        r = "%.*f" % (p - 1, v)
+        if p > 1:
+            r = r.rstrip("0").rstrip(".")
+    else:
+        r = "%.6g" % v
     return "0" if r == "-0" else r
 
 
+def same(i, a, b):
+    """True if values a and b (floats, float lists) read the same at metric i's precision."""
+    if a == b:
+        return True
+    p = _dp[i]
+    if isinstance(a, list):
+        if len(a) != len(b):
+            return False
+        for k in range(len(a)):
+            if not _same(a[k], b[k], p):
+                return False
+        return True
+    return _same(a, b, p)
+
+
+def _same(a, b, p):
+    # texts equal => a and b differ by at most one unit of the last digit shown: a larger
+    # difference needs no text (two floats made at most: set() runs on every change)
+    d = a - b if a > b else b - a
+    if p:
+        u = 10 ** (1 - p)           # (int constants: a float constant costs heap)
+    else:
+        u = abs(a)
+        if abs(b) > u:
+            u = abs(b)
+        u /= 50000                  # > one unit of the 6th significant digit
+    if d > u:
+        return False
+    return _ftext(a, p) == _ftext(b, p)
+
+
 def text(m):
-    """OVMS payload text: yes/no, full-precision floats, a,b,c vectors, "" if unset."""
+    """OVMS payload text: yes/no, floats at their display precision, a,b,c vectors, "" if
+    unset (the same text goes to MQTT, the shell and the saved metrics)."""
     i = _rd(m)
     if i < 0:
         return ""
@@ -390,11 +431,11 @@ def text(m):
     if v is True or v is False:
         return "yes" if v else "no"
     if isinstance(v, float):
-        return _ftext(v)
+        return _ftext(v, _dp[i])
     if t == _T_INT:
         return str(v)
     import ovms
-    return ovms.load("metrics.io").text(t, v)     # vectors, dates and times
+    return ovms.load("metrics.io").text(t, v, _dp[i])     # vectors, dates and times
 
 
 # ---- change tracking -------------------------------------------------------------

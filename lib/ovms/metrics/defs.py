@@ -8,7 +8,8 @@
 #          - none, % percent, k km, V volt, A amp, W kW, E kWh, C degC, H Ah,
 #          c Wh/km, s km/h, m metre, S seconds, M minutes, d dBm, p kPa,
 #          g degrees, r rpm, n Nm, w W, a m/s2, h hours
-#   flags: P persisted across reboots, ! priority (publish immediately)
+#   flags: P persisted across reboots, ! priority (publish immediately), a digit 0..9:
+#          display decimals (default: up to 6 significant digits, as OVMS)
 # Names point straight into this string, so it is never copied.
 DEFS = """\
 i0- m.can0.busoff
@@ -167,9 +168,9 @@ f2- v.p.gpshdop
 b2- v.p.gpslock
 s2- v.p.gpsmode
 f2s v.p.gpsspeed
-f2-P v.p.latitude
+f2-P6 v.p.latitude
 s2- v.p.location
-f2-P v.p.longitude
+f2-P6 v.p.longitude
 f2kP v.p.odometer
 i2- v.p.satcount
 f2s v.p.speed

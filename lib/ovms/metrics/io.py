@@ -55,10 +55,10 @@ def parse(t, s):
     raise ValueError("not a %s: %r" % (M.TYPE_NAMES[t], s))
 
 
-def text(t, v):
-    """metrics.text of a vector, date or time value v of type t."""
+def text(t, v, p=0):
+    """metrics.text of a vector, date or time value v of type t (p: display precision)."""
     if t == _T_VFLOAT:
-        return ",".join(map(M._ftext, v))
+        return ",".join([M._ftext(x, p) for x in v])
     if t == _T_VINT:
         return ",".join(map(str, v))
     if t == _T_DATE:
@@ -107,7 +107,9 @@ def _ser(i):
     if t == _T_BOOL:
         return "1" if v else "0"
     if t == _T_VFLOAT or t == _T_VINT:
-        return ",".join([repr(x) for x in v])
+        return text(t, v, M._dp[i])
+    if t == _T_FLOAT:
+        return M._ftext(v, M._dp[i])    # the text MQTT and the shell show
     return repr(v)
 
 

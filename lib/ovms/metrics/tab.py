@@ -48,6 +48,7 @@ def init(defs=None):
     M._order = array.array("H", bytearray(2 * n))
     M._fl = bytearray(n)
     M._sp = bytearray(n)
+    M._dp = bytearray(n)
     M._src = array.array("h", b"\xff\xff" * n)
     M._slot = array.array("H", b"\xff\xff" * n)
     M._val = array.array("d")
@@ -86,6 +87,8 @@ def init(defs=None):
                     fl |= _F_PERSIST
                 elif c == 33:               # "!"
                     fl |= _F_PRIO
+                elif 48 <= c <= 57:         # a digit: display decimals
+                    st |= (c - 47) << 8
             _add(sp + 1, defs[sp + 1:e], fl, st)
         p = e + 1
 
@@ -97,7 +100,7 @@ def drop():
     """Release all table storage (for measurements and tests)."""
     M._n = M._cap = 0
     M._std = ""
-    for a in ("_ext", "_noff", "_order", "_fl", "_sp", "_src", "_slot",
+    for a in ("_ext", "_noff", "_order", "_fl", "_sp", "_dp", "_src", "_slot",
               "_val", "_tupd", "_mod", "_obj", "_ovr", "_xlat", "_dec"):
         setattr(M, a, None)
 
@@ -107,7 +110,7 @@ def reserve(n):
     k = M._n + n - M._cap
     if k <= 0:
         return
-    for a in (M._fl, M._sp, M._mod):
+    for a in (M._fl, M._sp, M._dp, M._mod):
         a.extend(bytearray(k))
     for a in (M._noff, M._order):
         a.extend(array.array("H", bytearray(2 * k)))
@@ -123,7 +126,8 @@ def _add(off, nm, fl, st):
         reserve(16)
     M._noff[i] = off
     M._fl[i] = fl
-    M._sp[i] = st
+    M._sp[i] = st & 0xFF
+    M._dp[i] = st >> 8
     M._src[i] = -1
     M._slot[i] = _NOSLOT
     M._tupd[i] = 0
@@ -311,6 +315,18 @@ def unit(i):
         k = std.rfind("\n", 0, o) + 3
         u = UNIT_CHARS.find(std[k:k + 1])
     return UNITS[u]
+
+
+def precision(m, decimals=-1):
+    """Display decimals of metric m (None: up to 6 significant digits, as OVMS); with
+    decimals (0..9, or None for the default) sets them first."""
+    i = M._idx(m)
+    if decimals != -1:
+        if decimals is not None and not (isinstance(decimals, int) and 0 <= decimals <= 9):
+            raise ValueError("precision must be 0..9 decimals")
+        M._dp[i] = 0 if decimals is None else decimals + 1
+    p = M._dp[i]
+    return p - 1 if p else None
 
 
 def priority(i):

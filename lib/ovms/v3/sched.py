@@ -1,8 +1,9 @@
 """Delta publishing for OVMS v3 metric topics: deadband, min interval, state intervals, stale."""
 # Which metric goes out when (the server does the sending):
 # - A change (metrics change bit for MQTT) is worth publishing when the metric was never
-#   published this boot, has no deadband, or moved by at least its deadband from the value
-#   last published (so slow drifts add up and still go out).
+#   published this boot, or its text (metrics.text, at its display precision) differs from
+#   the text last published and it has no deadband or moved by at least its deadband from
+#   the value last published (so slow drifts add up and still go out).
 # - A metric is published at most once per R seconds, R = max(state interval, metric
 #   min_interval); priority metrics use R = min_interval only (immediate by default).
 #   The first change after a quiet period goes out at once; a change inside R waits until
@@ -180,11 +181,15 @@ class Scheduler:
         f = self._fl[i]
         if not f & _PUB or not f & _NUM:
             return True
-        db = self.policy(i)[0]
-        if db <= 0:
-            return True
         v = metrics.get(i)
-        return v is None or abs(v - self._lpv[i]) >= db
+        if v is None:
+            return True
+        lp = self._lpv[i]
+        db = self.policy(i)[0]
+        if db > 0 and abs(v - lp) < db:
+            return False
+        # a change below the display precision (the same text) is no change
+        return not isinstance(v, float) or not metrics.same(i, v, lp)
 
     def collect(self):
         """Take the metrics' MQTT change bits; significant changes become pending."""
