@@ -312,3 +312,55 @@ def test_can_recv_does_not_allocate(tmp_path):
                      "time.sleep_ms(20)\nmicropython.heap_lock()\ntry:\n    n = drain()\n"
                      "finally:\n    micropython.heap_unlock()\nprint(n > 0)")
         assert out.strip() == "True"
+
+
+def _run_dirs(pid):
+    import glob
+    import tempfile
+    return glob.glob(os.path.join(tempfile.gettempdir(), "vdev-%d-*" % pid))
+
+
+def test_power_cut_litter_is_cleaned_at_next_start_and_exit_cleans_up(tmp_path):
+    import signal
+    root = flash(tmp_path)
+    d = VDev(root).start()
+    cut = d.proc.pid
+    assert len(_run_dirs(cut)) == 1
+    d.stop()                                   # SIGKILL: vdev cannot clean up
+    assert len(_run_dirs(cut)) == 1
+    d2 = VDev(root).start()
+    try:
+        assert _run_dirs(cut) == []            # the next power-on removes the dead one's dir
+        assert len(_run_dirs(d2.proc.pid)) == 1
+    finally:
+        d2.proc.send_signal(signal.SIGTERM)    # an orderly stop cleans up itself
+        d2.proc.wait(10)
+    assert _run_dirs(d2.proc.pid) == []
+
+
+def test_stale_run_dir_rules(tmp_path):
+    import subprocess
+    import sys
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import vdev
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / ("vdev-%d-abc" % dead.pid)).mkdir()         # owner gone: removed
+    (tmp_path / ("vdev-%d-def" % os.getpid())).mkdir()      # owner alive: kept
+    (tmp_path / "vdev-fresh").mkdir()                       # unnamed, recent: kept
+    old = tmp_path / "vdev-old"
+    old.mkdir()
+    os.utime(old, (time.time() - 3600, time.time() - 3600))  # unnamed, old, unused: removed
+    busy = tmp_path / "vdev-busy"
+    busy.mkdir()
+    p = subprocess.Popen(["sleep", "30"], cwd=busy)          # a board running inside: kept
+    try:
+        os.utime(busy, (time.time() - 3600, time.time() - 3600))
+        gone = vdev.clean_stale_run_dirs(str(tmp_path))
+    finally:
+        p.kill()
+        p.wait()
+    assert sorted(os.path.basename(g) for g in gone) == sorted(["vdev-%d-abc" % dead.pid,
+                                                                "vdev-old"])
+    assert sorted(os.listdir(tmp_path)) == sorted(["vdev-%d-def" % os.getpid(), "vdev-fresh",
+                                                   "vdev-busy"])

@@ -284,11 +284,79 @@ class Bus:
                         del self.conns[ctrl]
 
 
+RUN_PREFIX = "vdev-"
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True   # exists, owned by someone else
+    return True
+
+
+def _cwds():
+    """Working directories of the processes we can see (a board runs inside its run dir)."""
+    seen = set()
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return seen
+    for p in pids:
+        try:
+            seen.add(os.readlink("/proc/%s/cwd" % p))
+        except OSError:
+            pass
+    return seen
+
+
+def clean_stale_run_dirs(tmp=None, min_age=600):
+    """Remove run dirs of virtual devices that are gone (a power cut kills vdev before it can
+    clean up). vdev-<pid>-*: gone when that process is; older unnamed ones: when no process
+    works inside them and they are older than min_age seconds. Returns the removed paths."""
+    tmp = tmp or tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(tmp) if n.startswith(RUN_PREFIX)]
+    except OSError:
+        return []
+    removed, cwds = [], None
+    for n in names:
+        path = os.path.join(tmp, n)
+        if not os.path.isdir(path) or os.path.islink(path):
+            continue
+        pid = n[len(RUN_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and "-" in n[len(RUN_PREFIX):]:
+            if _pid_alive(int(pid)):
+                continue
+        else:
+            try:
+                if time.time() - os.stat(path).st_mtime < min_age:
+                    continue
+            except OSError:
+                continue
+            if cwds is None:
+                cwds = _cwds()
+            if any(c == path or c.startswith(path + os.sep) for c in cwds):
+                continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if st.st_uid != os.getuid():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 class Device:
     def __init__(self, a):
         self.a = a
         self.root = os.path.abspath(a.root)
-        self.run_dir = tempfile.mkdtemp(prefix="vdev-")
+        clean_stale_run_dirs()
+        self.run_dir = tempfile.mkdtemp(prefix="%s%d-" % (RUN_PREFIX, os.getpid()))
         self.hw_path = os.path.join(self.run_dir, "hw.sock")
         self.child = None
         self.child_lock = threading.Lock()
