@@ -99,6 +99,12 @@ def _watchdog_cmd(session, args):
     return "Usage: module watchdog [test <task>]"
 
 
+def fresh(m, secs=3):
+    """True if metric m was updated within secs seconds (an age of 0 is fresh, None never)."""
+    a = metrics.age(m)
+    return a is not None and a <= secs
+
+
 def _watch():
     """The critical tasks the watchdog waits for (each may be silent for the WDT timeout)."""
     from ovms import canbus, server_v3
@@ -106,7 +112,7 @@ def _watch():
     if canbus.buses():
         name = canbus.buses()[0].name
         # the CAN task refreshes its counters every second
-        health.watch("can", lambda: (metrics.age("m.%s.frames" % name) or 99) <= 3, ms)
+        health.watch("can", lambda: fresh("m.%s.frames" % name), ms)
     health.watch("mqtt", server_v3.alive, ms)
 
 
