@@ -194,8 +194,30 @@ def test_machine_reset_restarts_process_and_keeps_files(dev, tmp_path):
     before = boots(root)
     fire(dev, "import machine; machine.reset()")
     assert wait_for(lambda: boots(root).startswith(before + "bm"))
-    assert dev.exec("import machine; print(machine.reset_cause() == machine.SOFT_RESET, "
+    # esp_restart() is ESP_RST_SW, which the ESP32 port reports as HARD_RESET
+    assert dev.exec("import machine; print(machine.reset_cause() == machine.HARD_RESET, "
                     "open('keep.txt').read())").split() == ["True", "kept"]
+
+
+def test_reset_causes_are_the_esp32_ports(dev, tmp_path):
+    """Panic -> HARD_RESET (ESP_RST_PANIC), watchdog -> WDT_RESET, soft reboot (Ctrl-D) ->
+    SOFT_RESET, power-on -> PWRON_RESET (test_power_cut_and_power_on)."""
+    root = tmp_path / "flash"
+    cause = "import machine; print(machine.reset_cause())"
+    before = boots(root)
+    fire(dev, "import uctypes; uctypes.bytes_at(8, 4)")  # a segfault: a panic
+    assert wait_for(lambda: boots(root).startswith(before + "bm"))
+    assert dev.exec(cause).strip() == "2"
+    port = Port(dev.pty)
+    try:
+        port.write(b"\x03")
+        assert b">>> " in port.read(3, until=b">>> ")
+        before = boots(root)
+        port.write(b"\x04")
+        assert wait_for(lambda: boots(root) == before + "bm")
+    finally:
+        port.close()
+    assert dev.exec(cause).strip() == "5"
 
 
 def test_power_cut_and_power_on(tmp_path):

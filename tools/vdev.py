@@ -411,10 +411,10 @@ class Device:
             elif cmd == b"WDT":
                 self.wdt_timeout = int(words[1]) / 1000.0
                 self.wdt_fed = time.monotonic()
-            elif cmd == b"RESET":
-                self.reboot("power", SOFT)
+            elif cmd == b"RESET":      # esp_restart(): ESP_RST_SW, which the port reads as HARD
+                self.reboot("power", HARD)
             elif cmd == b"SOFT":
-                self.reboot("soft", None)
+                self.reboot("soft", SOFT)
             elif cmd == b"DEEPSLEEP":
                 self.reboot("power", DEEPSLEEP)
             elif cmd == b"RUN":
@@ -646,10 +646,10 @@ class Device:
                 if cause is not None:
                     self.cause = cause
             elif rc == EXIT_SOFT:
-                mode = "soft"
+                mode, self.cause = "soft", SOFT
             elif rc == EXIT_SOFT_RAW:
-                mode = "softraw"
-            else:
+                mode, self.cause = "softraw", SOFT
+            else:                   # a panic: ESP_RST_PANIC, which the port reads as HARD
                 self.say("device stopped (exit %s): rebooting" % rc)
                 self.emit(b"\r\nvdev: device crashed (exit %d), rebooting\r\n" % rc)
                 mode, self.cause = "power", HARD

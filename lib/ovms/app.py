@@ -10,7 +10,7 @@ from ovms import config, events, health, metrics
 
 STORE = "/store"
 METRICS_FILE = STORE + "/metrics.dat"
-BOOTS_FILE = STORE + "/boots"  # crash count (see boot.py, ota_boot.count_crash)
+BOOTS_FILE = STORE + "/boots"  # crash count (see boot.py, ota_boot.RESET_FLAG)
 _STABLE_S = const(60)     # up this long: the boot counts as good (clears the crash-boot count)
 _tasks = []
 
@@ -144,6 +144,7 @@ async def _stable():
     t = 0
     while ota_boot or t < _STABLE_S:
         if ota_boot and _healthy():
+            health.was_healthy = True  # a watchdog reset from now on is not a crash loop
             if ota_boot.mark_healthy():
                 print("app: new version reported healthy and committed")
             ota_boot = None

@@ -409,8 +409,8 @@ class Server:
                 if rx.reboot:
                     _log("OTA: rebooting into the new version")
                     await asyncio.sleep(2)
-                    import machine
-                    machine.reset()
+                    import ota_boot
+                    ota_boot.reset("ota")  # deliberate: never counted as a crash
 
     def _peer(self, cid, msg):
         now = metrics.uptime()
