@@ -386,3 +386,37 @@ def test_stale_run_dir_rules(tmp_path):
                                                                 "vdev-old"])
     assert sorted(os.listdir(tmp_path)) == sorted(["vdev-%d-def" % os.getpid(), "vdev-fresh",
                                                    "vdev-busy"])
+
+
+FLASH_TIMING = """
+import time, os, json
+t = time.ticks_us()
+with open('big.bin', 'wb') as f:
+    for i in range(32):
+        f.write(b'x' * 256)            # 8 KB: 2 sector erases + 32 page programs
+t1 = time.ticks_us()
+with open('small.json', 'w') as f:
+    json.dump({'a': 1}, f)
+os.rename('small.json', 'small2.json')
+os.remove('small2.json')
+t2 = time.ticks_us()
+with open('big.bin', 'rb') as f:
+    n = len(f.read())
+t3 = time.ticks_us()
+print(time.ticks_diff(t1, t) // 1000, time.ticks_diff(t2, t1) // 1000, time.ticks_diff(t3, t2) // 1000, n)
+"""
+
+
+@pytest.mark.parametrize("costs", ["on", "off"])
+def test_flash_writes_cost_what_the_esp32_flash_would(tmp_path, costs):
+    root = flash(tmp_path)
+    with VDev(root, extra=("--flash-costs", costs)) as d:
+        assert wait_for(lambda: "m" in boots(root))
+        big, small, read, n = map(int, d.exec(FLASH_TIMING).split())
+    assert n == 8192
+    assert read < 20                       # reads are free (memory-mapped-fast on the board)
+    if costs == "on":
+        assert 2 * 45 + 32 * 0.7 <= big < 400, big    # 112 ms on the chip
+        assert small >= 4 * 0.7, small
+    else:
+        assert big < 45, big

@@ -600,7 +600,8 @@ class Device:
     def boot(self, mode):
         env = dict(os.environ, VDEV_ROOT=self.root, VDEV_HEAP=str(heap_bytes(self.a.heap)),
                    VDEV_ROM=self.rom or "", VDEV_QSTRS=(self.rom + ".qstrs") if self.rom else "", VDEV_HW=self.hw_path, VDEV_MODE=mode,
-                   VDEV_CAUSE=str(self.cause), VDEV_UID=self.uid, VDEV_CAN_RING=str(self.a.ring))
+                   VDEV_CAUSE=str(self.cause), VDEV_UID=self.uid, VDEV_CAN_RING=str(self.a.ring),
+                   VDEV_FLASH="1" if self.a.flash_costs == "on" else "0")
         with self.intr_lock:
             self.running, self.booting, self.held_intr = False, True, False
             self.last_sigint = None
@@ -685,6 +686,9 @@ def main(argv=None):
     r.add_argument("--ring", type=int, default=16, help="CAN RX ring slots (ESP32 driver: 16)")
     r.add_argument("--tx-log", help="where frames sent by the firmware go (default DIR.cantx.log)")
     r.add_argument("--log", help="also append the device console output to this file")
+    r.add_argument("--flash-costs", choices=("on", "off"), default="on",
+                   help="flash writes, renames and removes block the interpreter as long as the "
+                        "ESP32's flash would (sector erase 45 ms, page program 0.7 ms)")
     r.add_argument("--no-frozen", action="store_true",
                    help="no frozen app in the firmware (ROMFS): run lib/ from the flash only")
     a = p.parse_args(argv)
