@@ -262,6 +262,12 @@ def note_reset(why):
 def reset(why="reset"):
     """Hard reset for a reason (see RESET_FLAG; the virtual device restarts the process)."""
     note_reset(why)
+    cfg = sys.modules.get("ovms.config")
+    if cfg is not None:
+        try:
+            cfg.flush()         # a config change the app had not written yet
+        except Exception as e:
+            print("ota_boot: config not saved:", e)
     import machine
     if hasattr(machine, "reset"):
         machine.reset()

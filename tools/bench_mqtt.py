@@ -474,6 +474,8 @@ async def main():
     if %(can)d:
         asyncio.create_task(can_task())
     asyncio.create_task(tick_task())
+    from ovms import app
+    asyncio.create_task(app._config_saver())   # config changes are saved as in the app
     if %(mon)d:
         asyncio.create_task(monitor())
     srv = server_v3.start()

@@ -157,6 +157,51 @@ async def _stable():
         t += 2
 
 
+async def _save_config():
+    """config's save in steps, the event loop running between them: each step blocks the loop
+    for one flash write (a sector erase: 45 ms), never the whole save (tmp file, two renames)."""
+    c = config
+    if c._frozen:
+        c._save()           # raises: read-only
+    c._dirty = False
+    cfg = c.path()
+    tmp = cfg + ".tmp"
+    try:
+        try:
+            os.mkdir(c._root)
+        except OSError:
+            pass
+        with open(tmp, "wb") as f:
+            c._emit(f, c._data, c._gen + 1)
+            await asyncio.sleep_ms(0)   # closing is another flash write
+        await asyncio.sleep_ms(0)
+        if c._exists(cfg):
+            c._replace(cfg, cfg + ".bak")
+            await asyncio.sleep_ms(0)
+        c._replace(tmp, cfg)
+    except BaseException:
+        c._dirty = True     # not written: the saver tries again
+        raise
+    c._gen += 1
+
+
+async def _config_saver():
+    """Task: writes config changes shortly after they are made (off the command path)."""
+    ev = asyncio.Event()
+    config._later = ev.set
+    while True:
+        await ev.wait()
+        ev.clear()
+        await asyncio.sleep_ms(100)     # a burst of changes: one write
+        if config._dirty:
+            try:
+                await _save_config()
+            except Exception as e:      # kept in RAM and retried: no change is lost
+                print("app: config not saved, retrying:", repr(e))
+                await asyncio.sleep(5)
+                ev.set()
+
+
 async def _main():
     from ovms import net, server_v3
     warnings = _setup()
@@ -166,6 +211,7 @@ async def _main():
     _watch()
     for w in warnings:
         server_v3.notify("alert", "config", w)
+    _spawn("config", _config_saver())
     _spawn("net", net.run())
     _spawn("metrics", metrics.run(METRICS_FILE, 600))
     _spawn("health", health.run(config.get("module", "watchdog.timeout"), _running))
@@ -185,6 +231,11 @@ async def _main():
 def stop():
     """Stop the app cleanly: CAN off, MQTT says goodbye, persisted metrics saved."""
     from ovms import canbus, server_v3
+    config._later = None
+    try:
+        config.flush()
+    except Exception as e:
+        print("app: config not saved:", repr(e))
     canbus.stop()
     asyncio.new_event_loop()
     try:
