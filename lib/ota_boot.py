@@ -179,7 +179,7 @@ def _arm(secs):
 def expire():
     """Deadline passed: reset unless the app reported healthy (the next boot rolls back)."""
     if trial and not healthy:
-        reset()
+        reset("trial")
 
 
 def mark_healthy():
@@ -216,9 +216,9 @@ def mark_healthy():
 
 
 def crashed(exc=None, delay=1):
-    """main.py calls this when the app raised: log it, count it, fall back if needed, reset."""
+    """main.py calls this when the app raised: log it, fall back if needed, reset (the next
+    boot counts the crash once: the reset flag says "crash")."""
     try:
-        count_crash()
         try:
             os.mkdir(ROOT + "/ota")
         except OSError:
@@ -240,28 +240,34 @@ def crashed(exc=None, delay=1):
     if delay:
         import time
         time.sleep(delay)
-    reset()
+    reset("crash")
 
 
-BOOTS = "/store/boots"   # consecutive crash boots; boot.py enters safe mode at 3
+# Why the last reset happened, written just before it (the ESP32 reports machine.reset(), an
+# OTA reboot and a panic all as HARD_RESET): boot.py reads and removes it. "crash": an app crash
+# (counted once, by boot.py); "wdt": the health task let the watchdog reset a module that had
+# been healthy (not counted); anything else: a deliberate reset (module reset, OTA reboot).
+RESET_FLAG = "/store/reset"
 
 
-def count_crash():
-    """One more crash in a row (the app clears the count once it has run for a while)."""
+def note_reset(why):
+    """Record why the coming reset happens (see RESET_FLAG)."""
     try:
-        with open(ROOT + BOOTS) as f:
-            n = int(f.read())
-    except (OSError, ValueError):
-        n = 0
-    try:
-        with open(ROOT + BOOTS, "w") as f:
-            f.write(str(n + 1))
+        with open(ROOT + RESET_FLAG, "w") as f:
+            f.write(why)
     except OSError:
         pass
 
 
-def reset():
-    """Hard reset (the virtual device restarts the process)."""
+def reset(why="reset"):
+    """Hard reset for a reason (see RESET_FLAG; the virtual device restarts the process)."""
+    note_reset(why)
+    cfg = sys.modules.get("ovms.config")
+    if cfg is not None:
+        try:
+            cfg.flush()         # a config change the app had not written yet
+        except Exception as e:
+            print("ota_boot: config not saved:", e)
     import machine
     if hasattr(machine, "reset"):
         machine.reset()

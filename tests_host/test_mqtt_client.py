@@ -422,3 +422,40 @@ await c.run()
                      timeout=10)
     finally:
         px.close()
+
+
+def test_dns_lookup_once_then_cached_until_a_connect_fails(broker):
+    """getaddrinfo blocks the event loop (lwIP waits for the DNS server): one lookup, reused by
+    every reconnect; a failed connect forgets it (the address may have changed)."""
+    from util import run_mpy, compiled_lib
+    out = run_mpy("""
+import sys, asyncio, socket as _s
+calls = [0]
+class S:
+    def __getattr__(self, k):
+        return getattr(_s, k)
+    def getaddrinfo(self, *a):
+        calls[0] += 1
+        return _s.getaddrinfo(*a)
+sys.modules["socket"] = S()
+from ovms.mqtt import MQTTClient
+async def main():
+    c = MQTTClient("dns-test", "localhost", %d)
+    for i in range(3):
+        await c.connect()
+        await c.disconnect()
+        c._stop = False
+    print("LOOKUPS", calls[0])
+    c.port = %d           # another port (looked up: 2), nobody listens: the connect fails
+    try:
+        await c.connect(timeout=2)
+    except OSError:
+        pass
+    c.port = %d           # back, after the failure: looked up again (3)
+    await c.connect()
+    await c.disconnect()
+    print("LOOKUPS", calls[0])
+asyncio.run(main())
+""" % (broker.port, 1, broker.port), path=(compiled_lib(),)).stdout
+    assert [ln for ln in out.splitlines() if ln.startswith("LOOKUPS")] == ["LOOKUPS 1",
+                                                                          "LOOKUPS 3"], out

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 import cli_ota
 from test_ota_helpers import (app_bundle, check_slot, device, device_arch, flash_root, keypair,
                               lines, snapshot_config, _Args)
-from util import LIB, REPO, run_mpy
+from util import LIB, REPO, run_mpy, compiled_lib
 
 
 def _push(tmp_path, root, bundle, bid=None, ch=512):
@@ -311,3 +311,39 @@ h("status")
     assert out[-2].startswith("data oversized bundle: more data than the declared")
     assert out[-1].startswith("status")
     _nothing_staged(root)
+
+
+def test_end_reads_back_in_steps_so_the_loop_keeps_running(tmp_path):
+    """The read-back of every staged file at "end" yields after each 1 KB buffer (the server
+    runs the event loop between the steps) instead of reading up to 2 MB inside one handler."""
+    root = flash_root(tmp_path)
+    b = app_bundle(tmp_path, "4.0.1")
+    p = os.path.join(str(tmp_path), "b.bin")
+    with open(p, "wb") as f:
+        f.write(b)
+    r = run_mpy("""
+import json, ota_boot
+ota_boot.ROOT = %r
+from ovms import ota
+rx = ota.receiver()
+n = %d
+rx.handle("begin", json.dumps({"id": "s1", "size": n}))
+f = open(%r, "rb")
+off = 0
+while off < n:
+    off = json.loads(rx.handle("data", off.to_bytes(4, "big") + f.read(1024)))["next"]
+g = rx.steps("end")
+k = 0
+try:
+    while True:
+        next(g)
+        k += 1
+except StopIteration as e:
+    j = json.loads(e.args[0])
+print("STEPS", k, j.get("staged"), j.get("error"))
+""" % (root, len(b), p), path=(compiled_lib(),))
+    words = r.stdout.split()
+    assert words[0] == "STEPS" and words[2:] == ["4.0.1", "None"], r.stdout
+    files = sum(os.path.getsize(os.path.join(dp, fn)) for dp, _, fs in
+                os.walk(os.path.join(root, "app")) for fn in fs if fn.endswith(".mpy") or fn.endswith(".py"))
+    assert int(words[1]) >= files // 1024, (words, files)

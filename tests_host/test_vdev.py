@@ -217,8 +217,30 @@ def test_machine_reset_restarts_process_and_keeps_files(dev, tmp_path):
     before = boots(root)
     fire(dev, "import machine; machine.reset()")
     assert wait_for(lambda: boots(root).startswith(before + "bm"))
-    assert dev.exec("import machine; print(machine.reset_cause() == machine.SOFT_RESET, "
+    # esp_restart() is ESP_RST_SW, which the ESP32 port reports as HARD_RESET
+    assert dev.exec("import machine; print(machine.reset_cause() == machine.HARD_RESET, "
                     "open('keep.txt').read())").split() == ["True", "kept"]
+
+
+def test_reset_causes_are_the_esp32_ports(dev, tmp_path):
+    """Panic -> HARD_RESET (ESP_RST_PANIC), watchdog -> WDT_RESET, soft reboot (Ctrl-D) ->
+    SOFT_RESET, power-on -> PWRON_RESET (test_power_cut_and_power_on)."""
+    root = tmp_path / "flash"
+    cause = "import machine; print(machine.reset_cause())"
+    before = boots(root)
+    fire(dev, "import uctypes; uctypes.bytes_at(8, 4)")  # a segfault: a panic
+    assert wait_for(lambda: boots(root).startswith(before + "bm"))
+    assert dev.exec(cause).strip() == "2"
+    port = Port(dev.pty)
+    try:
+        port.write(b"\x03")
+        assert b">>> " in port.read(3, until=b">>> ")
+        before = boots(root)
+        port.write(b"\x04")
+        assert wait_for(lambda: boots(root) == before + "bm")
+    finally:
+        port.close()
+    assert dev.exec(cause).strip() == "5"
 
 
 def test_power_cut_and_power_on(tmp_path):
@@ -335,3 +357,89 @@ def test_can_recv_does_not_allocate(tmp_path):
                      "time.sleep_ms(20)\nmicropython.heap_lock()\ntry:\n    n = drain()\n"
                      "finally:\n    micropython.heap_unlock()\nprint(n > 0)")
         assert out.strip() == "True"
+
+
+def _run_dirs(pid):
+    import glob
+    import tempfile
+    return glob.glob(os.path.join(tempfile.gettempdir(), "vdev-%d-*" % pid))
+
+
+def test_power_cut_litter_is_cleaned_at_next_start_and_exit_cleans_up(tmp_path):
+    import signal
+    root = flash(tmp_path)
+    d = VDev(root).start()
+    cut = d.proc.pid
+    assert len(_run_dirs(cut)) == 1
+    d.stop()                                   # SIGKILL: vdev cannot clean up
+    assert len(_run_dirs(cut)) == 1
+    d2 = VDev(root).start()
+    try:
+        assert _run_dirs(cut) == []            # the next power-on removes the dead one's dir
+        assert len(_run_dirs(d2.proc.pid)) == 1
+    finally:
+        d2.proc.send_signal(signal.SIGTERM)    # an orderly stop cleans up itself
+        d2.proc.wait(10)
+    assert _run_dirs(d2.proc.pid) == []
+
+
+def test_stale_run_dir_rules(tmp_path):
+    import subprocess
+    import sys
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import vdev
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / ("vdev-%d-abc" % dead.pid)).mkdir()         # owner gone: removed
+    (tmp_path / ("vdev-%d-def" % os.getpid())).mkdir()      # owner alive: kept
+    (tmp_path / "vdev-fresh").mkdir()                       # unnamed, recent: kept
+    old = tmp_path / "vdev-old"
+    old.mkdir()
+    os.utime(old, (time.time() - 3600, time.time() - 3600))  # unnamed, old, unused: removed
+    busy = tmp_path / "vdev-busy"
+    busy.mkdir()
+    p = subprocess.Popen(["sleep", "30"], cwd=busy)          # a board running inside: kept
+    try:
+        os.utime(busy, (time.time() - 3600, time.time() - 3600))
+        gone = vdev.clean_stale_run_dirs(str(tmp_path))
+    finally:
+        p.kill()
+        p.wait()
+    assert sorted(os.path.basename(g) for g in gone) == sorted(["vdev-%d-abc" % dead.pid,
+                                                                "vdev-old"])
+    assert sorted(os.listdir(tmp_path)) == sorted(["vdev-%d-def" % os.getpid(), "vdev-fresh",
+                                                   "vdev-busy"])
+
+
+FLASH_TIMING = """
+import time, os, json
+t = time.ticks_us()
+with open('big.bin', 'wb') as f:
+    for i in range(32):
+        f.write(b'x' * 256)            # 8 KB: 2 sector erases + 32 page programs
+t1 = time.ticks_us()
+with open('small.json', 'w') as f:
+    json.dump({'a': 1}, f)
+os.rename('small.json', 'small2.json')
+os.remove('small2.json')
+t2 = time.ticks_us()
+with open('big.bin', 'rb') as f:
+    n = len(f.read())
+t3 = time.ticks_us()
+print(time.ticks_diff(t1, t) // 1000, time.ticks_diff(t2, t1) // 1000, time.ticks_diff(t3, t2) // 1000, n)
+"""
+
+
+@pytest.mark.parametrize("costs", ["on", "off"])
+def test_flash_writes_cost_what_the_esp32_flash_would(tmp_path, costs):
+    root = flash(tmp_path)
+    with VDev(root, extra=("--flash-costs", costs)) as d:
+        assert wait_for(lambda: "m" in boots(root))
+        big, small, read, n = map(int, d.exec(FLASH_TIMING).split())
+    assert n == 8192
+    assert read < 20                       # reads are free (memory-mapped-fast on the board)
+    if costs == "on":
+        assert 2 * 45 + 32 * 0.7 <= big < 400, big    # 112 ms on the chip
+        assert small >= 4 * 0.7, small
+    else:
+        assert big < 45, big

@@ -11,6 +11,8 @@ Usage:
       peak_heap_bytes: GC heap held by the table (read from a file) + Decoder + the bound
       mod/tupd/targets arrays (gc.mem_alloc() deltas after gc.collect(); the module's code
       is not counted: it is frozen on a device).
+  bench.py soak [--soak-seconds 600]
+      tests_host/test_soak.py for that long: {"seconds", "passed", "summary"}
   bench.py all
       decode on the shipped logs (Kona 230112-7 can0/pcan.dbc, RAV4 can0 and can1) plus
       ratios viper/cantools and viper/python, table size and the heap the Decoder needs
@@ -187,6 +189,20 @@ def bench_memory(a):
     return bench_mem.run(a.heap, a.speed, quiet=a.quiet)
 
 
+def bench_soak(a):
+    """The soak test (tests_host/test_soak.py) for soak_seconds: replayed drive, TLS broker,
+    5-s watchdog; passes with no reset, no crash-log entry, no heap growth."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OVMS_SOAK_S=str(a.soak_seconds))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+                        os.path.join(repo, "tests_host", "test_soak.py"), "-k", "soak_real"],
+                       capture_output=True, text=True, env=env, cwd=repo)
+    line = ([ln for ln in r.stdout.splitlines() if ln.startswith("soak ")] or [""])[0]
+    if not a.quiet:
+        print("soak %s" % ("passed" if r.returncode == 0 else "FAILED"), line, file=sys.stderr)
+    return {"seconds": a.soak_seconds, "passed": r.returncode == 0, "summary": line}
+
+
 def bench_all(a):
     out = {"decode": []}
     for name, dbc, log, bus in SHIPPED:
@@ -205,11 +221,13 @@ def bench_all(a):
     out["mqtt_data"] = bench_mqtt_data(a)
     out["mqtt_loop"] = bench_mqtt_loop(a)
     out["memory"] = bench_memory(a)
+    a.soak_seconds = 600
+    out["soak"] = bench_soak(a)
     return out
 
 
 COMMANDS = {"decode": bench_decode, "mqtt-data": bench_mqtt_data, "mqtt-loop": bench_mqtt_loop,
-            "memory": bench_memory, "all": bench_all}
+            "memory": bench_memory, "soak": bench_soak, "all": bench_all}
 
 
 def main(argv=None):
@@ -229,6 +247,9 @@ def main(argv=None):
         x.add_argument("--loop-seconds", type=float, default=20)
         x.add_argument("--heap", default="100K")
         x.add_argument("--speed", type=float, default=1.0)
+    so = sub.add_parser("soak", help="replayed drive: no watchdog reset, crash or heap growth")
+    so.add_argument("--soak-seconds", type=float, default=600)
+    so.add_argument("--quiet", action="store_true")
     al = sub.add_parser("all", help="every benchmark on the shipped data")
     al.add_argument("--seconds", type=float, default=1.0)
     al.add_argument("--heap", default="100K", help="ESP32 heap emulated by the virtual device")

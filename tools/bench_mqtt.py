@@ -393,6 +393,11 @@ def data_usage(drive_min=20, awake_min=10, idle_h=23.5, quiet=False):
 
 DEV = r'''
 import sys, gc, struct, time
+if %(flash)d:   # the store is on the ESP32's flash: writes cost what the chip needs
+    sys.path.append(%(vboard)r)
+    import os, flash
+    sys.path.pop()
+    flash.install(os, %(store)r)
 sys.path[:0] = [%(lib)r]
 import asyncio
 from ovms import config, metrics, shell
@@ -463,6 +468,8 @@ async def main():
     if %(can)d:
         asyncio.create_task(can_task())
     asyncio.create_task(tick_task())
+    from ovms import app
+    asyncio.create_task(app._config_saver())   # config changes are saved as in the app
     if %(mon)d:
         asyncio.create_task(monitor())
     srv = server_v3.start()
@@ -519,10 +526,12 @@ def _broker_class():
     return NoDelay
 
 
-def loop_health(seconds=20, quiet=False, nodelay=True, tls=True, can=True, heap="256K"):
+def loop_health(seconds=20, quiet=False, nodelay=True, tls=True, can=True, heap="256K",
+                flash=True):
     """Worst event-loop stall and command round trip while replaying CAN at full rate.
     nodelay: broker with set_tcp_nodelay (False: mosquitto's default, Nagle on);
-    tls: the device's link over TLS (False: plain TCP); can: replay the drive."""
+    tls: the device's link over TLS (False: plain TCP); can: replay the drive;
+    flash: the device's store has the ESP32 flash's write costs (tools/vboard/flash.py)."""
     from broker import Broker
     import paho.mqtt.client as mqtt
     _NoDelayBroker = _broker_class()
@@ -550,7 +559,9 @@ def loop_health(seconds=20, quiet=False, nodelay=True, tls=True, can=True, heap=
             f.write(DEV % {"lib": os.path.join(d, "lib"), "store": os.path.join(d, "store"),
                            "port": b.tls_port if tls else b.port, "ca": b.ca, "tls": tls, "batches": bp, "nsteps": nsteps,
                            "ms": int(seconds * 1000),
-                           "can": int(can), "mon": 1})
+                           "can": int(can), "mon": 1, "flash": int(flash),
+                           "vboard": os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                  "vboard")})
         p = subprocess.Popen([MICROPYTHON, "-X", "heapsize=" + heap, script], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
         lines = []
@@ -586,13 +597,16 @@ def loop_health(seconds=20, quiet=False, nodelay=True, tls=True, can=True, heap=
         c.subscribe(pfx + "response/+", 1)
         c.loop_start()
         time.sleep(0.5)
+        c.publish(pfx + "command/0", "enable", qos=1)   # config set is a secure command
         n = 0
         end = time.monotonic() + seconds - 1.5
         while time.monotonic() < end:
             n += 1
             with cond:
                 sent[str(n)] = time.monotonic()
-            c.publish(pfx + "command/%d" % n, "metrics get v.p.speed", qos=1)
+            # every 10th command changes the config (a save to flash), as a user or an app does
+            cmd = "config set usr bench.n %d" % n if n % 10 == 0 else "metrics get v.p.speed"
+            c.publish(pfx + "command/%d" % n, cmd, qos=1)
             time.sleep(0.05)
         time.sleep(1.0)
         c.loop_stop()
@@ -634,6 +648,7 @@ def loop_health(seconds=20, quiet=False, nodelay=True, tls=True, can=True, heap=
     }
     out["link"] = "TLS" if tls else "plain TCP"
     out["broker_tcp_nodelay"] = nodelay
+    out["flash_costs"] = flash
     if not quiet:
         print("loop health (%d frames/s replayed for %.0f s, %s link up, broker nodelay %s):"
               % (out["fps"], out["seconds"], out["link"], nodelay))
@@ -659,12 +674,14 @@ def main(argv=None):
     lo.add_argument("--nagle", action="store_true",
                     help="mosquitto's default socket options (Nagle on)")
     lo.add_argument("--no-can", action="store_true", help="no CAN replay")
+    lo.add_argument("--no-flash-costs", action="store_true",
+                    help="the store writes at host disk speed (default: ESP32 flash costs)")
     args = ap.parse_args(argv)
     if args.cmd == "data":
         r = data_usage(args.drive_min, args.awake_min, args.idle_h)
     else:
         r = loop_health(args.seconds, nodelay=not args.nagle, tls=not args.plain,
-                        can=not args.no_can)
+                        can=not args.no_can, flash=not args.no_flash_costs)
     print(json.dumps(r))
 
 

@@ -351,11 +351,79 @@ class Bus:
                         del self.conns[ctrl]
 
 
+RUN_PREFIX = "vdev-"
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True   # exists, owned by someone else
+    return True
+
+
+def _cwds():
+    """Working directories of the processes we can see (a board runs inside its run dir)."""
+    seen = set()
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return seen
+    for p in pids:
+        try:
+            seen.add(os.readlink("/proc/%s/cwd" % p))
+        except OSError:
+            pass
+    return seen
+
+
+def clean_stale_run_dirs(tmp=None, min_age=600):
+    """Remove run dirs of virtual devices that are gone (a power cut kills vdev before it can
+    clean up). vdev-<pid>-*: gone when that process is; older unnamed ones: when no process
+    works inside them and they are older than min_age seconds. Returns the removed paths."""
+    tmp = tmp or tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(tmp) if n.startswith(RUN_PREFIX)]
+    except OSError:
+        return []
+    removed, cwds = [], None
+    for n in names:
+        path = os.path.join(tmp, n)
+        if not os.path.isdir(path) or os.path.islink(path):
+            continue
+        pid = n[len(RUN_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and "-" in n[len(RUN_PREFIX):]:
+            if _pid_alive(int(pid)):
+                continue
+        else:
+            try:
+                if time.time() - os.stat(path).st_mtime < min_age:
+                    continue
+            except OSError:
+                continue
+            if cwds is None:
+                cwds = _cwds()
+            if any(c == path or c.startswith(path + os.sep) for c in cwds):
+                continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if st.st_uid != os.getuid():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 class Device:
     def __init__(self, a):
         self.a = a
         self.root = os.path.abspath(a.root)
-        self.run_dir = tempfile.mkdtemp(prefix="vdev-")
+        clean_stale_run_dirs()
+        self.run_dir = tempfile.mkdtemp(prefix="%s%d-" % (RUN_PREFIX, os.getpid()))
         self.hw_path = os.path.join(self.run_dir, "hw.sock")
         self.child = None
         self.child_lock = threading.Lock()
@@ -410,10 +478,10 @@ class Device:
             elif cmd == b"WDT":
                 self.wdt_timeout = int(words[1]) / 1000.0
                 self.wdt_fed = time.monotonic()
-            elif cmd == b"RESET":
-                self.reboot("power", SOFT)
+            elif cmd == b"RESET":      # esp_restart(): ESP_RST_SW, which the port reads as HARD
+                self.reboot("power", HARD)
             elif cmd == b"SOFT":
-                self.reboot("soft", None)
+                self.reboot("soft", SOFT)
             elif cmd == b"DEEPSLEEP":
                 self.reboot("power", DEEPSLEEP)
             elif cmd == b"RUN":
@@ -599,7 +667,8 @@ class Device:
     def boot(self, mode):
         env = dict(os.environ, VDEV_ROOT=self.root, VDEV_HEAP=str(heap_bytes(self.a.heap)),
                    VDEV_ROM=self.rom or "", VDEV_QSTRS=(self.rom + ".qstrs") if self.rom else "", VDEV_HW=self.hw_path, VDEV_MODE=mode,
-                   VDEV_CAUSE=str(self.cause), VDEV_UID=self.uid, VDEV_CAN_RING=str(self.a.ring))
+                   VDEV_CAUSE=str(self.cause), VDEV_UID=self.uid, VDEV_CAN_RING=str(self.a.ring),
+                   VDEV_FLASH="1" if self.a.flash_costs == "on" else "0")
         with self.intr_lock:
             self.running, self.booting, self.held_intr = False, True, False
             self.last_sigint = None
@@ -645,10 +714,10 @@ class Device:
                 if cause is not None:
                     self.cause = cause
             elif rc == EXIT_SOFT:
-                mode = "soft"
+                mode, self.cause = "soft", SOFT
             elif rc == EXIT_SOFT_RAW:
-                mode = "softraw"
-            else:
+                mode, self.cause = "softraw", SOFT
+            else:                   # a panic: ESP_RST_PANIC, which the port reads as HARD
                 self.say("device stopped (exit %s): rebooting" % rc)
                 self.emit(b"\r\nvdev: device crashed (exit %d), rebooting\r\n" % rc)
                 mode, self.cause = "power", HARD
@@ -684,6 +753,9 @@ def main(argv=None):
     r.add_argument("--ring", type=int, default=16, help="CAN RX ring slots (ESP32 driver: 16)")
     r.add_argument("--tx-log", help="where frames sent by the firmware go (default DIR.cantx.log)")
     r.add_argument("--log", help="also append the device console output to this file")
+    r.add_argument("--flash-costs", choices=("on", "off"), default="on",
+                   help="flash writes, renames and removes block the interpreter as long as the "
+                        "ESP32's flash would (sector erase 45 ms, page program 0.7 ms)")
     r.add_argument("--no-frozen", action="store_true",
                    help="no frozen app in the firmware (ROMFS): run lib/ from the flash only")
     a = p.parse_args(argv)

@@ -10,7 +10,7 @@ from ovms import config, events, health, metrics
 
 STORE = "/store"
 METRICS_FILE = STORE + "/metrics.dat"
-BOOTS_FILE = STORE + "/boots"  # crash count (see boot.py, ota_boot.count_crash)
+BOOTS_FILE = STORE + "/boots"  # crash count (see boot.py, ota_boot.RESET_FLAG)
 _STABLE_S = const(60)     # up this long: the boot counts as good (clears the crash-boot count)
 _tasks = []
 
@@ -99,6 +99,12 @@ def _watchdog_cmd(session, args):
     return "Usage: module watchdog [test <task>]"
 
 
+def fresh(m, secs=3):
+    """True if metric m was updated within secs seconds (an age of 0 is fresh, None never)."""
+    a = metrics.age(m)
+    return a is not None and a <= secs
+
+
 def _watch():
     """The critical tasks the watchdog waits for (each may be silent for the WDT timeout)."""
     from ovms.can import bus as canbus
@@ -107,7 +113,7 @@ def _watch():
     if canbus.buses():
         name = canbus.buses()[0].name
         # the CAN task refreshes its counters every second
-        health.watch("can", lambda: (metrics.age("m.%s.frames" % name) or 99) <= 3, ms)
+        health.watch("can", lambda: fresh("m.%s.frames" % name), ms)
     health.watch("mqtt", server_v3.alive, ms)
 
 
@@ -141,6 +147,7 @@ async def _stable():
     t = 0
     while ota_boot or t < _STABLE_S:
         if ota_boot and _healthy():
+            health.was_healthy = True  # a watchdog reset from now on is not a crash loop
             if ota_boot.mark_healthy():
                 print("app: new version reported healthy and committed")
             ota_boot = None
@@ -153,6 +160,52 @@ async def _stable():
         t += 2
 
 
+async def _save_config():
+    """config's save in steps, the event loop running between them: each step blocks the loop
+    for one flash write (a sector erase: 45 ms), never the whole save (tmp file, two renames)."""
+    from ovms.fsutil import replace
+    c = config
+    if c._frozen:
+        c._save()           # raises: read-only
+    c._dirty = False
+    cfg = c.path()
+    tmp = cfg + ".tmp"
+    try:
+        try:
+            os.mkdir(c._root)
+        except OSError:
+            pass
+        with open(tmp, "wb") as f:
+            c._emit(f, c._data, c._gen + 1)
+            await asyncio.sleep_ms(0)   # closing is another flash write
+        await asyncio.sleep_ms(0)
+        if c._exists(cfg):
+            replace(cfg, cfg + ".bak")
+            await asyncio.sleep_ms(0)
+        replace(tmp, cfg)
+    except BaseException:
+        c._dirty = True     # not written: the saver tries again
+        raise
+    c._gen += 1
+
+
+async def _config_saver():
+    """Task: writes config changes shortly after they are made (off the command path)."""
+    ev = asyncio.Event()
+    config._later = ev.set
+    while True:
+        await ev.wait()
+        ev.clear()
+        await asyncio.sleep_ms(100)     # a burst of changes: one write
+        if config._dirty:
+            try:
+                await _save_config()
+            except Exception as e:      # kept in RAM and retried: no change is lost
+                print("app: config not saved, retrying:", repr(e))
+                await asyncio.sleep(5)
+                ev.set()
+
+
 async def _main():
     from ovms import net
     from ovms.v3 import server as server_v3
@@ -163,6 +216,7 @@ async def _main():
     _watch()
     for w in warnings:
         server_v3.notify("alert", "config", w)
+    _spawn("config", _config_saver())
     _spawn("net", net.run())
     _spawn("metrics", metrics.run(METRICS_FILE, 600))
     _spawn("health", health.run(config.get("module", "watchdog.timeout"), _running))
@@ -183,6 +237,11 @@ def stop():
     """Stop the app cleanly: CAN off, MQTT says goodbye, persisted metrics saved."""
     from ovms.can import bus as canbus
     from ovms.v3 import server as server_v3
+    config._later = None
+    try:
+        config.flush()
+    except Exception as e:
+        print("app: config not saved:", repr(e))
     canbus.stop()
     asyncio.new_event_loop()
     try:

@@ -12,6 +12,7 @@ _KEEP = const(8)          # crash log entries kept
 _watch = {}               # task name -> [probe() -> bool, allowed silence ms, last ok ticks, frozen]
 peak_alloc = 0            # heap high-water mark (bytes in use) since boot
 min_free = 1 << 30
+was_healthy = False       # the app reached MQTT + CAN this boot (set by the app)
 
 
 def watch(name, probe, max_silence_ms):
@@ -131,4 +132,10 @@ async def run(wdt_timeout_s, tasks=None):
             msg = "watchdog: task %s stopped making progress" % ",".join(bad)
             print("health:", msg, "- reset follows")
             log_crash(msg)
+            if was_healthy:   # a task stalled in a module that ran: not a crash loop at boot
+                try:
+                    import ota_boot
+                    ota_boot.note_reset("wdt")
+                except ImportError:
+                    pass
         await asyncio.sleep_ms(500)

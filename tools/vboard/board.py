@@ -10,6 +10,7 @@ _hw.start()
 import machine  # noqa: E402,F401  (shims load before the flash replaces the host filesystem)
 import network  # noqa: E402,F401
 import ntptime  # noqa: E402,F401
+import flash  # noqa: E402  (loaded always: the heap calibration counts it)
 
 try:
     import esp32  # noqa: F401
@@ -78,6 +79,8 @@ class _OS:
 
 if root:
     sys.modules["os"] = _OS()
+    if os.getenv("VDEV_FLASH") == "1":   # vdev's default: writes cost the ESP32 flash's time
+        flash.install(sys.modules["os"])
 
 out = sys.stdout
 inp = sys.stdin.buffer

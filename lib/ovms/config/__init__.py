@@ -25,6 +25,10 @@ _gen = 0
 _loaded = False
 _frozen = False  # load failed unexpectedly: never write over the files
 _cbs = []
+# Deferred saves: the app sets _later to a callable that wakes its saver task; a change is in
+# effect at once and written soon after, off the command path (app._config_saver).
+_later = None
+_dirty = False
 
 
 # config.<name> not found here: the rarely used API (set, rm, update, check, describe,
@@ -303,37 +307,55 @@ def _remove(p):
         pass
 
 
-def _write(fn, data, gen):
-    with open(fn, "wb") as f:
-        ln = b"%s gen=%d\n" % (_MAGIC, gen)
-        c = _crc(ln, 0)
-        f.write(ln)
-        n = 0
-        ps = list(data)
-        ps.sort()
-        for p in ps:
-            d = data[p]
-            ks = list(d)
-            ks.sort()
-            for i in ks:
-                ln = ("%s\t%s\t%s\n" % (_esc(p), _esc(i), _esc(d[i]))).encode()
-                c = _crc(ln, c)
-                f.write(ln)
-                n += 1
-        f.write(b"#end %d %08x\n" % (n, c))
+def _emit(f, data, gen):
+    """Write the file's lines to f (the end line with the checksum last)."""
+    ln = b"%s gen=%d\n" % (_MAGIC, gen)
+    c = _crc(ln, 0)
+    f.write(ln)
+    n = 0
+    ps = list(data)
+    ps.sort()
+    for p in ps:
+        d = data[p]
+        ks = list(d)
+        ks.sort()
+        for i in ks:
+            ln = ("%s\t%s\t%s\n" % (_esc(p), _esc(i), _esc(d[i]))).encode()
+            c = _crc(ln, c)
+            f.write(ln)
+            n += 1
+    f.write(b"#end %d %08x\n" % (n, c))
+
+
+def _commit():
+    """Persist a change: now, or (deferred) by the app's saver task soon."""
+    global _dirty
+    if _later is None or _frozen:
+        _save()
+    else:
+        _dirty = True
+        _later()
+
+
+def flush():
+    """Write a deferred change now (before a reset, or when the app stops)."""
+    if _dirty:
+        _save()
 
 
 def _save():
-    global _gen
+    global _gen, _dirty
     if _frozen:
         raise OSError("config store could not be loaded at boot: read-only until reboot")
+    _dirty = False
     cfg = path()
     tmp = cfg + ".tmp"
     try:
         os.mkdir(_root)
     except OSError:
         pass
-    _write(tmp, _data, _gen + 1)
+    with open(tmp, "wb") as f:
+        _emit(f, _data, _gen + 1)
     from ovms.fsutil import replace
     if _exists(cfg):
         replace(cfg, cfg + ".bak")

@@ -142,7 +142,7 @@ def update(items):
     for p, i, old, new in ch:
         _put(p, i, new)
     try:
-        c._save()
+        c._commit()
     except Exception:
         for k in range(len(ch) - 1, -1, -1):
             p, i, old, new = ch[k]

@@ -148,6 +148,7 @@ class MQTTClient(Keeper, Receiver):
         self._txn = 0
         # connection
         self._r = self._w = self._pend = None
+        self._ai = None     # (server, port, getaddrinfo entry) of the last good lookup
         self._busy = False
         self._gen = 0
         self._tasks = []
@@ -201,9 +202,11 @@ class MQTTClient(Keeper, Receiver):
                                            int((timeout or self.connect_timeout) * 1000))
         except asyncio.TimeoutError:
             self._close_pending()
+            self._ai = None     # resolve again next time: the address may have changed
             raise OSError("timeout connecting to %s:%d" % (self.server, self.port))
         except BaseException:
             self._close_pending()
+            self._ai = None
             raise
         r, w = self._pend
         self._pend = None
@@ -352,7 +355,13 @@ class MQTTClient(Keeper, Receiver):
         # like asyncio.open_connection, plus TCP_NODELAY: small packets (acks, replies)
         # must not wait for the peer's delayed ACK (Nagle: ~40 ms per round trip)
         import socket
-        ai = socket.getaddrinfo(self.server, self.port, 0, socket.SOCK_STREAM)[0]
+        # the lookup blocks the loop (lwIP: until the DNS server answers): once, then cached
+        # until a connect fails
+        ai = self._ai
+        if ai is None or ai[0] != self.server or ai[1] != self.port:
+            ai = self._ai = (self.server, self.port,
+                             socket.getaddrinfo(self.server, self.port, 0, socket.SOCK_STREAM)[0])
+        ai = ai[2]
         s = socket.socket(ai[0], ai[1], ai[2])
         s.setblocking(False)
         try:

@@ -5,7 +5,7 @@ from micropython import const
 import ota_boot
 from ovms import ota
 from ovms.ota.fs import OTAError, fp, hexs, mkdirs, rmtree, du, rm, free, hash_file, check_path, \
-    copy_range
+    copy_range, hash_steps
 from ovms.ota.fs import size as fsize
 
 MAX_APP = 2 * 1024 * 1024       # largest app bundle accepted
@@ -151,14 +151,15 @@ class AppSink:
 
     def finish(self, hdr, so, sl, hl):
         """All data in: read every file back, store the signed manifest (copied from the staged
-        header hdr: signature at so, sl bytes, manifest up to hl), mark the slot staged."""
+        header hdr: signature at so, sl bytes, manifest up to hl), mark the slot staged.
+        A generator of steps (see ota_rx.Receiver.steps); returns the message."""
         self._rewind()
         while self._ent:
             p, n, d = self._ent
             h = hashlib.sha256()
             if fsize(self._base + p) != n:
                 raise OTAError("staged file %s is missing" % p)
-            hash_file(self._base + p, n, h, self._buf)
+            yield from hash_steps(self._base + p, n, h, self._buf)
             if hexs(h.digest()) != d:
                 raise OTAError("hash mismatch for %s on flash" % p)
             self._next()

@@ -65,8 +65,9 @@ def rm(p):
         pass
 
 
-def hash_file(p, n, h, buf):
-    """Feed the first n bytes of file p into hash h."""
+def hash_steps(p, n, h, buf):
+    """Generator: feed the first n bytes of file p into hash h, yielding after each buffer
+    (the caller lets the event loop run: a 2 MB read-back must not stall it)."""
     mv = memoryview(buf)
     with open(p, "rb") as f:
         while n > 0:
@@ -75,6 +76,22 @@ def hash_file(p, n, h, buf):
                 raise OTAError("cannot read back " + p)
             h.update(mv[:k])
             n -= k
+            yield
+
+
+def hash_file(p, n, h, buf):
+    """Feed the first n bytes of file p into hash h."""
+    for _ in hash_steps(p, n, h, buf):
+        pass
+
+
+def run(g):
+    """Run a generator of steps to its end; returns its return value."""
+    try:
+        while True:
+            next(g)
+    except StopIteration as e:
+        return e.args[0] if e.args else None
 
 
 def free():

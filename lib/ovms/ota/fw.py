@@ -92,6 +92,7 @@ class FwSink:
             h.update(buf if n >= _BLK else memoryview(buf)[:n])
             n -= _BLK
             i += 1
+            yield                                   # the event loop runs between blocks
         if hexs(h.digest()) != want:
             raise OTAError("firmware read-back mismatch: flash write failed")
         s = ota_boot.load()

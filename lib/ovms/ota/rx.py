@@ -4,7 +4,7 @@ import hashlib
 from micropython import const
 import ota_boot
 from ovms import ota
-from ovms.ota.fs import OTAError, fp, mkdirs, rm, check_manifest
+from ovms.ota.fs import OTAError, fp, mkdirs, rm, check_manifest, run
 from ovms.ota.fs import size as fsize
 
 # Bundle = header + data. Header: b"MOTA", format 1, 0, u16 sig length S, u32 manifest length M
@@ -46,6 +46,11 @@ class Receiver:
 
     def handle(self, op, payload=b""):
         """Process one request; never raises."""
+        return run(self.steps(op, payload))
+
+    def steps(self, op, payload=b""):
+        """handle() as a generator: the read-back of "end" (up to 2 MB) yields after each
+        buffer, so the caller can run the event loop in between; returns the reply."""
         try:
             if op == "status":
                 r = ota.status(self)
@@ -54,7 +59,7 @@ class Receiver:
             elif op == "data":
                 r = self._data(payload)
             elif op == "end":
-                r = self._end()
+                r = yield from self._end()
             elif op == "abort":
                 self._abort()
                 r = {"ok": True}
@@ -234,7 +239,7 @@ class Receiver:
             return {"error": "bundle truncated: received %d of %d bytes" % (self.next, self.size)}
         with open(fp("/ota/stage.hdr"), "rb") as f:
             sl = self._open_manifest(f)
-        msg = self.sink.finish(fp("/ota/stage.hdr"), _HDR, sl, self.hl)
+        msg = yield from self.sink.finish(fp("/ota/stage.hdr"), _HDR, sl, self.hl)
         r = {"ok": True, "staged": self.sink.version, "slot": self.slot, "next": self.size,
              "msg": msg}
         self._abort()

@@ -108,8 +108,8 @@ def _crashlog(session, args):
 async def _later_reset():
     import asyncio
     await asyncio.sleep(1)
-    import machine
-    machine.reset()
+    import ota_boot
+    ota_boot.reset("reset")  # deliberate: never counted as a crash
 
 
 def _reset(session, args):

@@ -400,7 +400,14 @@ class Server:
             while self._otaq:
                 cid, op, msg = self._otaq.pop(0)
                 try:
-                    r = rx.handle(op, msg)
+                    g = rx.steps(op, msg)
+                    while True:     # a long step (the read-back of "end") in slices
+                        try:
+                            next(g)
+                        except StopIteration as e:
+                            r = e.args[0] if e.args else None
+                            break
+                        await asyncio.sleep_ms(0)
                 except Exception as e:  # a bad request must never stop the server
                     r = b'{"error": "%s"}' % repr(e).replace('"', "'")
                 if r is not None:
@@ -409,8 +416,8 @@ class Server:
                 if rx.reboot:
                     _log("OTA: rebooting into the new version")
                     await asyncio.sleep(2)
-                    import machine
-                    machine.reset()
+                    import ota_boot
+                    ota_boot.reset("ota")  # deliberate: never counted as a crash
 
     def _peer(self, cid, msg):
         now = metrics.uptime()
