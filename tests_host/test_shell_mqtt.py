@@ -111,3 +111,31 @@ def test_interactive_session_keeps_secure_mode(broker, dev_factory, tmp_path):  
         k = out.index(s, k) + len(s)
     _, f = d.wait_event(lambda e: e["ev"] == "frame", timeout=5)
     assert f["id"] == 0x60D
+
+
+def test_oversized_messages_neither_drop_the_link_nor_go_unanswered(broker, dev_factory, tmp_path,
+                                                                  capsys):  # noqa: F811
+    """A retained 3 KB message on client/<x>/active (resent by the broker on every connect) is
+    skipped without dropping the link; a 2.4 KB command is answered `Error: ... too long`."""
+    from test_mqtt_kit import Peer
+    pfx = "ovms/bob/CAR1/"
+    peer = Peer(broker.port, subs=(pfx + "client/big/response/#",))
+    try:
+        peer.settle()
+        peer.publish(pfx + "client/evil/active", b"x" * 3000, qos=1, retain=True)
+        d = start_device(dev_factory, broker, tmp_path)
+        topic, cmd = pfx + "client/big/command/7", "metrics list " + "v" * 2400
+        peer.publish(topic, cmd, qos=1)
+        m = peer.wait_topic(pfx + "client/big/response/7")
+        size = 1 + 2 + 2 + len(topic) + 2 + len(cmd)      # the whole PUBLISH packet
+        assert m[1] == b"Error: command too long (%d bytes, max 2048)" % size
+        rc, out, err = cli(capsys, broker, "shell", "metrics get v.b.soc")
+        assert (rc, out) == (0, "85.5%\n"), err
+        st = d.call("return server_v3.server().client.connects, server_v3.status()")
+        assert st[0] == 1, d.tail()
+        assert "Skipped: 2 oversized incoming message(s)" in st[1]
+        assert "link down" not in d.output()
+    finally:
+        peer.publish(pfx + "client/evil/active", b"", qos=1, retain=True)
+        peer.c.loop_stop()
+        peer.c.disconnect()

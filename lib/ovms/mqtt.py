@@ -14,8 +14,10 @@
 #   after `ack_timeout` (the link is dropped after `retries` tries), resent after a
 #   reconnect (new packet ids unless the broker kept the session).
 # - run() keeps the link up: reconnect with capped exponential backoff + jitter.
-# - Malformed or oversized packets from the broker close the connection with a reason
-#   (last_error); nothing raised by the broker's bytes escapes the connection's tasks.
+# - Malformed packets from the broker close the connection with a reason (last_error);
+#   nothing raised by the broker's bytes escapes the connection's tasks. A PUBLISH larger
+#   than the rx buffer is skipped in place (acknowledged, counted, on_big called), so a
+#   retained oversized message cannot keep the link down.
 import asyncio
 from time import ticks_ms
 from micropython import const
@@ -122,6 +124,7 @@ class MQTTClient(Keeper, Receiver):
         self.lw = None
         self.on_up = None      # async fn(session_present), run after each CONNACK
         self.on_down = None    # fn(reason)
+        self.on_big = None     # fn(topic, size, retained): a PUBLISH too big to receive
         self.log = self._print
         # state
         self.up = False
@@ -138,10 +141,12 @@ class MQTTClient(Keeper, Receiver):
         self.duplicates = 0    # QoS 2 redeliveries not passed on again
         self.dropped = 0
         self.pings = 0
+        self.skipped = 0       # oversized PUBLISHes skipped (acknowledged, not delivered)
         # buffers
         self._rxsize = max_packet
         self._rxbuf = bytearray(max_packet)
         self._rxmv = memoryview(self._rxbuf)
+        self._skip = 0         # bytes of a skipped oversized PUBLISH still to drop
         self._txsize = txbuf
         self._txbuf = bytearray(txbuf)
         self._txmv = memoryview(self._txbuf)

@@ -180,6 +180,7 @@ class Server:
                        keepalive=_cfg("updatetime.keepalive"), ssl=ctx)
         c.set_last_will(pfx + "metric/s/v3/connected", "no", retain=True)
         c.set_callback(self._on_msg)
+        c.on_big = self._on_big
         c.on_up = self._on_up
         c.on_down = self._on_down
         c.log = _log
@@ -383,6 +384,22 @@ class Server:
             self._reqs.append((cid, msg))
             self._rev.set()
 
+    def _on_big(self, topic, size, retained):
+        # a message too big for the receive buffer (skipped by the client): a command gets
+        # an error reply, anything else is only counted and logged
+        pb = self._pb
+        if retained or not topic.startswith(pb):
+            return
+        parts = topic[len(pb):].split(b"/")
+        if len(parts) == 4 and parts[0] == b"client" and parts[1] and parts[2] == b"command":
+            try:
+                cid = parts[1].decode()
+                cmd_id = parts[3].decode()
+            except UnicodeError:
+                return
+            self.respond(cid, cmd_id, "Error: command too long (%d bytes, max %d)"
+                         % (size, self.client._rxsize))
+
     async def _ota(self):
         """OTA requests (ovms.ota_rx protocol), one at a time, replies on client/<cid>/ota-reply."""
         ota = rx = None         # the OTA code loads with the first request
@@ -563,6 +580,8 @@ class Server:
             if c.last_error:
                 r.append("Last error: %s" % c.last_error)
             r.append("Queued: %d message(s), %d dropped" % (c.queued(), c.dropped))
+            if c.skipped:
+                r.append("Skipped: %d oversized incoming message(s)" % c.skipped)
         if self.sched is not None:
             r.append("Metrics: %d published, %d pending, interval %d s"
                      % (self.published, self.sched.pending(), self.sched.interval()))
