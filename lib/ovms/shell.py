@@ -362,32 +362,35 @@ def _helpcmd(session, args):
 # ---- parsing and dispatch ---------------------------------------------------------------
 
 def split(line):
-    """Split a command line into words; double quotes group words (\\" and \\\\ inside quotes).
-    Raises ValueError on an unterminated quote."""
+    """Split a command line (UTF-8 bytes or str) into words (str); double quotes group
+    words (\\" and \\\\ inside quotes). Raises ValueError on an unterminated quote.
+    Works on bytes: iterating a str makes each new character a permanent qstr."""
+    if isinstance(line, str):
+        line = line.encode()
     out = []
-    buf = []
+    buf = bytearray()
     word = False    # inside a word
     q = False       # inside quotes
     esc = False
     for c in line:
         if q:
             if esc:
-                if c != '"' and c != "\\":
-                    buf.append("\\")
+                if c != 0x22 and c != 0x5C:
+                    buf.append(0x5C)
                 buf.append(c)
                 esc = False
-            elif c == "\\":
+            elif c == 0x5C:
                 esc = True
-            elif c == '"':
+            elif c == 0x22:
                 q = False
             else:
                 buf.append(c)
-        elif c == " " or c == "\t":
+        elif c == 0x20 or c == 0x09:
             if word:
-                out.append("".join(buf))
-                buf = []
+                out.append(str(buf, "utf-8"))
+                buf = bytearray()
                 word = False
-        elif c == '"':
+        elif c == 0x22:
             q = True
             word = True
         else:
@@ -396,7 +399,7 @@ def split(line):
     if q:
         raise ValueError("Unterminated quote")
     if word:
-        out.append("".join(buf))
+        out.append(str(buf, "utf-8"))
     return out
 
 
@@ -416,7 +419,7 @@ def _dispatch(session, args):
         if not ch:
             break
         w = args[i]
-        q = i == len(args) - 1 and len(w) > 1 and w[-1] == "?"
+        q = i == len(args) - 1 and len(w) > 1 and w.endswith("?")
         if q:
             w = w[:-1]
         k, err = _find(ch, w)
@@ -450,21 +453,28 @@ def _dispatch(session, args):
 
 
 def _run(line, session):
-    if not isinstance(line, str):
-        if isinstance(line, (bytes, bytearray, memoryview)):
-            if len(line) > MAX_LINE * 4:
-                return "Error: Command too long (max %d characters)" % MAX_LINE
-            try:
-                line = str(line, "utf-8")
-            except ValueError:      # UnicodeError (MemoryError goes up: "Out of memory")
-                return "Error: Command is not valid UTF-8 text"
-        else:
-            return "Error: Command must be text"
-    if len(line) > MAX_LINE:
+    # the line is checked and split as bytes (see split)
+    if isinstance(line, str):
+        line = line.encode()
+    elif isinstance(line, (bytes, bytearray, memoryview)):
+        if len(line) > MAX_LINE * 4:
+            return "Error: Command too long (max %d characters)" % MAX_LINE
+        line = bytes(line)
+        try:
+            str(line, "utf-8")      # checks only: the str is dropped at once
+        except ValueError:      # UnicodeError (MemoryError goes up: "Out of memory")
+            return "Error: Command is not valid UTF-8 text"
+    else:
+        return "Error: Command must be text"
+    n = 0
+    for c in line:
+        if c & 0xC0 != 0x80:    # not a continuation byte: one more character
+            n += 1
+    if n > MAX_LINE:
         return "Error: Command too long (max %d characters)" % MAX_LINE
     line = line.strip()
     for c in line:
-        if c < " " and c != "\t" or c == "\x7f":
+        if c < 0x20 and c != 0x09 or c == 0x7F:
             return "Error: Invalid character in command (control characters are not allowed)"
     try:
         args = split(line)
