@@ -330,6 +330,38 @@ def big(t, n, r):
         fb.close()
 
 
+def test_keepalive_above_the_brokers_limit_falls_back_to_one_it_accepts(dev_factory):
+    """An MQTT 3.1.1 broker with a keepalive limit (mosquitto max_keepalive 10) refuses a
+    longer keepalive with CONNACK 'identifier rejected': the client asks for less until it
+    is accepted, instead of retrying the same keepalive forever."""
+    asked = []
+
+    def handler(fb, c, k):
+        t, body = read_packet(c)
+        ka = int.from_bytes(body[8:10], "big")
+        asked.append(ka)
+        if ka > 10 or not ka:
+            c.sendall(b"\x20\x02\x00\x02")
+            return
+        c.sendall(b"\x20\x02\x00\x00")
+        while True:
+            t, body = read_packet(c)
+            if t == 0xC0:
+                c.sendall(b"\xd0\x00")
+    fb = FakeBroker(handler)
+    try:
+        d = dev_factory(SETUP)
+        d.start("new(%d, keepalive=120, backoff_min=0.05, backoff_max=0.1)\nawait c.run()"
+                % fb.port)
+        d.wait_event(lambda e: e["ev"] == "up", timeout=15)
+        assert asked == [120, 60, 30, 15, 10]
+        assert d.call("return c.keepalive, c.ka_want, c.isconnected()") == (10, 120, True)
+        assert "broker refused the connection with keepalive 120 s: trying 60 s" in d.output()
+        assert not fb.errors
+    finally:
+        fb.close()
+
+
 def test_qos2_inbound_delivered_exactly_once(dev_factory):
     """Broker sends a QoS 2 PUBLISH, then a DUP of it before PUBREL: one delivery; after
     PUBREL the same id is a new message."""

@@ -107,7 +107,8 @@ class MQTTClient(Keeper, Receiver):
         self.port = port or (8883 if ssl else 1883)
         self.user = _b(user) if user else None
         self.pswd = _b(password) if password else None
-        self.keepalive = keepalive
+        self.keepalive = keepalive     # in use; lowered when the broker refuses ka_want
+        self.ka_want = keepalive
         self.ssl = ssl
         self.server_hostname = server_hostname
         self.clean_session = clean_session

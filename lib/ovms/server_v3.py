@@ -577,6 +577,8 @@ class Server:
             r.append("Prefix: %s" % self.prefix)
             r.append("Traffic: tx %d B, rx %d B (MQTT); connects %d, reconnects %d"
                      % (c.tx_bytes, c.rx_bytes, c.connects, c.reconnects))
+            if c.keepalive != c.ka_want:
+                r.append("Keepalive: %d s (the broker refused %d s)" % (c.keepalive, c.ka_want))
             if c.last_error:
                 r.append("Last error: %s" % c.last_error)
             r.append("Queued: %d message(s), %d dropped" % (c.queued(), c.dropped))
