@@ -514,3 +514,43 @@ def test_periodic_full_resend_only_when_configured(broker, dev_factory, peers, t
     time.sleep(3.2)
     n = len(peer.got(PFX + "metric/v/b/soc"))
     assert 3 <= n <= 6, n                                    # ~ every second when set
+
+
+def test_a_notification_the_broker_refuses_is_set_aside_not_resent_forever(dev_factory, peers,
+                                                                           tmp_path):
+    """mosquitto max_packet_size 512: a 600-byte notification makes the broker drop the
+    link. After a few such drops it is set aside (kept in a file, counted in the status) and
+    the notifications behind it get through; the link stays up."""
+    from broker import Broker
+
+    class Small(Broker):
+        def _conf(self):
+            path = super()._conf()
+            with open(path) as f:
+                text = f.read().replace("max_packet_size 1048576", "max_packet_size 512")
+            with open(path, "w") as f:
+                f.write(text)
+            return path
+    b = Small(os.path.join(broker_dir(), "b")).start()
+    try:
+        d = device(dev_factory, tmp_path, b.port)
+        d.call("await start()")
+        peer = peers(b.port, subs=(PFX + "notify/#",))
+        peer.settle()
+        d.call('server_v3.notify("info", "big", "x" * 600)\n'
+               'server_v3.notify("info", "small", "after the big one")')
+        peer.wait_topic(PFX + "notify/info/small", b"after the big one", timeout=40)
+        time.sleep(0.5)
+        st = d.call("return srv.client.connects, server_v3.status(), len(srv.ob), "
+                    "srv.held().peek()")
+        connects, status, waiting, held = st
+        assert connects <= 4, status         # 3 drops, then it was set aside
+        assert waiting == 0
+        assert "Set aside: 1 notification(s) the link could not carry" in status
+        assert held[1] == "notify/info/big" and held[2] == b"x" * 600
+        assert not peer.got(PFX + "notify/info/big")
+        n = connects
+        time.sleep(2)
+        assert d.call("return srv.client.connects, srv.client.isconnected()") == (n, True)
+    finally:
+        b.stop()

@@ -159,6 +159,7 @@ class MQTTClient(Keeper, Receiver):
         self._tasks = []
         self._pid = 0
         self._inflight = []
+        self._frail = []       # in-flight entries abandoned when the link drops
         self._subs = {}
         self._rx2 = set()
         self._ob = []          # [topic, msg, retain, qos, latest]
@@ -251,10 +252,12 @@ class MQTTClient(Keeper, Receiver):
             pass
         self._dead("disconnected")
 
-    async def publish(self, topic, msg, retain=False, qos=0, timeout=None):
+    async def publish(self, topic, msg, retain=False, qos=0, timeout=None, frail=False):
         """QoS 0: queue the packet for the writer (raises OSError if the link is down).
         QoS 1/2: return once acknowledged; kept across reconnects until then. With a
-        timeout (s) the message is abandoned and OSError raised when it expires."""
+        timeout (s) the message is abandoned and OSError raised when it expires.
+        frail=True: abandoned (OSError ECONNRESET) if the link drops while it is in flight,
+        so the caller can tell a message the broker refuses by closing the link."""
         topic = _b(topic)
         msg = _b(msg)
         if qos not in (0, 1, 2):
@@ -266,6 +269,8 @@ class MQTTClient(Keeper, Receiver):
                             _u16(len(topic)), topic, msg)
             return
         ent = await self._submit(topic, msg, retain, qos, True)
+        if frail:
+            self._frail.append(ent)
         try:
             if timeout is None:
                 await ent[_EV].wait()
@@ -279,6 +284,10 @@ class MQTTClient(Keeper, Receiver):
             raise
         finally:
             ent[_EV] = None
+            if frail:
+                self._frail.remove(ent)
+        if ent[_ST] == _GONE:
+            raise OSError(104)  # ECONNRESET: the link dropped while it was in flight
 
     async def _acked(self, kind, topic, tail, timeout):
         # SUBSCRIBE (0x82) / UNSUBSCRIBE (0xA2) with a new packet id; waits for the ack
@@ -479,6 +488,9 @@ class MQTTClient(Keeper, Receiver):
         self._txn = 0
         self._busy = False
         self._ping_t = None
+        for e in self._frail:
+            if e[_ST] == _SENT or e[_ST] == _REL:
+                self._finish(e, _GONE)
         for slot in self._subs.values():
             slot[0].set()
         self._room.set()

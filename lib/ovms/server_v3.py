@@ -39,6 +39,7 @@ _CHUNK = const(8)         # publications between yields to the event loop
 _PEER_TTL = const(120)
 _MAX_PEERS = const(16)
 _MAX_REQS = const(4)
+_POISON = const(3)        # link drops with the same notification in flight: set it aside
 _STALE_S = const(1)       # seconds between stale-marker scans (32 metrics per poll)
 _LINK = ("server", "port", "tls", "user", "clientid", "topic.prefix", "ca",
          "updatetime.keepalive")
@@ -68,6 +69,8 @@ class Server:
         self.published = 0
         self.notified = 0
         self.requests = 0
+        self._strike = [0, 0]   # [seq, link drops] of the notification in flight
+        self._held = None       # Outbox of set-aside notifications, opened when needed
         self._reqs = []
         self._secrets = []
         self._tasks = []
@@ -546,12 +549,40 @@ class Server:
             except UnicodeError:
                 pass
             try:
-                await c.publish(self.prefix + t, p, qos=1)
-            except OSError:
+                await c.publish(self.prefix + t, p, qos=1, frail=True)
+            except OSError as e:
+                if e.args and e.args[0] == 104:
+                    self._poison(seq, t, h[2])
                 await asyncio.sleep_ms(500)
                 continue
             self.ob.pop(seq)
             self.notified += 1
+
+    def _poison(self, seq, topic, payload):
+        # the link dropped while notification `seq` was in flight; after _POISON such drops
+        # in a row it is a message the link cannot carry (e.g. above the broker's
+        # max_packet_size): kept in the held file, counted, out of the queue's way
+        st = self._strike
+        if st[0] != seq:
+            st[0] = seq
+            st[1] = 0
+        st[1] += 1
+        if st[1] < _POISON:
+            return
+        _log("notification %s set aside: the link dropped %d times while sending it"
+             % (topic, st[1]))
+        try:
+            self.held().put(topic, payload)
+        except Exception as e:
+            _log("cannot keep the set-aside notification: %r" % (e,))
+        self.ob.pop(seq)
+
+    def held(self):
+        """Outbox of notifications set aside (the link could not carry them), kept on flash."""
+        h = self._held
+        if h is None:
+            h = self._held = Outbox(self.ob.path + ".held", max_items=8, max_bytes=8192)
+        return h
 
     def event(self, name):
         """Publish event/<name path> (and the legacy event topic) if connected.
@@ -589,8 +620,21 @@ class Server:
                      % (self.published, self.sched.pending(), self.sched.interval()))
         r.append("Notifications: %d waiting, %d sent, %d dropped"
                  % (len(self.ob), self.notified, self.ob.dropped))
+        h = self.held() if self._held or _exists(self.ob.path + ".held") else None
+        if h is not None and (len(h) or h.dropped):
+            r.append("Set aside: %d notification(s) the link could not carry (%s)"
+                     % (len(h) + h.dropped, h.path))
         r.append("Peers: %d" % len(self.peers))
         return "\n".join(r)
+
+
+def _exists(p):
+    import os
+    try:
+        os.stat(p)
+        return True
+    except OSError:
+        return False
 
 
 def _seg(s):
