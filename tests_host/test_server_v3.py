@@ -222,9 +222,10 @@ await start()
     # completion comes after the values
     i_done = [m[0] for m in peer.all()].index(PFX + "client/app2/metric/done")
     assert i_done == len(peer.all()) - 1
-    peer.clear()
+    # values already sent for a request in the last minute are not sent again
+    t0 = time.monotonic()
     peer.publish(PFX + "client/app2/request/metric", "*", qos=1)
-    done = peer.wait_topic(PFX + "client/app2/metric/done")
+    done = peer.wait(lambda m: m[0] == PFX + "client/app2/metric/done" and m[4] > t0)
     n = d.call("return sum(1 for i in range(metrics.count()) if metrics.defined(i))")
     assert int(done[1]) == n == len(metric_topics(peer))
     peer.clear()
@@ -554,3 +555,37 @@ def test_a_notification_the_broker_refuses_is_set_aside_not_resent_forever(dev_f
         assert d.call("return srv.client.connects, srv.client.isconnected()") == (n, True)
     finally:
         b.stop()
+
+
+def test_repeated_full_requests_are_answered_but_not_republished(broker, dev_factory, peers,
+                                                                   tmp_path):
+    """Any client can ask for everything: request/metric and `server v3 update all`. Within
+    a minute each metric goes out once for requests (every request still gets its done
+    marker with the full count) and full republishes are coalesced into one."""
+    d = device(dev_factory, tmp_path, broker.port)
+    d.call('metrics.set("v.b.soc", 80)\nmetrics.set("v.b.voltage", 390.5)\nawait start()')
+    peer = peers(broker.port, subs=(PFX + "metric/#", PFX + "client/+/metric/done"))
+    peer.settle()
+    time.sleep(0.5)
+    peer.clear()
+    n = d.call("return sum(1 for i in range(metrics.count()) if metrics.defined(i))")
+    for k in range(12):
+        peer.publish(PFX + "client/x%d/request/metric" % k, "*", qos=1)
+        peer.wait_topic(PFX + "client/x%d/metric/done" % k)
+    dones = [m for m in peer.all() if m[0].endswith("/metric/done")]
+    assert [m[1] for m in dones] == [str(n).encode()] * 12
+    values = [m for m in peer.all() if m[0].startswith(PFX + "metric/")]
+    assert len(values) <= n + 2, len(values)         # once (+ a change or two), not 12 times
+    assert "%d values not resent" % (11 * n) in d.call("return server_v3.status()")
+    # update all: right after the connect's full republish it waits; five requests, one run
+    p0 = d.call("return srv.published")
+    replies = [d.call('return srv.update("all")') for _ in range(5)]
+    assert all(r.startswith("Update (all) scheduled in ") for r in replies), replies
+    time.sleep(1)
+    assert d.call("return srv.published") - p0 <= 2
+    d.call("srv._full_t -= 60")                   # a minute later
+    time.sleep(1.5)
+    d.call('srv.update("all")')
+    time.sleep(1.5)
+    grown = d.call("return srv.published") - p0
+    assert n - 1 <= grown <= n + 2, (grown, n)    # one full republish (s.v3.connected apart)

@@ -39,7 +39,9 @@ _CHUNK = const(8)         # publications between yields to the event loop
 _PEER_TTL = const(120)
 _MAX_PEERS = const(16)
 _MAX_REQS = const(4)
-_POISON = const(3)        # link drops with the same notification in flight: set it aside
+_POISON = const(3)
+_FULL_MIN_S = const(60)   # at most one full republish (update all) and one publication of a
+                          # metric for request/metric per this many seconds (amplification)        # link drops with the same notification in flight: set it aside
 _STALE_S = const(1)       # seconds between stale-marker scans (32 metrics per poll)
 _LINK = ("server", "port", "tls", "user", "clientid", "topic.prefix", "ca",
          "updatetime.keepalive")
@@ -71,6 +73,10 @@ class Server:
         self.requests = 0
         self._strike = [0, 0]   # [seq, link drops] of the notification in flight
         self._held = None       # Outbox of set-aside notifications, opened when needed
+        self._full_t = -_FULL_MIN_S    # uptime of the last full republish
+        self._rq_t = -_FULL_MIN_S      # start of the request/metric window
+        self._rq_bits = None    # metrics published for requests in that window (bitmap)
+        self.coalesced = 0      # metric values not republished for a request (window)
         self._reqs = []
         self._secrets = []
         self._tasks = []
@@ -275,6 +281,7 @@ class Server:
         """Full republish (after a connect or `server v3 update all`)."""
         s = self.sched
         now = metrics.uptime()
+        self._full_t = now
         k = 0
         for i in s.all():
             if i != self._ci:
@@ -319,9 +326,10 @@ class Server:
             try:
                 now = metrics.uptime()
                 self._expire(now)
-                if now - full >= self._every and self._every:
-                    self._sendall = True    # periodic full resend, only if configured
-                if self._sendall:
+                # periodic full resend (only if configured), or `update all` (any client:
+                # at most one per _FULL_MIN_S, requests meanwhile wait and coalesce)
+                if (self._every and now - full >= self._every) or \
+                        (self._sendall and now - self._full_t >= _FULL_MIN_S):
                     full = now
                     self._sendall = False
                     await self._republish()
@@ -346,6 +354,9 @@ class Server:
         """`server v3 update all|modified`: full republish, or pending changes now."""
         if what == "all":
             self._sendall = True
+            w = self._full_t + _FULL_MIN_S - metrics.uptime()
+            if w > 0:
+                return "Update (all) scheduled in %d s (at most one per %d s)" % (w, _FULL_MIN_S)
         elif self.sched is not None:
             self.sched.flush()
         return "Update (%s) scheduled" % what
@@ -503,6 +514,17 @@ class Server:
             n = 0
             seen = set()
             now = metrics.uptime()
+            bits = self._rq_bits
+            if bits is None or now - self._rq_t >= _FULL_MIN_S:
+                # a new window: each metric goes out at most once per window for requests
+                # (a repeated request is answered, its values are retained on the broker
+                # and changes go out through the normal publishing meanwhile)
+                self._rq_t = now
+                if bits is None or len(bits) * 8 < metrics.count():
+                    bits = self._rq_bits = bytearray((metrics.count() + 7) >> 3)
+                else:
+                    for k in range(len(bits)):
+                        bits[k] = 0
             try:
                 for p in pats:
                     p = p.strip() or "*"
@@ -515,8 +537,14 @@ class Server:
                         if i in seen or not self.sched.included(i) or not metrics.defined(i):
                             continue
                         seen.add(i)
-                        await self._pub_metric(i, now)
                         n += 1
+                        k = i >> 3
+                        if k < len(bits):
+                            if bits[k] & 1 << (i & 7):
+                                self.coalesced += 1
+                                continue
+                            bits[k] |= 1 << (i & 7)
+                        await self._pub_metric(i, now)
                         if not n % _CHUNK:
                             await asyncio.sleep_ms(0)
                 c.queue("%sclient/%s/metric/done" % (self.prefix, cid), str(n), qos=1)
@@ -618,6 +646,9 @@ class Server:
         if self.sched is not None:
             r.append("Metrics: %d published, %d pending, interval %d s"
                      % (self.published, self.sched.pending(), self.sched.interval()))
+        if self.requests:
+            r.append("Requests: %d served, %d values not resent (at most once per %d s)"
+                     % (self.requests, self.coalesced, _FULL_MIN_S))
         r.append("Notifications: %d waiting, %d sent, %d dropped"
                  % (len(self.ob), self.notified, self.ob.dropped))
         h = self.held() if self._held or _exists(self.ob.path + ".held") else None
