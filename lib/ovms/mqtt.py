@@ -256,10 +256,13 @@ class MQTTClient(Keeper, Receiver):
         """QoS 0: queue the packet for the writer (raises OSError if the link is down).
         QoS 1/2: return once acknowledged; kept across reconnects until then. With a
         timeout (s) the message is abandoned and OSError raised when it expires.
+        msg may be a list of parts (QoS 1/2), each bytes or a list of bytes: sent as one
+        message, part by part, without joining them (long replies).
         frail=True: abandoned (OSError ECONNRESET) if the link drops while it is in flight,
         so the caller can tell a message the broker refuses by closing the link."""
         topic = _b(topic)
-        msg = _b(msg)
+        if not isinstance(msg, list):
+            msg = _b(msg)
         if qos not in (0, 1, 2):
             raise ValueError("qos must be 0, 1 or 2")
         if not qos:
@@ -524,36 +527,49 @@ class MQTTClient(Keeper, Receiver):
         self._txev.set()
         return True
 
-    async def _out(self, *parts):
-        """Append one packet (given as parts) to the tx buffer; the writer sends it."""
+    async def _out(self, *parts, more=None):
+        """Append one packet (given as parts, then the list `more` of parts) to the tx
+        buffer; the writer sends it."""
         if self._w is None:
             raise OSError(107)
-        if self._put(*parts):
+        if more is None and self._put(*parts):
             return
+        if more is not None:
+            parts = (parts, more)
+        else:
+            parts = (parts,)
         total = 0
-        for p in parts:
-            total += len(p)
         gen = self._gen
         async with self._txlock:     # a packet larger than the free space: copy in pieces
-            for p in parts:
-                mv = memoryview(p)
-                off = 0
-                while off < len(mv):
-                    if gen != self._gen:
-                        raise OSError(107)
-                    free = self._txsize - self._txn
-                    if not free:
-                        self._room.clear()
-                        self._txev.set()
-                        await self._room.wait()
-                        continue
-                    k = min(free, len(mv) - off)
-                    n = self._txn
-                    self._txbuf[n:n + k] = mv[off:off + k]
-                    self._txn = n + k
-                    off += k
+            for ps in parts:
+                for p in ps:
+                    if isinstance(p, list):
+                        for q in p:
+                            total += len(q)
+                            await self._copy(memoryview(q), gen)
+                    else:
+                        total += len(p)
+                        await self._copy(memoryview(p), gen)
         self.tx_bytes += total
         self._txev.set()
+
+    async def _copy(self, mv, gen):
+        # copy mv into the tx buffer, waiting for the writer to make room (under _txlock)
+        off = 0
+        while off < len(mv):
+            if gen != self._gen:
+                raise OSError(107)
+            free = self._txsize - self._txn
+            if not free:
+                self._room.clear()
+                self._txev.set()
+                await self._room.wait()
+                continue
+            k = min(free, len(mv) - off)
+            n = self._txn
+            self._txbuf[n:n + k] = mv[off:off + k]
+            self._txn = n + k
+            off += k
 
     async def _writer(self, w):
         try:
@@ -622,6 +638,16 @@ class MQTTClient(Keeper, Receiver):
         t = ent[_TOP]
         m = ent[_MSG]
         b0 = 0x30 | ent[_QOS] << 1 | (1 if ent[_RET] else 0) | (8 if dup else 0)
+        if isinstance(m, list):     # parts: length first, then the parts one by one
+            n = 0
+            for p in m:
+                if isinstance(p, list):
+                    for q in p:
+                        n += len(q)
+                else:
+                    n += len(p)
+            await self._out(_hdr(b0, 4 + len(t) + n), _u16(len(t)), t, _u16(pid), more=m)
+            return
         await self._out(_hdr(b0, 4 + len(t) + len(m)), _u16(len(t)), t, _u16(pid), m)
 
     def _finish(self, ent, st):

@@ -489,7 +489,24 @@ class Server:
             self.respond(cid, cmd_id, "Error: %r" % (e,))
 
     async def _reply(self, cid, cmd_id, text):
-        self.respond(cid, cmd_id, text)
+        if isinstance(text, str):
+            self.respond(cid, cmd_id, text)
+            return
+        # a long reply (shell.Out): its lines, scrubbed and encoded one at a time in place,
+        # go out as one QoS 1 message part by part (no joined copy, no outbox size limit)
+        c = self.client
+        if c is None:
+            return
+        parts = text.lines      # chunks (lists) of lines
+        first = True
+        for ch in parts:
+            for i in range(len(ch)):
+                ch[i] = (b"" if first else b"\n") + self.scrub(ch[i]).encode()
+                first = False
+        if text.full:
+            parts.append(b"\n[output truncated]")
+        text.lines = None
+        await c.publish("%sclient/%s/response/%s" % (self.prefix, cid, cmd_id), parts, qos=1)
 
     def respond(self, cid, cmd_id, text):
         c = self.client

@@ -6,10 +6,12 @@ import ovms
 
 MAX_LINE = const(1024)      # longest accepted command line (characters)
 MAX_OUT = const(4096)       # default reply size limit (characters), then TRUNC is appended
+MAX_STREAM = const(32768)   # reply limit of MQTT sessions (streamed, see Out)
 PENALTY_MS = const(5000)    # delay after a wrong enable password
 _MAX_SESSIONS = const(8)    # remembered MQTT client ids (least recently used dropped)
 _DEDUP_MS = const(60000)    # window in which a repeated QoS 2 / DUP command is dropped
 _DEDUP_N = const(16)
+_CHUNK = const(32)          # lines per chunk of an Out
 TRUNC = "\n[output truncated]"
 SECURE_REQUIRED = "Error: Secure command requires 'enable' mode"
 READONLY = "Error: Read-only shell: this command is not allowed over MQTT"
@@ -202,13 +204,16 @@ def _help(path, n, session):
 # ---- output ---------------------------------------------------------------------------
 
 class Out:
-    """Line collector bounded by the session's reply limit: add() returns False once full."""
+    """Line collector bounded by the session's reply limit: add() returns False once full.
+    For a streaming session (MQTT) text() returns the Out itself: the transport sends the
+    lines one by one into one message instead of joining them (no second copy in RAM)."""
 
     def __init__(self, session=None, limit=0):
-        self.lines = []
+        self.lines = []     # chunks of up to _CHUNK lines: no large block needed to grow
         self.n = 0
         self.limit = limit or (session.max_out if session else MAX_OUT)
         self.full = False
+        self.stream = session.stream if session else False
 
     def add(self, s):
         if self.full:
@@ -217,16 +222,30 @@ class Out:
         if self.n > self.limit:
             self.full = True
             return False
-        try:
-            self.lines.append(s)
-        except MemoryError:     # out of heap: end the reply here (marked truncated)
-            self.full = True
-            return False
-        return True
+        for k in (0, 1):
+            try:
+                ls = self.lines
+                if not ls or len(ls[-1]) >= _CHUNK:
+                    ls.append([s])
+                else:
+                    ls[-1].append(s)
+                return True
+            except MemoryError:     # no block to grow the list: collect once, then
+                if k:               # end the reply here (marked truncated)
+                    self.full = True
+                    return False
+                import gc
+                gc.collect()
 
     def text(self):
         # a fragmented heap may have no block for the whole reply: collect, then shorten
-        ls = self.lines
+        if self.stream and self.lines:
+            return self
+        return self.join()
+
+    def join(self):
+        """The reply as one str (shortened if the heap has no block for it)."""
+        ls = [x for ch in self.lines for x in ch]
         k = len(ls)
         retry = True
         while True:
@@ -262,6 +281,7 @@ class Session:
         self.timeout = timeout      # seconds of inactivity after which secure mode ends (0 = never)
         self.readonly = readonly    # True: secure commands and enable refused
         self.max_out = max_out
+        self.stream = False         # replies may be Out objects (see Out.text)
         self.penalty = 0            # ms the transport should wait before replying
         self._secure = False
         self.last = _ms()           # last secure use (ticks_ms)
@@ -303,7 +323,8 @@ def session_for(client_id):
                 if old is None or time.ticks_diff(_sessions[old].used, _sessions[k].used) > 0:
                     old = k
             del _sessions[old]
-        s = _sessions[client_id] = Session(client_id)
+        s = _sessions[client_id] = Session(client_id, max_out=MAX_STREAM)
+        s.stream = True
     s.used = _ms()
     s.readonly = bool(_cfg("server.v3", "shell.readonly", False))
     try:
@@ -515,6 +536,8 @@ def _err(e):
 
 
 def _fix(t, session):
+    if isinstance(t, Out):
+        return t
     if not isinstance(t, str):
         t = "OK" if t is None else str(t)
     return _limit(t or "OK", session.max_out)
@@ -534,6 +557,11 @@ def run(line, session=None):
             return "Started in the background"
         except Exception as e:
             return _err(e)
+    if isinstance(t, Out):
+        try:
+            t = t.join()
+        except MemoryError:
+            t = "Error: Out of memory (reply too large)"
     return t
 
 
@@ -546,7 +574,8 @@ async def _quiet(c):
 
 async def run_async(line, session=None):
     """run() for asyncio transports: awaits an async handler's result and sleeps the
-    wrong-password penalty (session.penalty) without blocking other tasks."""
+    wrong-password penalty (session.penalty) without blocking other tasks. For a
+    streaming session a long reply is an Out (see Out.text), not a str."""
     import asyncio
     if session is None:
         session = local
