@@ -490,7 +490,11 @@ class Server:
 
     async def _reply(self, cid, cmd_id, text):
         if isinstance(text, str):
-            self.respond(cid, cmd_id, text)
+            if len(text) <= 1024 or self.client is None:
+                self.respond(cid, cmd_id, text)     # through the outbox (bounded: 4 KB)
+            else:
+                await self.client.publish("%sclient/%s/response/%s" % (self.prefix, cid, cmd_id),
+                                          self.scrub(text), qos=1)
             return
         # a long reply (shell.Out): its lines, scrubbed and encoded one at a time in place,
         # go out as one QoS 1 message part by part (no joined copy, no outbox size limit)
