@@ -560,15 +560,19 @@ def test_a_notification_the_broker_refuses_is_set_aside_not_resent_forever(dev_f
 def test_repeated_full_requests_are_answered_but_not_republished(broker, dev_factory, peers,
                                                                    tmp_path):
     """Any client can ask for everything: request/metric and `server v3 update all`. Within
-    a minute each metric goes out once for requests (every request still gets its done
-    marker with the full count) and full republishes are coalesced into one."""
+    a minute an unchanged metric goes out once for requests of more than 8 metrics (every
+    request still gets its done marker with the full count) and full republishes are
+    coalesced into one."""
     d = device(dev_factory, tmp_path, broker.port)
-    d.call('metrics.set("v.b.soc", 80)\nmetrics.set("v.b.voltage", 390.5)\nawait start()')
+    d.call("k = 0\nfor i in range(metrics.count()):\n"
+           "    if metrics.typecode(i) == 'f' and k < 16 and not metrics.defined(i):\n"
+           "        metrics.set(i, 1.5 + k)\n        k += 1\nawait start()")
     peer = peers(broker.port, subs=(PFX + "metric/#", PFX + "client/+/metric/done"))
     peer.settle()
     time.sleep(0.5)
     peer.clear()
     n = d.call("return sum(1 for i in range(metrics.count()) if metrics.defined(i))")
+    assert n > 8            # a request for up to 8 metrics is always served in full
     for k in range(12):
         peer.publish(PFX + "client/x%d/request/metric" % k, "*", qos=1)
         peer.wait_topic(PFX + "client/x%d/metric/done" % k)

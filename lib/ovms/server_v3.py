@@ -537,9 +537,9 @@ class Server:
             now = metrics.uptime()
             bits = self._rq_bits
             if bits is None or now - self._rq_t >= _FULL_MIN_S:
-                # a new window: each metric goes out at most once per window for requests
-                # (a repeated request is answered, its values are retained on the broker
-                # and changes go out through the normal publishing meanwhile)
+                # a new window: an unchanged metric goes out at most once per window for
+                # requests (a repeated request is answered; the value it would resend is
+                # the one retained on the broker)
                 self._rq_t = now
                 if bits is None or len(bits) * 8 < metrics.count():
                     bits = self._rq_bits = bytearray((metrics.count() + 7) >> 3)
@@ -547,6 +547,7 @@ class Server:
                     for k in range(len(bits)):
                         bits[k] = 0
             try:
+                sel = []
                 for p in pats:
                     p = p.strip() or "*"
                     if "*" in p:
@@ -558,16 +559,22 @@ class Server:
                         if i in seen or not self.sched.included(i) or not metrics.defined(i):
                             continue
                         seen.add(i)
-                        n += 1
-                        k = i >> 3
-                        if k < len(bits):
-                            if bits[k] & 1 << (i & 7):
-                                self.coalesced += 1
-                                continue
-                            bits[k] |= 1 << (i & 7)
-                        await self._pub_metric(i, now)
-                        if not n % _CHUNK:
-                            await asyncio.sleep_ms(0)
+                        sel.append(i)
+                seen = None
+                n = len(sel)
+                few = n <= _CHUNK       # a few metrics: always sent (cheap, e.g. polling)
+                j = 0
+                for i in sel:
+                    k = i >> 3
+                    if k < len(bits):
+                        if not few and bits[k] & 1 << (i & 7) and not self.sched.changed(i):
+                            self.coalesced += 1     # unchanged since sent in the window
+                            continue
+                        bits[k] |= 1 << (i & 7)
+                    await self._pub_metric(i, now)
+                    j += 1
+                    if not j % _CHUNK:
+                        await asyncio.sleep_ms(0)
                 c.queue("%sclient/%s/metric/done" % (self.prefix, cid), str(n), qos=1)
                 self.requests += 1
             except OSError:
