@@ -252,7 +252,9 @@ def test_qos1_retransmitted_with_dup_then_new_id_after_reconnect(dev_factory):
 MALFORMED = [
     ("qos3", b"\x36\x05\x00\x01a\x00\x01", "QoS 3"),
     ("long remaining length", b"\x30\xff\xff\xff\xff\x01", "remaining length"),
-    ("oversized", b"\x30\x80\x80\x40", "oversized"),
+    ("oversized SUBACK", b"\x90\x80\x80\x40", "oversized"),
+    ("oversized PUBLISH, QoS 3", b"\x36\x80\x80\x40\x00\x01a", "QoS 3"),
+    ("oversized PUBLISH, topic beyond packet", b"\x30\x80\x10\xff\xffab", "topic length"),
     ("server CONNECT", b"\x10\x02\x00\x00", "unexpected packet"),
     ("PUBACK length", b"\x40\x03\x00\x01\x00", "malformed packet type 0x40"),
     ("topic beyond packet", b"\x30\x04\x00\x09ab", "topic length"),
@@ -283,6 +285,82 @@ def test_malformed_packets_close_the_link_with_a_reason(dev_factory):
         for (name, _, reason), why in zip(MALFORMED, downs):
             assert reason in why, (name, why)
         assert d.call("return c.isconnected()") is True     # survived all of them
+        assert not fb.errors
+    finally:
+        fb.close()
+
+
+def test_oversized_publish_is_skipped_in_place_and_acknowledged(dev_factory):
+    """PUBLISHes larger than the receive buffer (QoS 0, 1, 2; sent in pieces, and one retained
+    that comes again on every connect) are skipped: acknowledged per QoS, counted, reported
+    through on_big, never a reason to drop the link; the messages around them get through."""
+    seen = {}
+
+    def handler(fb, c, k):
+        read_packet(c)
+        c.sendall(b"\x20\x02\x00\x00")
+        big = publish_pkt("client/evil/active", b"x" * 3000, retain=True)
+        for i in range(0, len(big), 700):      # in pieces, as TCP delivers it
+            c.sendall(big[i:i + 700])
+            time.sleep(0.02)
+        c.sendall(publish_pkt("a/1", "one"))
+        c.sendall(publish_pkt("a/big1", b"y" * 5000, qos=1, pid=5) + publish_pkt("a/2", "two"))
+        seen["ack1"] = read_packet(c)
+        c.sendall(publish_pkt("a/big2", b"z" * 2100, qos=2, pid=6))
+        seen["rec"] = read_packet(c)
+        c.sendall(b"\x62\x02\x00\x06")
+        seen["comp"] = read_packet(c)
+        c.sendall(publish_pkt("a/3", "three"))
+        time.sleep(3)
+    fb = FakeBroker(handler)
+    try:
+        d = dev_factory(SETUP + r'''
+def big(t, n, r):
+    ev("big", topic=t.decode(), size=n, retain=r)
+''')
+        d.start("new(%d, keepalive=30)\nc.on_big = big\nawait c.run()" % fb.port)
+        d.wait_event(lambda e: e["ev"] == "msg" and e["msg"] == "three", timeout=20)
+        assert [e["msg"] for e in d.evs("msg")] == ["one", "two", "three"]
+        assert [(e["topic"], e["size"], e["retain"]) for e in d.evs("big")] == [
+            ("client/evil/active", 3023, True), ("a/big1", 5013, False), ("a/big2", 2113, False)]
+        assert not d.evs("down")
+        assert seen["ack1"] == (0x40, b"\x00\x05")
+        assert seen["rec"] == (0x50, b"\x00\x06")
+        assert seen["comp"] == (0x70, b"\x00\x06")
+        assert d.call("return c.skipped, c.isconnected(), c.connects") == (3, True, 1)
+        assert "skipped oversized message on b'a/big1': 5013 bytes (max 2048)" in d.output()
+        assert not fb.errors
+    finally:
+        fb.close()
+
+
+def test_keepalive_above_the_brokers_limit_falls_back_to_one_it_accepts(dev_factory):
+    """An MQTT 3.1.1 broker with a keepalive limit (mosquitto max_keepalive 10) refuses a
+    longer keepalive with CONNACK 'identifier rejected': the client asks for less until it
+    is accepted, instead of retrying the same keepalive forever."""
+    asked = []
+
+    def handler(fb, c, k):
+        t, body = read_packet(c)
+        ka = int.from_bytes(body[8:10], "big")
+        asked.append(ka)
+        if ka > 10 or not ka:
+            c.sendall(b"\x20\x02\x00\x02")
+            return
+        c.sendall(b"\x20\x02\x00\x00")
+        while True:
+            t, body = read_packet(c)
+            if t == 0xC0:
+                c.sendall(b"\xd0\x00")
+    fb = FakeBroker(handler)
+    try:
+        d = dev_factory(SETUP)
+        d.start("new(%d, keepalive=120, backoff_min=0.05, backoff_max=0.1)\nawait c.run()"
+                % fb.port)
+        d.wait_event(lambda e: e["ev"] == "up", timeout=15)
+        assert asked == [120, 60, 30, 15, 10]
+        assert d.call("return c.keepalive, c.ka_want, c.isconnected()") == (10, 120, True)
+        assert "broker refused the connection with keepalive 120 s: trying 60 s" in d.output()
         assert not fb.errors
     finally:
         fb.close()

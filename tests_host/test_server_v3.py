@@ -222,9 +222,10 @@ await start()
     # completion comes after the values
     i_done = [m[0] for m in peer.all()].index(PFX + "client/app2/metric/done")
     assert i_done == len(peer.all()) - 1
-    peer.clear()
+    # values already sent for a request in the last minute are not sent again
+    t0 = time.monotonic()
     peer.publish(PFX + "client/app2/request/metric", "*", qos=1)
-    done = peer.wait_topic(PFX + "client/app2/metric/done")
+    done = peer.wait(lambda m: m[0] == PFX + "client/app2/metric/done" and m[4] > t0)
     n = d.call("return sum(1 for i in range(metrics.count()) if metrics.defined(i))")
     assert int(done[1]) == n == len(metric_topics(peer))
     peer.clear()
@@ -514,3 +515,81 @@ def test_periodic_full_resend_only_when_configured(broker, dev_factory, peers, t
     time.sleep(3.2)
     n = len(peer.got(PFX + "metric/v/b/soc"))
     assert 3 <= n <= 6, n                                    # ~ every second when set
+
+
+def test_a_notification_the_broker_refuses_is_set_aside_not_resent_forever(dev_factory, peers,
+                                                                           tmp_path):
+    """mosquitto max_packet_size 512: a 600-byte notification makes the broker drop the
+    link. After a few such drops it is set aside (kept in a file, counted in the status) and
+    the notifications behind it get through; the link stays up."""
+    from broker import Broker
+
+    class Small(Broker):
+        def _conf(self):
+            path = super()._conf()
+            with open(path) as f:
+                text = f.read().replace("max_packet_size 1048576", "max_packet_size 512")
+            with open(path, "w") as f:
+                f.write(text)
+            return path
+    b = Small(os.path.join(broker_dir(), "b")).start()
+    try:
+        d = device(dev_factory, tmp_path, b.port)
+        d.call("await start()")
+        peer = peers(b.port, subs=(PFX + "notify/#",))
+        peer.settle()
+        d.call('server_v3.notify("info", "big", "x" * 600)\n'
+               'server_v3.notify("info", "small", "after the big one")')
+        peer.wait_topic(PFX + "notify/info/small", b"after the big one", timeout=40)
+        time.sleep(0.5)
+        st = d.call("return srv.client.connects, server_v3.status(), len(srv.ob), "
+                    "srv.held().peek()")
+        connects, status, waiting, held = st
+        assert connects <= 4, status         # 3 drops, then it was set aside
+        assert waiting == 0
+        assert "Set aside: 1 notification(s) the link could not carry" in status
+        assert held[1] == "notify/info/big" and held[2] == b"x" * 600
+        assert not peer.got(PFX + "notify/info/big")
+        n = connects
+        time.sleep(2)
+        assert d.call("return srv.client.connects, srv.client.isconnected()") == (n, True)
+    finally:
+        b.stop()
+
+
+def test_repeated_full_requests_are_answered_but_not_republished(broker, dev_factory, peers,
+                                                                   tmp_path):
+    """Any client can ask for everything: request/metric and `server v3 update all`. Within
+    a minute an unchanged metric goes out once for requests of more than 8 metrics (every
+    request still gets its done marker with the full count) and full republishes are
+    coalesced into one."""
+    d = device(dev_factory, tmp_path, broker.port)
+    d.call("k = 0\nfor i in range(metrics.count()):\n"
+           "    if metrics.typecode(i) == 'f' and k < 16 and not metrics.defined(i):\n"
+           "        metrics.set(i, 1.5 + k)\n        k += 1\nawait start()")
+    peer = peers(broker.port, subs=(PFX + "metric/#", PFX + "client/+/metric/done"))
+    peer.settle()
+    time.sleep(0.5)
+    peer.clear()
+    n = d.call("return sum(1 for i in range(metrics.count()) if metrics.defined(i))")
+    assert n > 8            # a request for up to 8 metrics is always served in full
+    for k in range(12):
+        peer.publish(PFX + "client/x%d/request/metric" % k, "*", qos=1)
+        peer.wait_topic(PFX + "client/x%d/metric/done" % k)
+    dones = [m for m in peer.all() if m[0].endswith("/metric/done")]
+    assert [m[1] for m in dones] == [str(n).encode()] * 12
+    values = [m for m in peer.all() if m[0].startswith(PFX + "metric/")]
+    assert len(values) <= n + 2, len(values)         # once (+ a change or two), not 12 times
+    assert "%d values not resent" % (11 * n) in d.call("return server_v3.status()")
+    # update all: right after the connect's full republish it waits; five requests, one run
+    p0 = d.call("return srv.published")
+    replies = [d.call('return srv.update("all")') for _ in range(5)]
+    assert all(r.startswith("Update (all) scheduled in ") for r in replies), replies
+    time.sleep(1)
+    assert d.call("return srv.published") - p0 <= 2
+    d.call("srv._full_t -= 60")                   # a minute later
+    time.sleep(1.5)
+    d.call('srv.update("all")')
+    time.sleep(1.5)
+    grown = d.call("return srv.published") - p0
+    assert n - 1 <= grown <= n + 2, (grown, n)    # one full republish (s.v3.connected apart)

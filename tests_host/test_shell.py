@@ -721,3 +721,66 @@ out(FRAMES)
                        "Error: Homelink not available on this vehicle",
                        "Error: Homelink button must be 1, 2 or 3"]
     assert o[11] == []
+
+
+UNICODE_FLOOD = r'''
+import gc, random
+random.seed(11)
+def word(b, n):
+    # n random characters appended to bytearray b as UTF-8 (mostly CJK, some 2- and 4-byte)
+    for _ in range(n):
+        k = random.getrandbits(4)
+        if k < 2:
+            cp = 0x80 + random.getrandbits(10) % 0x780
+            b.append(0xC0 | cp >> 6)
+            b.append(0x80 | cp & 0x3F)
+        elif k < 3:
+            cp = 0x1F300 + random.getrandbits(10)
+            b.append(0xF0 | cp >> 18)
+            b.append(0x80 | cp >> 12 & 0x3F)
+            b.append(0x80 | cp >> 6 & 0x3F)
+            b.append(0x80 | cp & 0x3F)
+        else:
+            cp = 0x4E00 + random.getrandbits(15) % 20992
+            b.append(0xE0 | cp >> 12)
+            b.append(0x80 | cp >> 6 & 0x3F)
+            b.append(0x80 | cp & 0x3F)
+PRE = (b"", b"metrics get ", b"help ", b'"', b"config get vehicle ", b"m", b"stat ")
+def flood(n, ascii=False):
+    oom = 0
+    for i in range(n):
+        b = bytearray(PRE[i % len(PRE)])
+        if ascii:
+            b += b"zq"
+        else:
+            word(b, 1 + random.getrandbits(7))
+        if i & 4:
+            b += b" "
+            if ascii:
+                b += b"zq"
+            else:
+                word(b, 1 + random.getrandbits(4))
+        if i & 8:
+            b += b"?"
+        r = R(bytes(b) if i & 1 else str(b, "utf-8"))
+        if "memory" in r:
+            oom += 1
+    return oom
+flood(16, True)         # warm up: the command modules load, caches fill
+gc.collect()
+before = gc.mem_free()
+oom = flood(10000)
+gc.collect()
+out([before, gc.mem_free(), oom])
+'''
+
+
+def test_random_unicode_commands_leave_the_heap_where_it_was(mlib, tmp_path):
+    """Unknown commands of random characters (CJK, 2- and 4-byte UTF-8, as str and as bytes)
+    must not turn each new character into a permanent qstr: the free heap after 10,000 of
+    them is where it was after the first 200."""
+    o = sh(mlib, tmp_path, UNICODE_FLOOD)
+    assert o, "device died"
+    before, after, oom = o[0]
+    assert oom == 0
+    assert after >= before - 1024, (before, after)

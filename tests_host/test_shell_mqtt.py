@@ -112,3 +112,53 @@ def test_interactive_session_keeps_secure_mode(broker, dev_factory, tmp_path):  
         k = out.index(s, k) + len(s)
     _, f = d.wait_event(lambda e: e["ev"] == "frame", timeout=5)
     assert f["id"] == 0x60D
+
+
+def test_oversized_messages_neither_drop_the_link_nor_go_unanswered(broker, dev_factory, tmp_path,
+                                                                  capsys):  # noqa: F811
+    """A retained 3 KB message on client/<x>/active (resent by the broker on every connect) is
+    skipped without dropping the link; a 2.4 KB command is answered `Error: ... too long`."""
+    from test_mqtt_kit import Peer
+    pfx = "ovms/bob/CAR1/"
+    peer = Peer(broker.port, subs=(pfx + "client/big/response/#",))
+    try:
+        peer.settle()
+        peer.publish(pfx + "client/evil/active", b"x" * 3000, qos=1, retain=True)
+        d = start_device(dev_factory, broker, tmp_path)
+        topic, cmd = pfx + "client/big/command/7", "metrics list " + "v" * 2400
+        peer.publish(topic, cmd, qos=1)
+        m = peer.wait_topic(pfx + "client/big/response/7")
+        size = 1 + 2 + 2 + len(topic) + 2 + len(cmd)      # the whole PUBLISH packet
+        assert m[1] == b"Error: command too long (%d bytes, max 2048)" % size
+        rc, out, err = cli(capsys, broker, "shell", "metrics get v.b.soc")
+        assert (rc, out) == (0, "85.5%\n"), err
+        st = d.call("return server_v3.server().client.connects, server_v3.status()")
+        assert st[0] == 1, d.tail()
+        assert "Skipped: 2 oversized incoming message(s)" in st[1]
+        assert "link down" not in d.output()
+    finally:
+        peer.publish(pfx + "client/evil/active", b"", qos=1, retain=True)
+        peer.c.loop_stop()
+        peer.c.disconnect()
+
+
+def test_long_replies_and_large_listings_arrive_whole(broker, dev_factory, tmp_path, capsys):  # noqa: F811
+    """`config list usr` with 140 entries (over 16 KB) and `metrics list` come back whole over
+    MQTT: the reply is streamed into one message, not cut at 4 KB nor refused by the outbox."""
+    d = start_device(dev_factory, broker, tmp_path)
+    d.call('for j in range(0, 140, 10):\n'
+           '    config.update([("usr", "k%03d" % k, "v%03d-" % k + "x" * 110) for k in range(j, j + 10)])\n'
+           '    __import__("gc").collect()')
+    rc, out, err = cli(capsys, broker, "shell", "config list usr")
+    assert rc == 0, (err, d.tail())
+    lines = out.rstrip("\n").split("\n")
+    assert len(out) > 16 * 1024
+    assert "truncated" not in out
+    assert lines[1:] == ["  k%03d: v%03d-%s" % (k, k, "x" * 110) for k in range(140)], lines[:3]
+    n = d.call("return sum(1 for i in range(metrics.count()) if metrics.defined(i))")
+    rc, out, err = cli(capsys, broker, "shell", "metrics list")
+    assert rc == 0, err
+    assert len(out.rstrip("\n").split("\n")) >= n and "truncated" not in out
+    # a short reply is still a plain reply
+    rc, out, err = cli(capsys, broker, "shell", "metrics get v.b.soc")
+    assert (rc, out) == (0, "85.5%\n")

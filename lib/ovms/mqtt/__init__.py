@@ -14,8 +14,10 @@
 #   after `ack_timeout` (the link is dropped after `retries` tries), resent after a
 #   reconnect (new packet ids unless the broker kept the session).
 # - run() keeps the link up: reconnect with capped exponential backoff + jitter.
-# - Malformed or oversized packets from the broker close the connection with a reason
-#   (last_error); nothing raised by the broker's bytes escapes the connection's tasks.
+# - Malformed packets from the broker close the connection with a reason (last_error);
+#   nothing raised by the broker's bytes escapes the connection's tasks. A PUBLISH larger
+#   than the rx buffer is skipped in place (acknowledged, counted, on_big called), so a
+#   retained oversized message cannot keep the link down.
 import asyncio
 from time import ticks_ms
 from micropython import const
@@ -105,7 +107,8 @@ class MQTTClient(Keeper, Receiver):
         self.port = port or (8883 if ssl else 1883)
         self.user = _b(user) if user else None
         self.pswd = _b(password) if password else None
-        self.keepalive = keepalive
+        self.keepalive = keepalive     # in use; lowered when the broker refuses ka_want
+        self.ka_want = keepalive
         self.ssl = ssl
         self.server_hostname = server_hostname
         self.clean_session = clean_session
@@ -122,6 +125,7 @@ class MQTTClient(Keeper, Receiver):
         self.lw = None
         self.on_up = None      # async fn(session_present), run after each CONNACK
         self.on_down = None    # fn(reason)
+        self.on_big = None     # fn(topic, size, retained): a PUBLISH too big to receive
         self.log = self._print
         # state
         self.up = False
@@ -138,10 +142,12 @@ class MQTTClient(Keeper, Receiver):
         self.duplicates = 0    # QoS 2 redeliveries not passed on again
         self.dropped = 0
         self.pings = 0
+        self.skipped = 0       # oversized PUBLISHes skipped (acknowledged, not delivered)
         # buffers
         self._rxsize = max_packet
         self._rxbuf = bytearray(max_packet)
         self._rxmv = memoryview(self._rxbuf)
+        self._skip = 0         # bytes of a skipped oversized PUBLISH still to drop
         self._txsize = txbuf
         self._txbuf = bytearray(txbuf)
         self._txmv = memoryview(self._txbuf)
@@ -154,6 +160,7 @@ class MQTTClient(Keeper, Receiver):
         self._tasks = []
         self._pid = 0
         self._inflight = []
+        self._frail = []       # in-flight entries abandoned when the link drops
         self._subs = {}
         self._rx2 = set()
         self._ob = []          # [topic, msg, retain, qos, latest]
@@ -248,12 +255,17 @@ class MQTTClient(Keeper, Receiver):
             pass
         self._dead("disconnected")
 
-    async def publish(self, topic, msg, retain=False, qos=0, timeout=None):
+    async def publish(self, topic, msg, retain=False, qos=0, timeout=None, frail=False):
         """QoS 0: queue the packet for the writer (raises OSError if the link is down).
         QoS 1/2: return once acknowledged; kept across reconnects until then. With a
-        timeout (s) the message is abandoned and OSError raised when it expires."""
+        timeout (s) the message is abandoned and OSError raised when it expires.
+        msg may be a list of parts (QoS 1/2), each bytes or a list of bytes: sent as one
+        message, part by part, without joining them (long replies).
+        frail=True: abandoned (OSError ECONNRESET) if the link drops while it is in flight,
+        so the caller can tell a message the broker refuses by closing the link."""
         topic = _b(topic)
-        msg = _b(msg)
+        if not isinstance(msg, list):
+            msg = _b(msg)
         if qos not in (0, 1, 2):
             raise ValueError("qos must be 0, 1 or 2")
         if not qos:
@@ -263,6 +275,8 @@ class MQTTClient(Keeper, Receiver):
                             _u16(len(topic)), topic, msg)
             return
         ent = await self._submit(topic, msg, retain, qos, True)
+        if frail:
+            self._frail.append(ent)
         try:
             if timeout is None:
                 await ent[_EV].wait()
@@ -276,6 +290,10 @@ class MQTTClient(Keeper, Receiver):
             raise
         finally:
             ent[_EV] = None
+            if frail:
+                self._frail.remove(ent)
+        if ent[_ST] == _GONE:
+            raise OSError(104)  # ECONNRESET: the link dropped while it was in flight
 
     async def _acked(self, kind, topic, tail, timeout):
         # SUBSCRIBE (0x82) / UNSUBSCRIBE (0xA2) with a new packet id; waits for the ack
@@ -482,6 +500,9 @@ class MQTTClient(Keeper, Receiver):
         self._txn = 0
         self._busy = False
         self._ping_t = None
+        for e in self._frail:
+            if e[_ST] == _SENT or e[_ST] == _REL:
+                self._finish(e, _GONE)
         for slot in self._subs.values():
             slot[0].set()
         self._room.set()
@@ -515,36 +536,49 @@ class MQTTClient(Keeper, Receiver):
         self._txev.set()
         return True
 
-    async def _out(self, *parts):
-        """Append one packet (given as parts) to the tx buffer; the writer sends it."""
+    async def _out(self, *parts, more=None):
+        """Append one packet (given as parts, then the list `more` of parts) to the tx
+        buffer; the writer sends it."""
         if self._w is None:
             raise OSError(107)
-        if self._put(*parts):
+        if more is None and self._put(*parts):
             return
+        if more is not None:
+            parts = (parts, more)
+        else:
+            parts = (parts,)
         total = 0
-        for p in parts:
-            total += len(p)
         gen = self._gen
         async with self._txlock:     # a packet larger than the free space: copy in pieces
-            for p in parts:
-                mv = memoryview(p)
-                off = 0
-                while off < len(mv):
-                    if gen != self._gen:
-                        raise OSError(107)
-                    free = self._txsize - self._txn
-                    if not free:
-                        self._room.clear()
-                        self._txev.set()
-                        await self._room.wait()
-                        continue
-                    k = min(free, len(mv) - off)
-                    n = self._txn
-                    self._txbuf[n:n + k] = mv[off:off + k]
-                    self._txn = n + k
-                    off += k
+            for ps in parts:
+                for p in ps:
+                    if isinstance(p, list):
+                        for q in p:
+                            total += len(q)
+                            await self._copy(memoryview(q), gen)
+                    else:
+                        total += len(p)
+                        await self._copy(memoryview(p), gen)
         self.tx_bytes += total
         self._txev.set()
+
+    async def _copy(self, mv, gen):
+        # copy mv into the tx buffer, waiting for the writer to make room (under _txlock)
+        off = 0
+        while off < len(mv):
+            if gen != self._gen:
+                raise OSError(107)
+            free = self._txsize - self._txn
+            if not free:
+                self._room.clear()
+                self._txev.set()
+                await self._room.wait()
+                continue
+            k = min(free, len(mv) - off)
+            n = self._txn
+            self._txbuf[n:n + k] = mv[off:off + k]
+            self._txn = n + k
+            off += k
 
     async def _writer(self, w):
         try:
@@ -613,6 +647,16 @@ class MQTTClient(Keeper, Receiver):
         t = ent[_TOP]
         m = ent[_MSG]
         b0 = 0x30 | ent[_QOS] << 1 | (1 if ent[_RET] else 0) | (8 if dup else 0)
+        if isinstance(m, list):     # parts: length first, then the parts one by one
+            n = 0
+            for p in m:
+                if isinstance(p, list):
+                    for q in p:
+                        n += len(q)
+                else:
+                    n += len(p)
+            await self._out(_hdr(b0, 4 + len(t) + n), _u16(len(t)), t, _u16(pid), more=m)
+            return
         await self._out(_hdr(b0, 4 + len(t) + len(m)), _u16(len(t)), t, _u16(pid), m)
 
     def _finish(self, ent, st):

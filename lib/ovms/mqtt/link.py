@@ -92,6 +92,8 @@ class Keeper:
                 if isinstance(e, MQTTException) and e.args and e.args[0] in (4, 5):
                     self.auth_failed = True
                     self.failures = max(self.failures, 16)
+                elif isinstance(e, MQTTException) and e.args and e.args[0] == 2:
+                    self._ka_down()
                 await self._pause()
                 continue
             self.auth_failed = False
@@ -109,6 +111,18 @@ class Keeper:
                 break
             self.reconnects += 1
             await self._pause()
+
+    def _ka_down(self):
+        # CONNACK "identifier rejected": what an MQTT 3.1.1 broker answers to a keepalive
+        # above its limit (mosquitto max_keepalive). Ask for less: halve it down to 10 s;
+        # refused at 10 s too, it was the client id: back to the configured keepalive.
+        ka = self.keepalive
+        if ka == 10:
+            self.keepalive = self.ka_want
+            return
+        self.keepalive = 60 if not ka else max(10, ka // 2)
+        self.log("broker refused the connection with keepalive %d s: trying %d s"
+                 % (ka, self.keepalive))
 
     def backoff_ms(self, failures=None):
         """Delay before the next attempt: min(max, min * 2^(n-1)), half of it jittered."""

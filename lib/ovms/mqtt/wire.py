@@ -59,11 +59,14 @@ def _reason(e):
 
 class Receiver:
     """Receive path of MQTTClient: reads into the preallocated rx buffer, validates every
-    packet (malformed or oversized -> MQTTException -> the link is closed with the reason)."""
+    packet (malformed -> MQTTException -> the link is closed with the reason). A PUBLISH
+    larger than the buffer is skipped in place: acknowledged, counted, its bytes dropped as
+    they arrive; any other oversized packet closes the link."""
 
     async def _reader(self, r, gen):
         mv = self._rxmv
         n = 0
+        self._skip = 0
         try:
             while True:
                 k = await r.readinto(mv[n:])
@@ -75,6 +78,14 @@ class Receiver:
                 n += k
                 self.rx_bytes += k
                 self._last_rx = ticks_ms()
+                d = self._skip
+                if d:      # the rest of a skipped oversized PUBLISH: dropped unbuffered
+                    if d > n:
+                        d = n
+                    self._skip -= d
+                    if d < n:
+                        mv[0:n - d] = mv[d:n]
+                    n -= d
                 off = 0
                 while off < n:
                     used = await self._packet(mv, off, n)
@@ -112,12 +123,60 @@ class Receiver:
                 raise MQTTException("malformed packet: remaining length over 4 bytes")
         total = i - off + rl
         if total > self._rxsize:
-            raise MQTTException("oversized packet from broker: %d bytes (max %d)"
-                                % (total, self._rxsize))
+            if mv[off] & 0xF0 != 0x30:
+                raise MQTTException("oversized packet from broker: %d bytes (max %d)"
+                                    % (total, self._rxsize))
+            return await self._oversized(mv, off, i, n, total)
         if n - off < total:
             return 0
         await self._handle(mv[off], mv, i, i + rl)
         return total
+
+    async def _oversized(self, mv, off, a, n, total):
+        # PUBLISH larger than the rx buffer: check and acknowledge its header (topic, packet
+        # id) once it is in the buffer, then drop the rest as it arrives (self._skip)
+        b0 = mv[off]
+        qos = (b0 >> 1) & 3
+        if qos == 3:
+            raise MQTTException("malformed PUBLISH: QoS 3")
+        if n - a < 2:
+            return 0
+        tl = mv[a] << 8 | mv[a + 1]
+        p = a + 2 + tl + (2 if qos else 0)
+        if not tl or p - off > total:
+            raise MQTTException("malformed PUBLISH: bad topic length %d" % tl)
+        if p - off > self._rxsize:
+            raise MQTTException("oversized PUBLISH topic: %d bytes" % tl)
+        if n < p:
+            return 0
+        topic = bytes(mv[a + 2:a + 2 + tl])
+        for c in topic:
+            if c == 0x2B or c == 0x23 or not c:
+                raise MQTTException("malformed PUBLISH: wildcard in topic")
+        pid = mv[p - 2] << 8 | mv[p - 1] if qos else 0
+        if qos and not pid:
+            raise MQTTException("malformed PUBLISH: packet id 0")
+        self._skip = total - (n - off)
+        new = True
+        if qos == 2:
+            if pid in self._rx2:
+                new = False
+            elif len(self._rx2) >= _MAX_RX2:
+                raise MQTTException("broker left too many QoS 2 messages unreleased")
+            else:
+                self._rx2.add(pid)
+        if new:
+            self.skipped += 1
+            self.log("skipped oversized message on %r: %d bytes (max %d)"
+                     % (topic, total, self._rxsize))
+            if self.on_big is not None:
+                try:
+                    self.on_big(topic, total, bool(b0 & 1))
+                except Exception as ex:
+                    self.log("on_big failed: %s" % _reason(ex))
+        if qos:
+            await self._out(bytes((0x40 if qos == 1 else 0x50, 2, pid >> 8, pid & 0xFF)))
+        return n - off
 
     async def _handle(self, b0, mv, a, e):
         t = b0 & 0xF0

@@ -6,10 +6,12 @@ import ovms
 
 MAX_LINE = const(1024)      # longest accepted command line (characters)
 MAX_OUT = const(4096)       # default reply size limit (characters), then TRUNC is appended
+MAX_STREAM = const(32768)   # reply limit of MQTT sessions (streamed, see Out)
 PENALTY_MS = const(5000)    # delay after a wrong enable password
 _MAX_SESSIONS = const(8)    # remembered MQTT client ids (least recently used dropped)
 _DEDUP_MS = const(60000)    # window in which a repeated QoS 2 / DUP command is dropped
 _DEDUP_N = const(16)
+_CHUNK = const(32)          # lines per chunk of an Out
 TRUNC = "\n[output truncated]"
 SECURE_REQUIRED = "Error: Secure command requires 'enable' mode"
 READONLY = "Error: Read-only shell: this command is not allowed over MQTT"
@@ -195,13 +197,16 @@ def _help(path, n, session):
 # ---- output ---------------------------------------------------------------------------
 
 class Out:
-    """Line collector bounded by the session's reply limit: add() returns False once full."""
+    """Line collector bounded by the session's reply limit: add() returns False once full.
+    For a streaming session (MQTT) text() returns the Out itself: the transport sends the
+    lines one by one into one message instead of joining them (no second copy in RAM)."""
 
     def __init__(self, session=None, limit=0):
-        self.lines = []
+        self.lines = []     # chunks of up to _CHUNK lines: no large block needed to grow
         self.n = 0
         self.limit = limit or (session.max_out if session else MAX_OUT)
         self.full = False
+        self.stream = session.stream if session else False
 
     def add(self, s):
         if self.full:
@@ -210,16 +215,30 @@ class Out:
         if self.n > self.limit:
             self.full = True
             return False
-        try:
-            self.lines.append(s)
-        except MemoryError:     # out of heap: end the reply here (marked truncated)
-            self.full = True
-            return False
-        return True
+        for k in (0, 1):
+            try:
+                ls = self.lines
+                if not ls or len(ls[-1]) >= _CHUNK:
+                    ls.append([s])
+                else:
+                    ls[-1].append(s)
+                return True
+            except MemoryError:     # no block to grow the list: collect once, then
+                if k:               # end the reply here (marked truncated)
+                    self.full = True
+                    return False
+                import gc
+                gc.collect()
 
     def text(self):
         # a fragmented heap may have no block for the whole reply: collect, then shorten
-        ls = self.lines
+        if self.stream and self.lines:
+            return self
+        return self.join()
+
+    def join(self):
+        """The reply as one str (shortened if the heap has no block for it)."""
+        ls = [x for ch in self.lines for x in ch]
         k = len(ls)
         retry = True
         while True:
@@ -255,6 +274,7 @@ class Session:
         self.timeout = timeout      # seconds of inactivity after which secure mode ends (0 = never)
         self.readonly = readonly    # True: secure commands and enable refused
         self.max_out = max_out
+        self.stream = False         # replies may be Out objects (see Out.text)
         self.penalty = 0            # ms the transport should wait before replying
         self._secure = False
         self.last = _ms()           # last secure use (ticks_ms)
@@ -296,7 +316,8 @@ def session_for(client_id):
                 if old is None or time.ticks_diff(_sessions[old].used, _sessions[k].used) > 0:
                     old = k
             del _sessions[old]
-        s = _sessions[client_id] = Session(client_id)
+        s = _sessions[client_id] = Session(client_id, max_out=MAX_STREAM)
+        s.stream = True
     s.used = _ms()
     s.readonly = bool(_cfg("server.v3", "shell.readonly", False))
     try:
@@ -355,32 +376,35 @@ def _helpcmd(session, args):
 # ---- parsing and dispatch ---------------------------------------------------------------
 
 def split(line):
-    """Split a command line into words; double quotes group words (\\" and \\\\ inside quotes).
-    Raises ValueError on an unterminated quote."""
+    """Split a command line (UTF-8 bytes or str) into words (str); double quotes group
+    words (\\" and \\\\ inside quotes). Raises ValueError on an unterminated quote.
+    Works on bytes: iterating a str makes each new character a permanent qstr."""
+    if isinstance(line, str):
+        line = line.encode()
     out = []
-    buf = []
+    buf = bytearray()
     word = False    # inside a word
     q = False       # inside quotes
     esc = False
     for c in line:
         if q:
             if esc:
-                if c != '"' and c != "\\":
-                    buf.append("\\")
+                if c != 0x22 and c != 0x5C:
+                    buf.append(0x5C)
                 buf.append(c)
                 esc = False
-            elif c == "\\":
+            elif c == 0x5C:
                 esc = True
-            elif c == '"':
+            elif c == 0x22:
                 q = False
             else:
                 buf.append(c)
-        elif c == " " or c == "\t":
+        elif c == 0x20 or c == 0x09:
             if word:
-                out.append("".join(buf))
-                buf = []
+                out.append(str(buf, "utf-8"))
+                buf = bytearray()
                 word = False
-        elif c == '"':
+        elif c == 0x22:
             q = True
             word = True
         else:
@@ -389,7 +413,7 @@ def split(line):
     if q:
         raise ValueError("Unterminated quote")
     if word:
-        out.append("".join(buf))
+        out.append(str(buf, "utf-8"))
     return out
 
 
@@ -409,7 +433,7 @@ def _dispatch(session, args):
         if not ch:
             break
         w = args[i]
-        q = i == len(args) - 1 and len(w) > 1 and w[-1] == "?"
+        q = i == len(args) - 1 and len(w) > 1 and w.endswith("?")
         if q:
             w = w[:-1]
         k, err = _find(ch, w)
@@ -443,21 +467,28 @@ def _dispatch(session, args):
 
 
 def _run(line, session):
-    if not isinstance(line, str):
-        if isinstance(line, (bytes, bytearray, memoryview)):
-            if len(line) > MAX_LINE * 4:
-                return "Error: Command too long (max %d characters)" % MAX_LINE
-            try:
-                line = str(line, "utf-8")
-            except ValueError:      # UnicodeError (MemoryError goes up: "Out of memory")
-                return "Error: Command is not valid UTF-8 text"
-        else:
-            return "Error: Command must be text"
-    if len(line) > MAX_LINE:
+    # the line is checked and split as bytes (see split)
+    if isinstance(line, str):
+        line = line.encode()
+    elif isinstance(line, (bytes, bytearray, memoryview)):
+        if len(line) > MAX_LINE * 4:
+            return "Error: Command too long (max %d characters)" % MAX_LINE
+        line = bytes(line)
+        try:
+            str(line, "utf-8")      # checks only: the str is dropped at once
+        except ValueError:      # UnicodeError (MemoryError goes up: "Out of memory")
+            return "Error: Command is not valid UTF-8 text"
+    else:
+        return "Error: Command must be text"
+    n = 0
+    for c in line:
+        if c & 0xC0 != 0x80:    # not a continuation byte: one more character
+            n += 1
+    if n > MAX_LINE:
         return "Error: Command too long (max %d characters)" % MAX_LINE
     line = line.strip()
     for c in line:
-        if c < " " and c != "\t" or c == "\x7f":
+        if c < 0x20 and c != 0x09 or c == 0x7F:
             return "Error: Invalid character in command (control characters are not allowed)"
     try:
         args = split(line)
@@ -498,6 +529,8 @@ def _err(e):
 
 
 def _fix(t, session):
+    if isinstance(t, Out):
+        return t
     if not isinstance(t, str):
         t = "OK" if t is None else str(t)
     return _limit(t or "OK", session.max_out)
@@ -517,6 +550,11 @@ def run(line, session=None):
             return "Started in the background"
         except Exception as e:
             return _err(e)
+    if isinstance(t, Out):
+        try:
+            t = t.join()
+        except MemoryError:
+            t = "Error: Out of memory (reply too large)"
     return t
 
 
@@ -529,7 +567,8 @@ async def _quiet(c):
 
 async def run_async(line, session=None):
     """run() for asyncio transports: awaits an async handler's result and sleeps the
-    wrong-password penalty (session.penalty) without blocking other tasks."""
+    wrong-password penalty (session.penalty) without blocking other tasks. For a
+    streaming session a long reply is an Out (see Out.text), not a str."""
     import asyncio
     if session is None:
         session = local

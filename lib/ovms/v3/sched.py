@@ -253,6 +253,14 @@ class Scheduler:
     def pending(self):
         return len(self._pl)
 
+    def changed(self, i):
+        """True if metric i was never published or has a significant change not sent yet."""
+        fl = self._fl
+        if i >= len(fl):
+            return True
+        f = fl[i]
+        return not f & _PUB or bool(f & _PEND)
+
     def sent(self, i, now):
         """Record that metric i's current value went out at `now`."""
         f = self._fl[i]

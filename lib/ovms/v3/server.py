@@ -39,6 +39,9 @@ _CHUNK = const(8)         # publications between yields to the event loop
 _PEER_TTL = const(120)
 _MAX_PEERS = const(16)
 _MAX_REQS = const(4)
+_POISON = const(3)
+_FULL_MIN_S = const(60)   # at most one full republish (update all) and one publication of a
+                          # metric for request/metric per this many seconds (amplification)        # link drops with the same notification in flight: set it aside
 _STALE_S = const(1)       # seconds between stale-marker scans (32 metrics per poll)
 _LINK = ("server", "port", "tls", "user", "clientid", "topic.prefix", "ca",
          "updatetime.keepalive")
@@ -68,6 +71,12 @@ class Server:
         self.published = 0
         self.notified = 0
         self.requests = 0
+        self._strike = [0, 0]   # [seq, link drops] of the notification in flight
+        self._held = None       # Outbox of set-aside notifications, opened when needed
+        self._full_t = -_FULL_MIN_S    # uptime of the last full republish
+        self._rq_t = -_FULL_MIN_S      # start of the request/metric window
+        self._rq_bits = None    # metrics published for requests in that window (bitmap)
+        self.coalesced = 0      # metric values not republished for a request (window)
         self._reqs = []
         self._secrets = []
         self._tasks = []
@@ -180,6 +189,7 @@ class Server:
                        keepalive=_cfg("updatetime.keepalive"), ssl=ctx)
         c.set_last_will(pfx + "metric/s/v3/connected", "no", retain=True)
         c.set_callback(self._on_msg)
+        c.on_big = self._on_big
         c.on_up = self._on_up
         c.on_down = self._on_down
         c.log = _log
@@ -271,6 +281,7 @@ class Server:
         """Full republish (after a connect or `server v3 update all`)."""
         s = self.sched
         now = metrics.uptime()
+        self._full_t = now
         k = 0
         for i in s.all():
             if i != self._ci:
@@ -315,9 +326,10 @@ class Server:
             try:
                 now = metrics.uptime()
                 self._expire(now)
-                if now - full >= self._every and self._every:
-                    self._sendall = True    # periodic full resend, only if configured
-                if self._sendall:
+                # periodic full resend (only if configured), or `update all` (any client:
+                # at most one per _FULL_MIN_S, requests meanwhile wait and coalesce)
+                if (self._every and now - full >= self._every) or \
+                        (self._sendall and now - self._full_t >= _FULL_MIN_S):
                     full = now
                     self._sendall = False
                     await self._republish()
@@ -342,6 +354,9 @@ class Server:
         """`server v3 update all|modified`: full republish, or pending changes now."""
         if what == "all":
             self._sendall = True
+            w = self._full_t + _FULL_MIN_S - metrics.uptime()
+            if w > 0:
+                return "Update (all) scheduled in %d s (at most one per %d s)" % (w, _FULL_MIN_S)
         elif self.sched is not None:
             self.sched.flush()
         return "Update (%s) scheduled" % what
@@ -382,6 +397,22 @@ class Server:
                 return
             self._reqs.append((cid, msg))
             self._rev.set()
+
+    def _on_big(self, topic, size, retained):
+        # a message too big for the receive buffer (skipped by the client): a command gets
+        # an error reply, anything else is only counted and logged
+        pb = self._pb
+        if retained or not topic.startswith(pb):
+            return
+        parts = topic[len(pb):].split(b"/")
+        if len(parts) == 4 and parts[0] == b"client" and parts[1] and parts[2] == b"command":
+            try:
+                cid = parts[1].decode()
+                cmd_id = parts[3].decode()
+            except UnicodeError:
+                return
+            self.respond(cid, cmd_id, "Error: command too long (%d bytes, max %d)"
+                         % (size, self.client._rxsize))
 
     async def _ota(self):
         """OTA requests (ovms.ota.rx protocol), one at a time, replies on client/<cid>/ota-reply."""
@@ -465,7 +496,28 @@ class Server:
             self.respond(cid, cmd_id, "Error: %r" % (e,))
 
     async def _reply(self, cid, cmd_id, text):
-        self.respond(cid, cmd_id, text)
+        if isinstance(text, str):
+            if len(text) <= 1024 or self.client is None:
+                self.respond(cid, cmd_id, text)     # through the outbox (bounded: 4 KB)
+            else:
+                await self.client.publish("%sclient/%s/response/%s" % (self.prefix, cid, cmd_id),
+                                          self.scrub(text), qos=1)
+            return
+        # a long reply (shell.Out): its lines, scrubbed and encoded one at a time in place,
+        # go out as one QoS 1 message part by part (no joined copy, no outbox size limit)
+        c = self.client
+        if c is None:
+            return
+        parts = text.lines      # chunks (lists) of lines
+        first = True
+        for ch in parts:
+            for i in range(len(ch)):
+                ch[i] = (b"" if first else b"\n") + self.scrub(ch[i]).encode()
+                first = False
+        if text.full:
+            parts.append(b"\n[output truncated]")
+        text.lines = None
+        await c.publish("%sclient/%s/response/%s" % (self.prefix, cid, cmd_id), parts, qos=1)
 
     def respond(self, cid, cmd_id, text):
         c = self.client
@@ -490,7 +542,19 @@ class Server:
             n = 0
             seen = set()
             now = metrics.uptime()
+            bits = self._rq_bits
+            if bits is None or now - self._rq_t >= _FULL_MIN_S:
+                # a new window: an unchanged metric goes out at most once per window for
+                # requests (a repeated request is answered; the value it would resend is
+                # the one retained on the broker)
+                self._rq_t = now
+                if bits is None or len(bits) * 8 < metrics.count():
+                    bits = self._rq_bits = bytearray((metrics.count() + 7) >> 3)
+                else:
+                    for k in range(len(bits)):
+                        bits[k] = 0
             try:
+                sel = []
                 for p in pats:
                     p = p.strip() or "*"
                     if "*" in p:
@@ -502,10 +566,22 @@ class Server:
                         if i in seen or not self.sched.included(i) or not metrics.defined(i):
                             continue
                         seen.add(i)
-                        await self._pub_metric(i, now)
-                        n += 1
-                        if not n % _CHUNK:
-                            await asyncio.sleep_ms(0)
+                        sel.append(i)
+                seen = None
+                n = len(sel)
+                few = n <= _CHUNK       # a few metrics: always sent (cheap, e.g. polling)
+                j = 0
+                for i in sel:
+                    k = i >> 3
+                    if k < len(bits):
+                        if not few and bits[k] & 1 << (i & 7) and not self.sched.changed(i):
+                            self.coalesced += 1     # unchanged since sent in the window
+                            continue
+                        bits[k] |= 1 << (i & 7)
+                    await self._pub_metric(i, now)
+                    j += 1
+                    if not j % _CHUNK:
+                        await asyncio.sleep_ms(0)
                 c.queue("%sclient/%s/metric/done" % (self.prefix, cid), str(n), qos=1)
                 self.requests += 1
             except OSError:
@@ -536,12 +612,40 @@ class Server:
             except UnicodeError:
                 pass
             try:
-                await c.publish(self.prefix + t, p, qos=1)
-            except OSError:
+                await c.publish(self.prefix + t, p, qos=1, frail=True)
+            except OSError as e:
+                if e.args and e.args[0] == 104:
+                    self._poison(seq, t, h[2])
                 await asyncio.sleep_ms(500)
                 continue
             self.ob.pop(seq)
             self.notified += 1
+
+    def _poison(self, seq, topic, payload):
+        # the link dropped while notification `seq` was in flight; after _POISON such drops
+        # in a row it is a message the link cannot carry (e.g. above the broker's
+        # max_packet_size): kept in the held file, counted, out of the queue's way
+        st = self._strike
+        if st[0] != seq:
+            st[0] = seq
+            st[1] = 0
+        st[1] += 1
+        if st[1] < _POISON:
+            return
+        _log("notification %s set aside: the link dropped %d times while sending it"
+             % (topic, st[1]))
+        try:
+            self.held().put(topic, payload)
+        except Exception as e:
+            _log("cannot keep the set-aside notification: %r" % (e,))
+        self.ob.pop(seq)
+
+    def held(self):
+        """Outbox of notifications set aside (the link could not carry them), kept on flash."""
+        h = self._held
+        if h is None:
+            h = self._held = Outbox(self.ob.path + ".held", max_items=8, max_bytes=8192)
+        return h
 
     def event(self, name):
         """Publish event/<name path> (and the legacy event topic) if connected.
@@ -567,16 +671,36 @@ class Server:
             r.append("Prefix: %s" % self.prefix)
             r.append("Traffic: tx %d B, rx %d B (MQTT); connects %d, reconnects %d"
                      % (c.tx_bytes, c.rx_bytes, c.connects, c.reconnects))
+            if c.keepalive != c.ka_want:
+                r.append("Keepalive: %d s (the broker refused %d s)" % (c.keepalive, c.ka_want))
             if c.last_error:
                 r.append("Last error: %s" % c.last_error)
             r.append("Queued: %d message(s), %d dropped" % (c.queued(), c.dropped))
+            if c.skipped:
+                r.append("Skipped: %d oversized incoming message(s)" % c.skipped)
         if self.sched is not None:
             r.append("Metrics: %d published, %d pending, interval %d s"
                      % (self.published, self.sched.pending(), self.sched.interval()))
+        if self.requests:
+            r.append("Requests: %d served, %d values not resent (at most once per %d s)"
+                     % (self.requests, self.coalesced, _FULL_MIN_S))
         r.append("Notifications: %d waiting, %d sent, %d dropped"
                  % (len(self.ob), self.notified, self.ob.dropped))
+        h = self.held() if self._held or _exists(self.ob.path + ".held") else None
+        if h is not None and (len(h) or h.dropped):
+            r.append("Set aside: %d notification(s) the link could not carry (%s)"
+                     % (len(h) + h.dropped, h.path))
         r.append("Peers: %d" % len(self.peers))
         return "\n".join(r)
+
+
+def _exists(p):
+    import os
+    try:
+        os.stat(p)
+        return True
+    except OSError:
+        return False
 
 
 def _seg(s):
