@@ -22,8 +22,9 @@
 # after boot, read back from the broker (subscribe, ping round trip, unsubscribe) so stale
 # markers left from before a reboot are cleared once those metrics are fresh again.
 #
-# Secrets: values of secret config entries (passwords, keys) are replaced by ******** in
-# every command reply, notification and string metric before it is published;
+# Secrets: secret config values (passwords, keys) are never printed by any command (the config
+# commands show ******** for them), so replies are not searched for them: a scrubber that masks
+# a secret wherever it appears would tell a guesser which guess is the password.
 # client/+/request/config is not served at all.
 import asyncio
 from time import ticks_ms, ticks_diff
@@ -42,7 +43,6 @@ _MAX_REQS = const(4)
 _STALE_S = const(1)       # seconds between stale-marker scans (32 metrics per poll)
 _LINK = ("server", "port", "tls", "user", "clientid", "topic.prefix", "ca",
          "updatetime.keepalive")
-MASK = "********"
 
 
 def _cfg(inst):
@@ -69,7 +69,6 @@ class Server:
         self.notified = 0
         self.requests = 0
         self._reqs = []
-        self._secrets = []
         self._tasks = []
         self._stop = False
         self._sendall = False
@@ -89,7 +88,6 @@ class Server:
     async def run(self):
         """Run until stop(): (re)build the link whenever its config changes."""
         config.on_change(self._on_config)
-        self._load_secrets()
         try:
             while not self._stop:
                 self._restart.clear()
@@ -201,33 +199,11 @@ class Server:
                 "priority": (_cfg("metrics.priority") or "") + ",s.v3.*"}
 
     def _on_config(self, param, inst):
-        if config.secret(param, inst):
-            self._load_secrets()
         if ((param == "server.v3" and inst in _LINK) or (param == "vehicle" and inst == "id")
                 or (param == "password" and inst == "server.v3")):
             self._restart.set()
         elif param == "server.v3" and self.sched is not None:
             self.sched.configure(**self._sched_cfg())
-
-    def _load_secrets(self):
-        s = []
-        try:
-            for p in config.params():
-                for i in config.instances(p):
-                    if config.secret(p, i):
-                        v = config.get(p, i)
-                        if isinstance(v, str) and len(v) >= 4:
-                            s.append(v)
-        except Exception as e:
-            _log("cannot read secrets: %r" % (e,))
-        self._secrets = s
-
-    def scrub(self, s):
-        """s with every secret config value replaced by ********."""
-        for v in self._secrets:
-            if v in s:
-                s = s.replace(v, MASK)
-        return s
 
     # ---- connection events ----------------------------------------------------------
 
@@ -286,10 +262,7 @@ class Server:
 
     async def _pub_metric(self, i, now):
         t = self.prefix + "metric/" + metrics.name(i).replace(".", "/")
-        v = metrics.text(i)
-        if metrics.typecode(i) == "s":
-            v = self.scrub(v)
-        await self.client.publish(t, v, retain=self._retain(t))
+        await self.client.publish(t, metrics.text(i), retain=self._retain(t))
         self.sched.sent(i, now)
         self.published += 1
 
@@ -463,8 +436,7 @@ class Server:
     def respond(self, cid, cmd_id, text):
         c = self.client
         if c is not None:
-            c.queue("%sclient/%s/response/%s" % (self.prefix, cid, cmd_id), self.scrub(text),
-                    qos=1)
+            c.queue("%sclient/%s/response/%s" % (self.prefix, cid, cmd_id), text, qos=1)
 
     async def _requests(self):
         while True:
@@ -524,10 +496,6 @@ class Server:
                     pass
                 continue
             seq, t, p = h
-            try:
-                p = self.scrub(p.decode())
-            except UnicodeError:
-                pass
             try:
                 await c.publish(self.prefix + t, p, qos=1)
             except OSError:
