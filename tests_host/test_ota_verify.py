@@ -108,6 +108,67 @@ for bad in (%r, "-----BEGIN PUBLIC KEY-----\\nAAAA\\n-----END PUBLIC KEY-----", 
     assert all(ln.startswith("refused: bad OTA public key") for ln in out[2:5]), out
 
 
+def test_public_key_parsing_is_strict():
+    """Only a PEM-armoured, canonical base64, exact-DER RSA key is accepted: no bare base64,
+    no junk around the armour, no bytes after the DER, no EC armour swap, no non-minimal DER."""
+    import base64
+    pub_pem = keypair()[1]
+    pub = serialization.load_pem_public_key(pub_pem.encode())
+    der = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def pem(d, label="PUBLIC KEY"):
+        b = base64.b64encode(d).decode()
+        return "-----BEGIN %s-----\n%s\n-----END %s-----\n" % (
+            label, "\n".join(b[i:i + 64] for i in range(0, len(b), 64)), label)
+    long_len = der[:1] + b"\x83\x00" + der[2:]     # length in 3 bytes with a leading zero
+    bads = [
+        "".join(ln for ln in pub_pem.splitlines() if not ln.startswith("-----")),   # bare base64
+        "junk\n" + pub_pem,                                    # text before the armour
+        pub_pem + "trailing junk\n",                           # text after the armour
+        pem(der + b"\x00"),                                     # a byte after the DER
+        pem(der, "RSA PUBLIC KEY"),                             # SPKI under the PKCS#1 armour
+        pem(long_len),                                          # non-minimal DER length
+        pub_pem.replace("-----END PUBLIC KEY-----", "-----END RSA PUBLIC KEY-----"),
+    ]
+    r = run_mpy("""
+from ovms.ota_rsa import parse_key
+from ovms.ota_fs import OTAError
+print(parse_key(%r)[2], parse_key(%r)[2])
+for bad in %r:
+    try:
+        parse_key(bad)
+        print("accepted")
+    except OTAError as e:
+        print("refused:", e)
+""" % (pub_pem, pem(der), bads))
+    out = r.stdout.splitlines()
+    assert out[0] == "384 384"
+    assert len(out) == 1 + len(bads)
+    assert all(ln.startswith("refused: bad OTA public key") for ln in out[1:]), out
+
+
+def test_ota_key_has_a_fixed_place_not_set_by_config(tmp_path):
+    """`config set ota pubkey /ota/stage.json` (sent over MQTT, it pointed the key at a file an
+    OTA transfer fills) is refused, and no stored config entry moves the key."""
+    root = tmp_path / "root"
+    (root / "store").mkdir(parents=True)
+    r = run_mpy("""
+import ota_boot
+ota_boot.ROOT = %r
+from ovms import config, shell
+config.init(%r)
+s = shell.Session("attacker")
+s.secure = True
+print(shell.run("config set ota pubkey /ota/stage.json", s))
+config._data.setdefault("ota", {})["pubkey"] = "/ota/stage.json"   # as if stored long ago
+from ovms import ota_rsa
+print(ota_rsa.key_path())
+""" % (str(root), str(root / "store")), heap="256K")
+    out = r.stdout.splitlines()
+    assert out[0].startswith("Error: Unknown instance 'pubkey'"), out
+    assert out[1] == "/store/ota.pub"
+
+
 def test_good_bundle_is_staged_verified_and_config_untouched(tmp_path):
     root = flash_root(tmp_path)
     cfg = snapshot_config(root)

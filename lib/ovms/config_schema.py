@@ -65,7 +65,6 @@ auto wifi.ssid.client s - 32
 module watchdog.timeout i 60 0:3600
 module safemode.crashes i 3 1:20
 module hostname s - 32
-ota pubkey s /store/ota.pub 128
 ota health.deadline i 120 10:3600
 usr * s - 256
 """
