@@ -517,3 +517,87 @@ def test_periodic_full_resend_only_when_configured(broker, dev_factory, peers, t
     time.sleep(3.2)
     n = len(peer.got(PFX + "metric/v/b/soc"))
     assert 3 <= n <= 6, n                                    # ~ every second when set
+
+
+def _until(pred, timeout=10):
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "condition not met in %s s" % timeout
+        time.sleep(0.1)
+
+
+def _catch_connect(srv, got):
+    """Accept one connection on srv and keep what the client sends in its first second."""
+    import socket
+    srv.settimeout(20)
+    try:
+        c, _ = srv.accept()
+    except socket.timeout:
+        return
+    c.settimeout(1.0)
+    buf = b""
+    try:
+        while len(buf) < 4096:
+            b = c.recv(1024)
+            if not b:
+                break
+            buf += b
+    except OSError:
+        pass
+    got.append(buf)
+    c.close()
+
+
+def test_link_change_over_mqtt_never_carries_the_stored_password(tmp_path, dev_factory, peers):
+    """A remote `config set server.v3 tls no` or a new port/server clears the stored MQTT
+    password before the module connects anywhere: the host the sender names never sees it."""
+    import socket
+    import threading
+    from broker import Broker
+    b = Broker(os.path.join(broker_dir(), "b"), users={"bob": "mqtt-Pass-77", "spy": "spy"}).start()
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    try:
+        d = device(dev_factory, tmp_path, b.tls_port, b.ca,
+                   extra=[("password", "server.v3", "mqtt-Pass-77"), ("password", "module", "pw-1")])
+        d.call("await start()")
+        peer = peers(b.port, subs=(PFX + "client/spy/response/#",), user="spy", password="spy")
+        peer.settle()
+        base = PFX + "client/spy/"
+
+        def cmd(k, line):
+            peer.publish(base + "command/%s" % k, line, qos=1)
+            return peer.wait_topic(base + "response/%s" % k, timeout=10)[1].decode()
+        cmd("e", "enable pw-1")
+        # a change that keeps the link (same server) keeps the password
+        assert cmd(0, "config set server.v3 server 127.0.0.1") == "Parameter has been set."
+        assert d.call('return config.get("password", "server.v3")') == "mqtt-Pass-77"
+        # an invalid value changes nothing
+        assert cmd(1, "config set server.v3 port 99999").startswith("Error: Invalid value")
+        assert d.call('return config.get("password", "server.v3")') == "mqtt-Pass-77"
+        # a downgrade to plain MQTT clears it
+        # (its reply may be lost: the link restarts at once)
+        peer.publish(base + "command/2", "config set server.v3 tls no", qos=1)
+        _until(lambda: d.call('return config.get("server.v3", "tls")') is False)
+        assert not d.call('return config.get("password", "server.v3")')
+        # the module now logs in without a password (the broker refuses it): set it anew
+        # locally, then a move to another host clears it again before connecting there
+        d.call('config.set("server.v3", "tls", True)\n'
+               'config.set("password", "server.v3", "mqtt-Pass-77")')
+        time.sleep(1.0)
+        got = []
+        t = threading.Thread(target=_catch_connect, args=(srv, got))
+        t.start()
+        try:
+            peer.publish(base + "command/3", "config set server.v3 port %d" % srv.getsockname()[1],
+                         qos=1)
+            peer.publish(base + "command/4", "config set server.v3 tls no", qos=1)
+        finally:
+            t.join(30)
+        assert got, "the module did not connect to the new host"
+        assert b"mqtt-Pass-77" not in got[0]
+        assert not d.call('return config.get("password", "server.v3")')
+    finally:
+        srv.close()
+        b.stop()
