@@ -30,15 +30,15 @@ def build_lib():
     The device runs compiled (or frozen) modules; compiling source at import time needs
     far more heap than the modules themselves, so tests load .mpy files like the device."""
     src = os.path.join(LIB, "ovms")
-    stamp = max(os.stat(os.path.join(src, f)).st_mtime for f in os.listdir(src))
+    files = [os.path.relpath(os.path.join(r, f), src) for r, _, fs in os.walk(src)
+             for f in fs if f.endswith(".py")]
+    stamp = max(os.stat(os.path.join(src, f)).st_mtime for f in files)
     if _BUILT.get("stamp") == stamp:
         return _BUILT["dir"]
     d = tempfile.mkdtemp(prefix="mqttlib-")
-    os.makedirs(os.path.join(d, "ovms"))
-    for f in os.listdir(src):
-        if not f.endswith(".py"):
-            continue
-        if f == "__init__.py":
+    for f in files:                 # subpackages too
+        os.makedirs(os.path.join(d, "ovms", os.path.dirname(f)), exist_ok=True)
+        if os.path.basename(f) == "__init__.py":
             shutil.copy(os.path.join(src, f), os.path.join(d, "ovms", f))
             continue
         subprocess.run([MPY_CROSS, "-march=x64", "-o", os.path.join(d, "ovms", f[:-3] + ".mpy"),

@@ -54,6 +54,7 @@ server.v3 conn.stable_wait i 10 3:600
 server.v3 conn.jitter.max i 5 0:60
 server.v3 shell.readonly b no -
 server.v3 shell.timeout i 300 0:86400
+server.v3 commands e trusted trusted|signed
 password module S - 64
 password server.v3 S - 128
 wifi.ssid * S - 64

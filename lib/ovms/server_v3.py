@@ -5,7 +5,9 @@
 #   stale/<name with . -> />        retained "yes" while the metric is stale (see below)
 #   notify/<type>/<subtype path>    QoS 1, from the persistent flash outbox (ovms.outbox)
 #   event/<name path> (+ legacy "event" = name)  QoS 0, only while connected
-#   client/<cid>/response/<id>      QoS 1, reply to client/<cid>/command/<id> (ovms.shell)
+#   client/<cid>/response/<id>      QoS 1, reply to client/<cid>/command/<id> (ovms.shell);
+#                                   commands are trusted (as OVMS v3) or, with server.v3
+#                                   commands signed, secure ones must be signed (ovms.v3.cmdsig)
 #   client/<cid>/metric/done        QoS 1, count of metrics republished for
 #                                   client/<cid>/request/metric ("*" or "a.b*,c.d" patterns)
 # Subscriptions: client/+/active (QoS 1; peers expire after 120 s; s.v3.peers),
@@ -419,6 +421,16 @@ class Server:
         self._set("s.v3.peers", n)
 
     def _command(self, cid, cmd_id, msg, qos, dup):
+        sec = None              # as the config says (server.v3 commands trusted|signed)
+        if msg[:6] == b"!sig1 ":  # signed with the module password (ovms.v3.cmdsig)
+            from ovms.v3 import cmdsig
+            msg, err = cmdsig.check(cid.encode(), cmd_id.encode(), msg,
+                                    config.get("password", "module"))
+            if err:
+                if not ((qos == 2 or dup) and err.startswith("Error: Replayed")):
+                    self.respond(cid, cmd_id, err)   # (a redelivery of a run command: quiet)
+                return
+            sec = True
         try:
             line = msg.decode()
         except UnicodeError:
@@ -426,7 +438,7 @@ class Server:
             return
         try:
             from ovms import shell
-            shell.submit(cid, cmd_id, line, self._reply, qos, dup)
+            shell.submit(cid, cmd_id, line, self._reply, qos, dup, sec)
         except Exception as e:
             self.respond(cid, cmd_id, "Error: %r" % (e,))
 

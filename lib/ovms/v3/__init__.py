@@ -1,0 +1,1 @@
+"""OVMS v3 server protocol: server, scheduler, outbox, signed commands."""
