@@ -11,7 +11,10 @@ from ovms.ota_fs import size as fsize
 # Bundle = header + data. Header: b"MOTA", format 1, 0, u16 sig length S, u32 manifest length M
 # (big-endian), S bytes RSA PKCS#1 v1.5 SHA-256 signature over the M manifest bytes, the manifest
 # (JSON: format, kind "app"|"firmware", version, arch, mpy, size, files [[path, size, sha256hex]],
-# deadline?). Data: the files' contents concatenated in manifest order.
+# deadline?, downgrade?). Data: the files' contents concatenated in manifest order.
+# Anti-rollback: an app bundle whose version is not newer than the highest version ever
+# committed (ota_boot state "sv") is refused unless its signed manifest says "downgrade": true
+# (`ota push --allow-downgrade`), so a recorded old bundle cannot be replayed.
 _HDR = const(12)
 _MAX_SIG = const(1024)
 _MAX_MAN = const(16384)
@@ -178,6 +181,12 @@ class Receiver:
                                "module's OTA key, or tampered with")
             self._open_manifest(f)
             m = check_manifest(f, self.hl, self.size)
+        sv = ota_boot.load().get("sv")
+        if (m["kind"] == "app" and sv is not None and m.get("downgrade") is not True
+                and ota_boot.vkey(m["version"]) <= ota_boot.vkey(sv)):
+            raise OTAError("version %s is not newer than %s, the highest committed "
+                           "(anti-rollback): push it with --allow-downgrade to go back"
+                           % (m["version"], sv))
         if m["kind"] == "firmware":
             from ovms import ota_fw
             self.sink = ota_fw.prepare(m, self._meta)
