@@ -372,3 +372,47 @@ h("status")
     assert out[-2].startswith("data oversized bundle: more data than the declared")
     assert out[-1].startswith("status")
     _nothing_staged(root)
+
+
+def test_only_the_owner_or_a_signed_request_aborts_a_transfer(tmp_path):
+    """Another client can neither abort the owner's transfer nor begin one over it; the owner
+    can, a signed request can, and after a reboot the owner is still known."""
+    root = flash_root(tmp_path)
+    b = app_bundle(tmp_path, "4.0.0")
+    code = """
+import json, ota_boot
+ota_boot.ROOT = %r
+from ovms import ota
+rx = ota.receiver()
+def h(op, pl=b"", cid=None, signed=False):
+    j = json.loads(rx.handle(op, pl, cid, signed))
+    print(op, cid, j.get("error") or j.get("next"))
+""" % root
+    r = run_mpy(code + """
+h("begin", json.dumps({"id": "t1", "size": %d}), "owner")
+h("data", (0).to_bytes(4, "big") + b"MOTA", "owner")
+h("abort", b"", "evil")
+h("begin", json.dumps({"id": "t2", "size": 100}), "evil")
+h("status")
+""" % len(b))
+    out = r.stdout.splitlines()
+    refused = "a transfer by another client is in progress: only that client (or a signed " \
+              "request) may abort or replace it"
+    assert out[:4] == ["begin owner 0", "data owner 4", "abort evil " + refused,
+                       "begin evil " + refused], out
+    # next power-on: the transfer resumes and still belongs to its owner
+    r = run_mpy(code + """
+print("rx", rx.id, rx.next, rx.owner)
+h("abort", b"", "evil")
+h("abort", b"", "evil", True)
+print("rx", rx.id)
+h("begin", json.dumps({"id": "t3", "size": 100}), "owner")
+h("abort", b"", "owner")
+print("rx", rx.id)
+""")
+    out = r.stdout.splitlines()
+    assert out[0] == "rx t1 4 owner"
+    assert out[1] == "abort evil " + refused
+    assert out[2].startswith("abort evil ") and "transfer" not in out[2]
+    assert out[3] == "rx None"
+    assert out[4] == "begin owner 0" and out[6] == "rx None"

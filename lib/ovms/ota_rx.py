@@ -2,6 +2,7 @@
 import os
 import json
 import hashlib
+from time import ticks_ms, ticks_diff
 from micropython import const
 import ota_boot
 from ovms import ota
@@ -18,6 +19,7 @@ from ovms.ota_fs import size as fsize
 _HDR = const(12)
 _MAX_SIG = const(1024)
 _MAX_MAN = const(16384)
+_IDLE_MS = const(120000)    # a transfer idle this long may be taken over by another client
 
 
 class Receiver:
@@ -25,7 +27,9 @@ class Receiver:
 
     ops: status | begin {"id","size"} | data <u32 offset><bytes> | end | abort | reboot.
     Every reply carries "op" and, while a transfer runs, "next" (the offset the device wants).
-    After replying to "reboot" the caller resets the device (.reboot is True)."""
+    After replying to "reboot" the caller resets the device (.reboot is True).
+    A transfer belongs to the client id that began it: another client may not abort it nor
+    begin another over it (unless its request is signed, or the transfer idled _IDLE_MS)."""
 
     def __init__(self):
         self.reboot = False
@@ -45,17 +49,28 @@ class Receiver:
                 s.close()
             except OSError:
                 pass
-        self.sink = self.slot = self.id = None
+        self.sink = self.slot = self.id = self.owner = None
         self.size = self.next = self.hl = 0
+        self.seen = ticks_ms()
 
-    def handle(self, op, payload=b""):
-        """Process one request; never raises."""
+    def _foreign(self, cid, signed):
+        return (self.id and not signed and cid != self.owner and self.owner is not None
+                and ticks_diff(ticks_ms(), self.seen) < _IDLE_MS)
+
+    def handle(self, op, payload=b"", cid=None, signed=False):
+        """Process one request of client id cid (signed: it carried a valid signature);
+        never raises."""
         try:
-            if op == "status":
+            if op in ("begin", "abort") and self._foreign(cid, signed):
+                r = {"error": "a transfer by another client is in progress: only that client "
+                              "(or a signed request) may abort or replace it"}
+            elif op == "status":
                 r = ota.status(self)
             elif op == "begin":
-                r = self._begin(payload)
+                r = self._begin(payload, cid)
             elif op == "data":
+                if cid == self.owner:
+                    self.seen = ticks_ms()
                 r = self._data(payload)
             elif op == "end":
                 r = self._end()
@@ -82,7 +97,8 @@ class Receiver:
     def _meta(self, fw=0):
         mkdirs(fp("/ota"))
         with open(fp("/ota/stage.tmp"), "w") as f:
-            json.dump({"id": self.id, "size": self.size, "slot": self.slot, "fw": fw}, f)
+            json.dump({"id": self.id, "size": self.size, "slot": self.slot, "fw": fw,
+                       "cid": self.owner}, f)
         os.rename(fp("/ota/stage.tmp"), fp("/ota/stage.json"))
 
     def _abort(self):
@@ -92,7 +108,7 @@ class Receiver:
         rm(fp("/ota/stage.hdr"))
         rm(fp("/ota/stage.idx"))
 
-    def _begin(self, payload):
+    def _begin(self, payload, cid=None):
         try:
             req = json.loads(payload)
             bid = str(req["id"])
@@ -106,6 +122,7 @@ class Receiver:
             return {"error": "bundle too small (%d bytes)" % n}
         self._abort()
         self.id = bid
+        self.owner = cid
         self.size = n
         mkdirs(fp("/ota"))
         open(fp("/ota/stage.hdr"), "wb").close()
@@ -205,6 +222,7 @@ class Receiver:
         except (OSError, ValueError):
             return
         self.id, self.size, slot = st["id"], st["size"], st["slot"]
+        self.owner = st.get("cid")
         s = ota_boot.load()
         if slot and (slot in (s.get("stg"), s.get("run"), ota_boot.booted)
                      or slot == (s.get("fw") or {}).get("label")):

@@ -375,7 +375,7 @@ class Server:
             while self._otaq:
                 cid, op, msg = self._otaq.pop(0)
                 try:
-                    r = rx.handle(op, msg)
+                    r = _ota_trust(rx, cid, op, msg)
                 except Exception as e:  # a bad request must never stop the server
                     r = b'{"error": "%s"}' % repr(e).replace('"', "'")
                 if r is not None:
@@ -550,6 +550,28 @@ class Server:
                  % (len(self.ob), self.notified, self.ob.dropped))
         r.append("Peers: %d" % len(self.peers))
         return "\n".join(r)
+
+
+def _ota_trust(rx, cid, op, msg):
+    # OTA requests follow the command trust rules: a signed request (as a signed command,
+    # with command id "ota/<op>") may do anything; with server.v3 commands signed, the
+    # state-changing operations begin, abort and reboot must be signed.
+    signed = False
+    if msg[:6] == b"!sig1 ":
+        from ovms.v3 import cmdsig
+        msg, err = cmdsig.check(cid.encode(), b"ota/" + op.encode(), msg,
+                                config.get("password", "module"))
+        if err:
+            return _ota_err(op, err)
+        signed = True
+    elif op in ("begin", "abort", "reboot") and _cfg("commands") == "signed":
+        return _ota_err(op, "signed request required (server.v3 commands signed)")
+    return rx.handle(op, msg, cid, signed)
+
+
+def _ota_err(op, err):
+    import json
+    return json.dumps({"op": op, "error": err}).encode()
 
 
 def _seg(s):
