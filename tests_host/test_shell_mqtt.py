@@ -8,7 +8,7 @@ import time
 from test_mqtt_kit import broker, dev_factory, peers  # noqa: F401  (fixtures)
 
 import ovms as ovms_cli
-from util import REPO
+from util import LIB, REPO
 
 HEAP = "256K"   # whole app on the x64 port (8-byte pointers: about twice the ESP32's heap)
 
@@ -208,3 +208,31 @@ def test_interactive_session_signs_each_command(broker, dev_factory, tmp_path): 
         k = out.index(s, k) + len(s)
     _, f = d.wait_event(lambda e: e["ev"] == "frame", timeout=5)
     assert f["id"] == 0x60D
+
+
+def test_signed_mode_ota_reboot_needs_a_signature(broker, dev_factory, tmp_path, peers):  # noqa: F811
+    """With server.v3 commands signed, OTA begin/abort/reboot follow the command rules."""
+    import json
+    import cli_mqtt
+    d = start_device(dev_factory, broker, tmp_path, SIGNED)
+    (tmp_path / "ota").mkdir()
+    d.call("import sys\nsys.path.append(%r)\nimport ota_boot\nota_boot.ROOT = %r"
+           % (LIB, str(tmp_path)))          # the OTA receiver's flash: a temp dir
+    P = "ovms/bob/CAR1/client/x/"
+    p = peers(broker.port, subs=(P + "ota-reply",))
+    p.settle()
+    p.publish(P + "ota/reboot", b"{}", qos=1)
+    r = json.loads(p.wait_topic(P + "ota-reply", timeout=15)[1])
+    assert r == {"op": "reboot", "error": "signed request required (server.v3 commands signed)"}
+    p.clear()
+    p.publish(P + "ota/reboot", cli_mqtt.sign("wrong", "x", "ota/reboot", b"{}", 7), qos=1)
+    r = json.loads(p.wait_topic(P + "ota-reply", timeout=15)[1])
+    assert r == {"op": "reboot", "error": "Error: Bad command signature"}
+    p.clear()
+    p.publish(P + "ota/abort", cli_mqtt.sign("pw 1", "x", "ota/abort", b"{}", 8), qos=1)
+    r = json.loads(p.wait_topic(P + "ota-reply", timeout=15)[1])
+    assert r == {"op": "abort", "ok": True}
+    p.clear()
+    p.publish(P + "ota/status", b"{}", qos=1)                  # read-only: no signature needed
+    r = json.loads(p.wait_topic(P + "ota-reply", timeout=15)[1])
+    assert r["op"] == "status" and "error" not in r

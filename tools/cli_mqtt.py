@@ -19,10 +19,11 @@ def sign(password, cid, cmd_id, line, counter):
     """The signed payload of one command (the device checks it in ovms.v3.cmdsig)."""
     import hashlib
     import hmac
-    msg = b"ovms-cmd1\n%s\n%s\n%d\n%s" % (cid.encode(), cmd_id.encode(), counter,
-                                             line.encode("utf-8"))
+    if not isinstance(line, bytes):
+        line = line.encode("utf-8")
+    msg = b"ovms-cmd1\n%s\n%s\n%d\n%s" % (cid.encode(), cmd_id.encode(), counter, line)
     mac = hmac.new(password.encode("utf-8"), msg, hashlib.sha256).hexdigest()
-    return b"!sig1 %d %s\n%s" % (counter, mac.encode(), line.encode("utf-8"))
+    return b"!sig1 %d %s\n%s" % (counter, mac.encode(), line)
 
 
 def default_prefix(user, vehicle):

@@ -198,6 +198,12 @@ class Link:
             pass
 
     def send(self, op, payload=b""):
+        pw = os.environ.get("OVMS_MODULE_PASSWORD")
+        if pw is not None and op in ("begin", "abort", "reboot"):
+            # a module with server.v3 commands signed wants these signed (as shell commands)
+            import cli_mqtt
+            self._ctr = max(getattr(self, "_ctr", 0) + 1, time.time_ns() // 1000000)
+            payload = cli_mqtt.sign(pw, self.cid, "ota/" + op, payload, self._ctr)
         self.c.publish(self.req + op, payload, qos=1)
 
     def wait(self, op, timeout):
