@@ -94,7 +94,7 @@ _CLEARED = "\nThe stored MQTT password was cleared (the link changed): set it an
 
 def _relink(c, session, p, i, v):
     # True if this remote change moves the broker link: the stored password is cleared first
-    if (session is None or session.client_id is None or p != "server.v3"
+    if (not getattr(session, "remote", False) or p != "server.v3"
             or (i not in _LINK and i != "*") or not c.get("password", "server.v3", None)):
         return False
     if v is not None:

@@ -268,6 +268,7 @@ class Session:
         self.timeout = timeout      # seconds of inactivity after which secure mode ends (0 = never)
         self.readonly = readonly    # True: secure commands and enable refused
         self.max_out = max_out
+        self.remote = False         # True: an MQTT command's session (see session_for)
         self.penalty = 0            # ms the transport should wait before replying
         self._secure = False
         self.last = _ms()           # last secure use (ticks_ms)
@@ -302,6 +303,7 @@ def session_for(client_id, secure=None):
     shell.readonly; secure if `secure`, or (None) if the broker link is trusted (server.v3
     commands trusted, the default)."""
     s = Session(client_id, readonly=bool(_cfg("server.v3", "shell.readonly", False)))
+    s.remote = True
     if secure is None:
         secure = _cfg("server.v3", "commands", "trusted") != "signed"
     s.secure = secure and not s.readonly
@@ -322,7 +324,7 @@ def _enable(session, args):
     global _penalty_until
     if session.readonly:
         return READONLY
-    if session.client_id is not None:   # MQTT: the transport decided; no password here
+    if session.remote:      # MQTT: the transport decided; no password here
         return "Secure mode (trusted server link)" if session.secure else SIGN_REQUIRED
     now = _ms()
     if _penalty_until is not None:
@@ -438,7 +440,7 @@ def _dispatch(session, args):
         return _usage(p, n) if path else UNRECOGNISED
     if n[_SEC] and not session.secure:
         return READONLY if session.readonly else (
-            SECURE_REQUIRED if session.client_id is None else SIGN_REQUIRED)
+            SIGN_REQUIRED if session.remote else SECURE_REQUIRED)
     rest = args[i:]
     if len(rest) < n[_MIN] or (n[_MAX] >= 0 and len(rest) > n[_MAX]):
         return _usage(p, n)
