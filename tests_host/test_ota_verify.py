@@ -416,3 +416,28 @@ print("rx", rx.id)
     assert out[2].startswith("abort evil ") and "transfer" not in out[2]
     assert out[3] == "rx None"
     assert out[4] == "begin owner 0" and out[6] == "rx None"
+
+
+def test_key_rotation_only_by_a_bundle_signed_with_the_current_key(tmp_path):
+    """A bundle signed with the current key may carry the next key (manifest newkey): once
+    staged, only bundles signed with the new key are accepted. A bundle signed with another
+    key carrying its own key is refused and changes nothing."""
+    root = flash_root(tmp_path)
+    key_file = os.path.join(root, "store", "ota.pub")
+    other_pub = keypair("other")[1]
+    b = app_bundle(tmp_path, "5.0.0", key="other", newkey=other_pub)   # attacker's own key
+    out = _push(tmp_path, root, b)
+    assert lines(out, "STAGED") == [] and any("signature verification failed" in ln for ln in out)
+    assert open(key_file).read() == keypair()[1]
+    b = app_bundle(tmp_path, "5.0.0", newkey="-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+    out = _push(tmp_path, root, b)
+    assert lines(out, "STAGED") == [] and any("bad OTA public key" in ln for ln in out), out
+    assert open(key_file).read() == keypair()[1]
+    b = app_bundle(tmp_path, "5.0.0", newkey=other_pub)                # signed with the current key
+    out = _push(tmp_path, root, b)
+    assert lines(out, "STAGED") == ["5.0.0"], out
+    assert open(key_file).read() == other_pub
+    out = _push(tmp_path, root, app_bundle(tmp_path, "5.1.0"))          # old key: refused now
+    assert any("signature verification failed" in ln for ln in out), out
+    out = _push(tmp_path, root, app_bundle(tmp_path, "5.1.0", key="other"))
+    assert lines(out, "STAGED") == ["5.1.0"], out

@@ -67,7 +67,8 @@ def sign(key, data):
     return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
 
 
-def make_bundle(kind, version, files, key, arch=None, mpy=None, deadline=None, downgrade=False):
+def make_bundle(kind, version, files, key, arch=None, mpy=None, deadline=None, downgrade=False,
+                newkey=None):
     """Bundle bytes: header (magic, signature, signed JSON manifest) + file contents in order."""
     man = {"format": FORMAT, "kind": kind, "version": version, "arch": arch, "mpy": mpy,
            "size": sum(len(b) for _, b in files),
@@ -76,6 +77,8 @@ def make_bundle(kind, version, files, key, arch=None, mpy=None, deadline=None, d
         man["deadline"] = int(deadline)
     if downgrade:       # signed: the module accepts a version not newer than its highest
         man["downgrade"] = True
+    if newkey:          # key rotation: the module's OTA public key becomes this PEM
+        man["newkey"] = newkey
     mb = json.dumps(man, separators=(",", ":"), sort_keys=True).encode()
     sig = sign(key, mb)
     head = MAGIC + bytes([FORMAT, 0]) + struct.pack(">HI", len(sig), len(mb))
@@ -117,9 +120,9 @@ def app_files(source, arch="xtensawin"):
 
 
 def app_bundle(source, key, version=None, arch="xtensawin", mpy=6, deadline=None,
-               downgrade=False):
+               downgrade=False, newkey=None):
     return make_bundle("app", version or source_version(source), app_files(source, arch), key,
-                       arch=arch, mpy=mpy, deadline=deadline, downgrade=downgrade)
+                       arch=arch, mpy=mpy, deadline=deadline, downgrade=downgrade, newkey=newkey)
 
 
 def firmware_bundle(image, key, version=None, deadline=None):
@@ -400,8 +403,12 @@ def _push(link, args):
         arch = st.get("arch") or "xtensawin"
         if st.get("mpy") not in (None, 6):
             raise PushError("the module runs .mpy version %s; this mpy-cross emits 6" % st["mpy"])
+        nk = getattr(args, "new_pubkey", None)
+        if nk:
+            with open(nk) as f:
+                nk = f.read()
         bundle = app_bundle(source, key, args.version, arch, st.get("mpy") or 6, deadline,
-                            getattr(args, "allow_downgrade", False))
+                            getattr(args, "allow_downgrade", False), nk)
     sig, mb, man, hl = parse_bundle(bundle)
     print("bundle: %s %s, %d files, %d bytes" % (man["kind"], man["version"], len(man["files"]),
                                                  len(bundle)), file=sys.stderr)

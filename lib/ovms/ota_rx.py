@@ -12,7 +12,9 @@ from ovms.ota_fs import size as fsize
 # Bundle = header + data. Header: b"MOTA", format 1, 0, u16 sig length S, u32 manifest length M
 # (big-endian), S bytes RSA PKCS#1 v1.5 SHA-256 signature over the M manifest bytes, the manifest
 # (JSON: format, kind "app"|"firmware", version, arch, mpy, size, files [[path, size, sha256hex]],
-# deadline?, downgrade?). Data: the files' contents concatenated in manifest order.
+# deadline?, downgrade?, newkey?). Data: the files' contents concatenated in manifest order.
+# Key rotation: a manifest "newkey" (PEM) replaces the module's OTA public key once the bundle
+# is staged: only an update signed with the current key can change the key.
 # Anti-rollback: an app bundle whose version is not newer than the highest version ever
 # committed (ota_boot state "sv") is refused unless its signed manifest says "downgrade": true
 # (`ota push --allow-downgrade`), so a recorded old bundle cannot be replayed.
@@ -204,6 +206,9 @@ class Receiver:
             raise OTAError("version %s is not newer than %s, the highest committed "
                            "(anti-rollback): push it with --allow-downgrade to go back"
                            % (m["version"], sv))
+        if m.get("newkey"):
+            from ovms.ota_rsa import parse_key
+            parse_key(m["newkey"])      # a bad new key: refused before anything is written
         if m["kind"] == "firmware":
             from ovms import ota_fw
             self.sink = ota_fw.prepare(m, self._meta)
@@ -262,7 +267,12 @@ class Receiver:
             return {"error": "bundle truncated: received %d of %d bytes" % (self.next, self.size)}
         with open(fp("/ota/stage.hdr"), "rb") as f:
             sl = self._open_manifest(f)
+            nk = check_manifest(f, self.hl, self.size).get("newkey")
         msg = self.sink.finish(fp("/ota/stage.hdr"), _HDR, sl, self.hl)
+        if nk:
+            from ovms.ota_rsa import set_pubkey
+            set_pubkey(nk)          # (validated when the header was accepted)
+            msg = (msg or "staged") + "; OTA key replaced"
         r = {"ok": True, "staged": self.sink.version, "slot": self.slot, "next": self.size,
              "msg": msg}
         self._abort()
