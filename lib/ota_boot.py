@@ -6,7 +6,9 @@ import json
 # Flash layout (ROOT is "" on the device; tests point it at a temp dir):
 #   /lib/...              factory app ("f"): deployed with `make deploy` or frozen in the firmware
 #   /app/a/lib, /app/b/lib  OTA slots; /app/<s>/manifest.json (+ .sig) is written last = complete
-#   /ota/state.json       {"run","stg","prev","tries","dl","fail","crash","fw"} (tmp + rename)
+#   /ota/state.json       {"run","stg","prev","tries","dl","fail","crash","fw","sv"} (tmp + rename)
+#                         sv: highest app version ever committed (anti-rollback: ovms.ota_rx
+#                         refuses an app bundle not newer, unless signed as a downgrade)
 ROOT = ""
 TRIALS = 1          # boots a staged app gets to report healthy before it is rolled back
 CRASHES = 3         # consecutive crashes of a committed app before falling back to the previous one
@@ -182,6 +184,21 @@ def expire():
         reset("trial")
 
 
+def vkey(v):
+    """The numbers in a version string, for ordering: "1.10.2-rc1" -> [1, 10, 2, 1]."""
+    r = []
+    n = -1
+    for c in str(v).encode():
+        if 48 <= c <= 57:
+            n = (0 if n < 0 else n * 10) + c - 48
+        elif n >= 0:
+            r.append(n)
+            n = -1
+    if n >= 0:
+        r.append(n)
+    return r
+
+
 def mark_healthy():
     """Called once MQTT is connected and CAN runs: commits a trial app/firmware. True if committed."""
     global healthy, trial
@@ -196,6 +213,9 @@ def mark_healthy():
         s["stg"] = None
         s["tries"] = 0
         s["fail"] = None
+        v = (manifest(booted) or {}).get("version")
+        if v is not None and vkey(v) > vkey(s.get("sv") or ""):
+            s["sv"] = v
         ch = True
     fw = s.get("fw")
     if fw and fw.get("st") == "trial":

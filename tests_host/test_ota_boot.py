@@ -210,3 +210,35 @@ print("NOT RESET")
     assert b[0] == "f"
     assert json.loads(lines(out, "STATUS")[0])["fail"] == \
         "2.0.0 did not report healthy: rolled back"
+
+
+def test_anti_rollback_refuses_a_replayed_older_bundle(tmp_path):
+    """A recorded, validly signed bundle of an older (or the same) version is refused once a
+    newer version was committed; a bundle signed as a deliberate downgrade is accepted."""
+    root = flash_root(tmp_path)
+    old = app_bundle(tmp_path, "2.0.0")
+    p = os.path.join(str(tmp_path), "old.bin")
+    with open(p, "wb") as f:
+        f.write(old)
+    rc, out = device(root, "push", p, cli_ota.bundle_id(old), "1024")
+    assert lines(out, "STAGED") == ["2.0.0"], out
+    _, _, b = _boot(root, "healthy")
+    assert b == ["a", "2.0.0", "True"]       # (the trial, committed in this boot)
+    assert _state(root)["sv"] == "2.0.0"
+    _stage(tmp_path, root, "2.10.0")
+    _, _, b = _boot(root, "healthy")
+    assert b == ["b", "2.10.0", "True"] and _state(root)["sv"] == "2.10.0"
+    # the replay of the recorded 2.0.0 bundle, and a same-version bundle: refused, nothing staged
+    for v, bundle in (("2.0.0", old), ("2.10.0", app_bundle(tmp_path, "2.10.0"))):
+        with open(p, "wb") as f:
+            f.write(bundle)
+        rc, out = device(root, "push", p, cli_ota.bundle_id(bundle), "1024")
+        assert lines(out, "STAGED") == [], out
+        assert any("not newer than 2.10.0" in ln and "anti-rollback" in ln for ln in out), out
+        assert not _state(root).get("stg")
+    _, _, b = _boot(root, "healthy")
+    assert b == ["b", "2.10.0", "False"]
+    # signed as a deliberate downgrade: accepted; the highest committed stays the floor
+    _stage(tmp_path, root, "2.0.0", downgrade=True)
+    _, _, b = _boot(root, "healthy")
+    assert b == ["a", "2.0.0", "True"] and _state(root)["sv"] == "2.10.0"

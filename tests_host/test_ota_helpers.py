@@ -105,10 +105,12 @@ def make_full_app(d, version, crash=False):
     return d
 
 
-def app_bundle(tmp, version, key="main", crash=False, deadline=None):
+def app_bundle(tmp, version, key="main", crash=False, deadline=None, downgrade=False,
+               newkey=None):
     src = make_app(os.path.join(str(tmp), "src-" + version), version, crash)
     arch, mpy = device_arch()
-    return cli_ota.app_bundle(src, keypair(key)[2], version, arch, mpy, deadline)
+    return cli_ota.app_bundle(src, keypair(key)[2], version, arch, mpy, deadline, downgrade,
+                              newkey)
 
 
 def flash_root(tmp, key="main"):

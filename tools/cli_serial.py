@@ -242,8 +242,6 @@ def provision_items(args):
         items.append(("vehicle", "type", args.prov_vehicle))
     if args.prov_id:
         items.append(("vehicle", "id", args.prov_id))
-    if getattr(args, "ota_pubkey", None):
-        items.append(("ota", "pubkey", OTA_PUB_PATH))
     return items
 
 

@@ -44,6 +44,10 @@ def build_parser():
     push = osub.add_parser("push", help="build, sign and push an app bundle over MQTT")
     push.add_argument("--key-file", required=True)
     push.add_argument("--version")
+    push.add_argument("--allow-downgrade", action="store_true",
+                      help="sign the bundle as a deliberate downgrade (anti-rollback lets it in)")
+    push.add_argument("--new-pubkey", metavar="PUB_PEM",
+                      help="key rotation: the module's OTA key becomes this one (signed with the old)")
     push.add_argument("--firmware", metavar="IMAGE", help="push a MicroPython firmware image instead")
     push.add_argument("source", nargs="?", help="app source dir (default: this repo)")
     osub.add_parser("status", help="show running/staged/previous versions")

@@ -88,6 +88,7 @@ server.v3 conn.stable_wait i 10 3:600
 server.v3 conn.jitter.max i 5 0:60
 server.v3 shell.readonly b no -
 server.v3 shell.timeout i 300 0:86400
+server.v3 commands e trusted trusted|signed
 password module S - 64
 password server.v3 S - 128
 wifi.ssid * S - 64
@@ -99,7 +100,6 @@ auto wifi.ssid.client s - 32
 module watchdog.timeout i 60 0:3600
 module safemode.crashes i 3 1:20
 module hostname s - 32
-ota pubkey s /store/ota.pub 128
 ota health.deadline i 120 10:3600
 usr * s - 256
 """

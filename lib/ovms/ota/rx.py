@@ -1,6 +1,7 @@
 """ota.rx: the OTA transfer protocol: chunks with offsets, signed header check, resume after reboot."""
 import json
 import hashlib
+from time import ticks_ms, ticks_diff
 from micropython import const
 import ota_boot
 from ovms import ota
@@ -10,10 +11,16 @@ from ovms.ota.fs import size as fsize
 # Bundle = header + data. Header: b"MOTA", format 1, 0, u16 sig length S, u32 manifest length M
 # (big-endian), S bytes RSA PKCS#1 v1.5 SHA-256 signature over the M manifest bytes, the manifest
 # (JSON: format, kind "app"|"firmware", version, arch, mpy, size, files [[path, size, sha256hex]],
-# deadline?). Data: the files' contents concatenated in manifest order.
+# deadline?, downgrade?, newkey?). Data: the files' contents concatenated in manifest order.
+# Key rotation: a manifest "newkey" (PEM) replaces the module's OTA public key once the bundle
+# is staged: only an update signed with the current key can change the key.
+# Anti-rollback: an app bundle whose version is not newer than the highest version ever
+# committed (ota_boot state "sv") is refused unless its signed manifest says "downgrade": true
+# (`ota push --allow-downgrade`), so a recorded old bundle cannot be replayed.
 _HDR = const(12)
 _MAX_SIG = const(1024)
 _MAX_MAN = const(16384)
+_IDLE_MS = const(120000)    # a transfer idle this long may be taken over by another client
 
 
 class Receiver:
@@ -21,7 +28,9 @@ class Receiver:
 
     ops: status | begin {"id","size"} | data <u32 offset><bytes> | end | abort | reboot.
     Every reply carries "op" and, while a transfer runs, "next" (the offset the device wants).
-    After replying to "reboot" the caller resets the device (.reboot is True)."""
+    After replying to "reboot" the caller resets the device (.reboot is True).
+    A transfer belongs to the client id that began it: another client may not abort it nor
+    begin another over it (unless its request is signed, or the transfer idled _IDLE_MS)."""
 
     def __init__(self):
         self.reboot = False
@@ -41,22 +50,33 @@ class Receiver:
                 s.close()
             except OSError:
                 pass
-        self.sink = self.slot = self.id = None
+        self.sink = self.slot = self.id = self.owner = None
         self.size = self.next = self.hl = 0
+        self.seen = ticks_ms()
 
-    def handle(self, op, payload=b""):
-        """Process one request; never raises."""
-        return run(self.steps(op, payload))
+    def _foreign(self, cid, signed):
+        return (self.id and not signed and cid != self.owner and self.owner is not None
+                and ticks_diff(ticks_ms(), self.seen) < _IDLE_MS)
 
-    def steps(self, op, payload=b""):
+    def handle(self, op, payload=b"", cid=None, signed=False):
+        """Process one request of client id cid (signed: it carried a valid signature);
+        never raises."""
+        return run(self.steps(op, payload, cid, signed))
+
+    def steps(self, op, payload=b"", cid=None, signed=False):
         """handle() as a generator: the read-back of "end" (up to 2 MB) yields after each
         buffer, so the caller can run the event loop in between; returns the reply."""
         try:
-            if op == "status":
+            if op in ("begin", "abort") and self._foreign(cid, signed):
+                r = {"error": "a transfer by another client is in progress: only that client "
+                              "(or a signed request) may abort or replace it"}
+            elif op == "status":
                 r = ota.status(self)
             elif op == "begin":
-                r = self._begin(payload)
+                r = self._begin(payload, cid)
             elif op == "data":
+                if cid == self.owner:
+                    self.seen = ticks_ms()
                 r = self._data(payload)
             elif op == "end":
                 r = yield from self._end()
@@ -84,7 +104,8 @@ class Receiver:
         mkdirs(fp("/ota"))
         from ovms import fsutil
         fsutil.write(fp("/ota/stage.json"),
-                     json.dumps({"id": self.id, "size": self.size, "slot": self.slot, "fw": fw}))
+                     json.dumps({"id": self.id, "size": self.size, "slot": self.slot, "fw": fw,
+                                 "cid": self.owner}))
 
     def _abort(self):
         self._last = None
@@ -93,7 +114,7 @@ class Receiver:
         rm(fp("/ota/stage.hdr"))
         rm(fp("/ota/stage.idx"))
 
-    def _begin(self, payload):
+    def _begin(self, payload, cid=None):
         try:
             req = json.loads(payload)
             bid = str(req["id"])
@@ -107,6 +128,7 @@ class Receiver:
             return {"error": "bundle too small (%d bytes)" % n}
         self._abort()
         self.id = bid
+        self.owner = cid
         self.size = n
         mkdirs(fp("/ota"))
         open(fp("/ota/stage.hdr"), "wb").close()
@@ -182,6 +204,15 @@ class Receiver:
                                "module's OTA key, or tampered with")
             self._open_manifest(f)
             m = check_manifest(f, self.hl, self.size)
+        sv = ota_boot.load().get("sv")
+        if (m["kind"] == "app" and sv is not None and m.get("downgrade") is not True
+                and ota_boot.vkey(m["version"]) <= ota_boot.vkey(sv)):
+            raise OTAError("version %s is not newer than %s, the highest committed "
+                           "(anti-rollback): push it with --allow-downgrade to go back"
+                           % (m["version"], sv))
+        if m.get("newkey"):
+            from ovms.ota.rsa import parse_key
+            parse_key(m["newkey"])      # a bad new key: refused before anything is written
         if m["kind"] == "firmware":
             from ovms.ota import fw as ota_fw
             self.sink = ota_fw.prepare(m, self._meta)
@@ -200,6 +231,7 @@ class Receiver:
         except (OSError, ValueError):
             return
         self.id, self.size, slot = st["id"], st["size"], st["slot"]
+        self.owner = st.get("cid")
         s = ota_boot.load()
         if slot and (slot in (s.get("stg"), s.get("run"), ota_boot.booted)
                      or slot == (s.get("fw") or {}).get("label")):
@@ -239,7 +271,12 @@ class Receiver:
             return {"error": "bundle truncated: received %d of %d bytes" % (self.next, self.size)}
         with open(fp("/ota/stage.hdr"), "rb") as f:
             sl = self._open_manifest(f)
+            nk = check_manifest(f, self.hl, self.size).get("newkey")
         msg = yield from self.sink.finish(fp("/ota/stage.hdr"), _HDR, sl, self.hl)
+        if nk:
+            from ovms.ota.rsa import set_pubkey
+            set_pubkey(nk)          # (validated when the header was accepted)
+            msg = (msg or "staged") + "; OTA key replaced"
         r = {"ok": True, "staged": self.sink.version, "slot": self.slot, "next": self.size,
              "msg": msg}
         self._abort()

@@ -1,4 +1,10 @@
 """OVMS-style command shell: command tree, sessions with secure mode, MQTT/REPL transports."""
+# Trust (see README "Security"): the console (REPL, physical access) enters secure mode with
+# `enable` (password module; none set: granted, as OVMS). An MQTT command gets a session of its
+# own, secure or not as the transport decides (ovms.server_v3: trusted broker link by default, or
+# a valid signature with server.v3 commands signed); no secure state outlives the command, so
+# nothing another sender could reuse, and `enable` over MQTT checks no password (no guessing,
+# no penalty, no lock-out).
 import time
 from micropython import const
 
@@ -8,12 +14,12 @@ MAX_LINE = const(1024)      # longest accepted command line (characters)
 MAX_OUT = const(4096)       # default reply size limit (characters), then TRUNC is appended
 MAX_STREAM = const(32768)   # reply limit of MQTT sessions (streamed, see Out)
 PENALTY_MS = const(5000)    # delay after a wrong enable password
-_MAX_SESSIONS = const(8)    # remembered MQTT client ids (least recently used dropped)
 _DEDUP_MS = const(60000)    # window in which a repeated QoS 2 / DUP command is dropped
 _DEDUP_N = const(16)
 _CHUNK = const(32)          # lines per chunk of an Out
 TRUNC = "\n[output truncated]"
 SECURE_REQUIRED = "Error: Secure command requires 'enable' mode"
+SIGN_REQUIRED = "Error: Secure command requires a signed command (server.v3 commands signed)"
 READONLY = "Error: Read-only shell: this command is not allowed over MQTT"
 UNRECOGNISED = "Unrecognised command"
 
@@ -275,6 +281,7 @@ class Session:
         self.readonly = readonly    # True: secure commands and enable refused
         self.max_out = max_out
         self.stream = False         # replies may be Out objects (see Out.text)
+        self.remote = False         # True: an MQTT command's session (see session_for)
         self.penalty = 0            # ms the transport should wait before replying
         self._secure = False
         self.last = _ms()           # last secure use (ticks_ms)
@@ -293,7 +300,6 @@ class Session:
 
 
 local = Session()   # the REPL / serial console session
-_sessions = {}      # MQTT client id -> Session
 
 
 def _cfg(param, inst, default):
@@ -305,25 +311,17 @@ def _cfg(param, inst, default):
         return default
 
 
-def session_for(client_id):
-    """Session of an MQTT client id (created on first use; read-only flag and secure-mode
-    time-out taken from config server.v3 shell.readonly / shell.timeout)."""
-    s = _sessions.get(client_id)
-    if s is None:
-        if len(_sessions) >= _MAX_SESSIONS:
-            old = None
-            for k in _sessions:
-                if old is None or time.ticks_diff(_sessions[old].used, _sessions[k].used) > 0:
-                    old = k
-            del _sessions[old]
-        s = _sessions[client_id] = Session(client_id, max_out=MAX_STREAM)
-        s.stream = True
-    s.used = _ms()
-    s.readonly = bool(_cfg("server.v3", "shell.readonly", False))
-    try:
-        s.timeout = int(_cfg("server.v3", "shell.timeout", 300))
-    except (TypeError, ValueError):
-        s.timeout = 300
+def session_for(client_id, secure=None):
+    """A new session for one MQTT command of client_id: read-only per config server.v3
+    shell.readonly; secure if `secure`, or (None) if the broker link is trusted (server.v3
+    commands trusted, the default); its replies stream (Out objects, up to MAX_STREAM)."""
+    s = Session(client_id, readonly=bool(_cfg("server.v3", "shell.readonly", False)),
+                max_out=MAX_STREAM)
+    s.remote = True
+    s.stream = True
+    if secure is None:
+        secure = _cfg("server.v3", "commands", "trusted") != "signed"
+    s.secure = secure and not s.readonly
     return s
 
 
@@ -341,6 +339,8 @@ def _enable(session, args):
     global _penalty_until
     if session.readonly:
         return READONLY
+    if session.remote:      # MQTT: the transport decided; no password here
+        return "Secure mode (trusted server link)" if session.secure else SIGN_REQUIRED
     now = _ms()
     if _penalty_until is not None:
         left = time.ticks_diff(_penalty_until, now)
@@ -457,7 +457,8 @@ def _dispatch(session, args):
     if h is None:
         return _usage(p, n) if path else UNRECOGNISED
     if n[_SEC] and not session.secure:
-        return READONLY if session.readonly else SECURE_REQUIRED
+        return READONLY if session.readonly else (
+            SIGN_REQUIRED if session.remote else SECURE_REQUIRED)
     rest = args[i:]
     if len(rest) < n[_MIN] or (n[_MAX] >= 0 and len(rest) > n[_MAX]):
         return _usage(p, n)
@@ -572,6 +573,15 @@ async def run_async(line, session=None):
     import asyncio
     if session is None:
         session = local
+    t = await _run_async(line, session)
+    if session.penalty:
+        p = session.penalty
+        session.penalty = 0
+        await asyncio.sleep_ms(p)
+    return t
+
+
+async def _run_async(line, session):
     t = _exec(line, session)
     if isinstance(t, _GEN):
         try:
@@ -580,10 +590,6 @@ async def run_async(line, session=None):
             t = "Error: Out of memory"
         except Exception as e:
             t = _err(e)
-    if session.penalty:
-        p = session.penalty
-        session.penalty = 0
-        await asyncio.sleep_ms(p)
     return t
 
 
@@ -595,11 +601,11 @@ _running = 0
 _recent = []          # [(key, ticks_ms)] of recent QoS 2 / DUP commands
 
 
-def submit(client_id, cmd_id, payload, reply, qos=0, dup=False):
+def submit(client_id, cmd_id, payload, reply, qos=0, dup=False, secure=None):
     """Queue an MQTT command (call from the receive path; returns at once).
     reply is `async def reply(client_id, cmd_id, text)` (publishes on
     <prefix>client/<cid>/response/<cmd_id>). A QoS 2 or DUP command already seen in the
-    last 60 s is dropped (returns False)."""
+    last 60 s is dropped (returns False). secure: see session_for()."""
     import asyncio
     if qos == 2 or dup:
         now = _ms()
@@ -613,25 +619,35 @@ def submit(client_id, cmd_id, payload, reply, qos=0, dup=False):
         if len(_recent) >= _DEDUP_N:
             _recent.pop(0)
         _recent.append((key, now))
-    asyncio.create_task(_job(client_id, cmd_id, payload, reply))
+    asyncio.create_task(_job(client_id, cmd_id, payload, reply, secure))
     return True
 
 
-async def _job(cid, cmd_id, payload, reply):
+async def _job(cid, cmd_id, payload, reply, secure=None):
+    # A command runs at once; only an async one (still running after its first step) takes
+    # one of the MAX_RUNNING slots, so a flood of quick commands never blocks others.
     global _running
     import asyncio
-    if _running >= MAX_RUNNING:
-        t = "Error: Too many commands in progress, try again later"
-    else:
-        _running += 1
-        try:
-            t = await asyncio.wait_for(run_async(payload, session_for(cid)), CMD_TIMEOUT)
-        except asyncio.TimeoutError:
-            t = "Error: Command timed out after %d s" % CMD_TIMEOUT
-        except Exception as e:
-            t = "Error: %r" % (e,)
-        finally:
-            _running -= 1
+    s = session_for(cid, secure)
+    t = _exec(payload, s)
+    if isinstance(t, _GEN):
+        if _running >= MAX_RUNNING:
+            t.close()
+            t = "Error: Too many commands in progress, try again later"
+        else:
+            _running += 1
+            try:
+                t = _fix(await asyncio.wait_for(t, CMD_TIMEOUT), s)
+            except asyncio.TimeoutError:
+                t = "Error: Command timed out after %d s" % CMD_TIMEOUT
+            except MemoryError:
+                t = "Error: Out of memory"
+            except Exception as e:
+                t = _err(e)
+            finally:
+                _running -= 1
+    if s.penalty:           # a penalty never holds a command slot
+        await asyncio.sleep_ms(s.penalty)
     try:
         await reply(cid, cmd_id, t)
     except Exception as e:

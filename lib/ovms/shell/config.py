@@ -84,11 +84,37 @@ def _scrub(msg, value):
     return msg
 
 
+# Over the network (an MQTT session), a change of where the module logs in (server, port, user,
+# CA) or a switch to plain MQTT would send the stored MQTT password to a host the sender
+# chooses: such a change clears the stored password first (it must be given anew).
+_LINK = ("server", "port", "user", "ca", "tls")
+_CLEARED = "\nThe stored MQTT password was cleared (the link changed): set it anew " \
+           "(config set password server.v3 <password>)."
+
+
+def _relink(c, session, p, i, v):
+    # True if this remote change moves the broker link: the stored password is cleared first
+    if (not getattr(session, "remote", False) or p != "server.v3"
+            or (i not in _LINK and i != "*") or not c.get("password", "server.v3", None)):
+        return False
+    if v is not None:
+        v = c.check(p, i, v)    # an invalid value: refused before anything changes
+        old = c.get(p, i, None)
+        if i == "tls":
+            if v == "yes" or not old:
+                return False    # TLS on, or already off
+        elif v == ("" if old is None else str(old)):
+            return False
+    c.rm("password", "server.v3")
+    return True
+
+
 def _set(session, args):
     c = _c()
     p, i = args[0], args[1]
     v = " ".join(args[2:])
     try:
+        cl = _relink(c, session, p, i, v)
         c.set(p, i, v)
     except (ValueError, TypeError) as e:
         m = str(e) or "invalid value"
@@ -97,7 +123,7 @@ def _set(session, args):
         return "Error: " + m
     except OSError as e:
         return "Error: Could not save config (%r)" % (e,)
-    return "Parameter has been set."
+    return "Parameter has been set." + (_CLEARED if cl else "")
 
 
 def _rm(session, args):
@@ -106,12 +132,15 @@ def _rm(session, args):
     if not _known(c, p):
         return "Error: Unknown parameter '%s'" % p
     try:
+        cl = (i == "*" or c.is_set(p, i)) and _relink(c, session, p, i, None)
         ok = c.rm(p, i)
     except (ValueError, TypeError) as e:
         return "Error: %s" % e
     except OSError as e:
         return "Error: Could not save config (%r)" % (e,)
-    return "Parameter has been removed." if ok else "Error: Parameter %s %s is not set" % (p, i)
+    if not ok:
+        return "Error: Parameter %s %s is not set" % (p, i)
+    return "Parameter has been removed." + (_CLEARED if cl else "")
 
 
 shell.register("config", "Configuration framework", None)

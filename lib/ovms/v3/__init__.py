@@ -1,1 +1,1 @@
-"""OVMS v3 server: MQTT topic layout, metric scheduler, persistent outbox."""
+"""OVMS v3 server: MQTT topic layout, metric scheduler, persistent outbox, signed commands."""

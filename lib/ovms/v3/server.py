@@ -5,7 +5,9 @@
 #   stale/<name with . -> />        retained "yes" while the metric is stale (see below)
 #   notify/<type>/<subtype path>    QoS 1, from the persistent flash outbox (ovms.v3.outbox)
 #   event/<name path> (+ legacy "event" = name)  QoS 0, only while connected
-#   client/<cid>/response/<id>      QoS 1, reply to client/<cid>/command/<id> (ovms.shell)
+#   client/<cid>/response/<id>      QoS 1, reply to client/<cid>/command/<id> (ovms.shell);
+#                                   commands are trusted (as OVMS v3) or, with server.v3
+#                                   commands signed, secure ones must be signed (ovms.v3.cmdsig)
 #   client/<cid>/metric/done        QoS 1, count of metrics republished for
 #                                   client/<cid>/request/metric ("*" or "a.b*,c.d" patterns)
 # Subscriptions: client/+/active (QoS 1; peers expire after 120 s; s.v3.peers),
@@ -22,8 +24,9 @@
 # after boot, read back from the broker (subscribe, ping round trip, unsubscribe) so stale
 # markers left from before a reboot are cleared once those metrics are fresh again.
 #
-# Secrets: values of secret config entries (passwords, keys) are replaced by ******** in
-# every command reply, notification and string metric before it is published;
+# Secrets: secret config values (passwords, keys) are never printed by any command (the config
+# commands show ******** for them), so replies are not searched for them: a scrubber that masks
+# a secret wherever it appears would tell a guesser which guess is the password.
 # client/+/request/config is not served at all.
 import asyncio
 from time import ticks_ms, ticks_diff
@@ -45,7 +48,6 @@ _FULL_MIN_S = const(60)   # at most one full republish (update all) and one publ
 _STALE_S = const(1)       # seconds between stale-marker scans (32 metrics per poll)
 _LINK = ("server", "port", "tls", "user", "clientid", "topic.prefix", "ca",
          "updatetime.keepalive")
-MASK = "********"
 
 
 def _cfg(inst):
@@ -78,7 +80,6 @@ class Server:
         self._rq_bits = None    # metrics published for requests in that window (bitmap)
         self.coalesced = 0      # metric values not republished for a request (window)
         self._reqs = []
-        self._secrets = []
         self._tasks = []
         self._stop = False
         self._sendall = False
@@ -98,7 +99,6 @@ class Server:
     async def run(self):
         """Run until stop(): (re)build the link whenever its config changes."""
         config.on_change(self._on_config)
-        self._load_secrets()
         try:
             while not self._stop:
                 self._restart.clear()
@@ -211,33 +211,11 @@ class Server:
                 "priority": (_cfg("metrics.priority") or "") + ",s.v3.*"}
 
     def _on_config(self, param, inst):
-        if config.secret(param, inst):
-            self._load_secrets()
         if ((param == "server.v3" and inst in _LINK) or (param == "vehicle" and inst == "id")
                 or (param == "password" and inst == "server.v3")):
             self._restart.set()
         elif param == "server.v3" and self.sched is not None:
             self.sched.configure(**self._sched_cfg())
-
-    def _load_secrets(self):
-        s = []
-        try:
-            for p in config.params():
-                for i in config.instances(p):
-                    if config.secret(p, i):
-                        v = config.get(p, i)
-                        if isinstance(v, str) and len(v) >= 4:
-                            s.append(v)
-        except Exception as e:
-            _log("cannot read secrets: %r" % (e,))
-        self._secrets = s
-
-    def scrub(self, s):
-        """s with every secret config value replaced by ********."""
-        for v in self._secrets:
-            if v in s:
-                s = s.replace(v, MASK)
-        return s
 
     # ---- connection events ----------------------------------------------------------
 
@@ -297,10 +275,7 @@ class Server:
 
     async def _pub_metric(self, i, now):
         t = self.prefix + "metric/" + metrics.name(i).replace(".", "/")
-        v = metrics.text(i)
-        if metrics.typecode(i) == "s":
-            v = self.scrub(v)
-        await self.client.publish(t, v, retain=self._retain(t))
+        await self.client.publish(t, metrics.text(i), retain=self._retain(t))
         self.sched.sent(i, now)
         self.published += 1
 
@@ -431,7 +406,7 @@ class Server:
             while self._otaq:
                 cid, op, msg = self._otaq.pop(0)
                 try:
-                    g = rx.steps(op, msg)
+                    g = _ota_trust(rx, cid, op, msg)
                     while True:     # a long step (the read-back of "end") in slices
                         try:
                             next(g)
@@ -484,6 +459,16 @@ class Server:
         self._set("s.v3.peers", n)
 
     def _command(self, cid, cmd_id, msg, qos, dup):
+        sec = None              # as the config says (server.v3 commands trusted|signed)
+        if msg[:6] == b"!sig1 ":  # signed with the module password (ovms.v3.cmdsig)
+            from ovms.v3 import cmdsig
+            msg, err = cmdsig.check(cid.encode(), cmd_id.encode(), msg,
+                                    config.get("password", "module"))
+            if err:
+                if not ((qos == 2 or dup) and err.startswith("Error: Replayed")):
+                    self.respond(cid, cmd_id, err)   # (a redelivery of a run command: quiet)
+                return
+            sec = True
         try:
             line = msg.decode()
         except UnicodeError:
@@ -491,7 +476,7 @@ class Server:
             return
         try:
             from ovms import shell
-            shell.submit(cid, cmd_id, line, self._reply, qos, dup)
+            shell.submit(cid, cmd_id, line, self._reply, qos, dup, sec)
         except Exception as e:
             self.respond(cid, cmd_id, "Error: %r" % (e,))
 
@@ -501,9 +486,9 @@ class Server:
                 self.respond(cid, cmd_id, text)     # through the outbox (bounded: 4 KB)
             else:
                 await self.client.publish("%sclient/%s/response/%s" % (self.prefix, cid, cmd_id),
-                                          self.scrub(text), qos=1)
+                                          text, qos=1)
             return
-        # a long reply (shell.Out): its lines, scrubbed and encoded one at a time in place,
+        # a long reply (shell.Out): its lines, encoded one at a time in place,
         # go out as one QoS 1 message part by part (no joined copy, no outbox size limit)
         c = self.client
         if c is None:
@@ -512,7 +497,7 @@ class Server:
         first = True
         for ch in parts:
             for i in range(len(ch)):
-                ch[i] = (b"" if first else b"\n") + self.scrub(ch[i]).encode()
+                ch[i] = (b"" if first else b"\n") + ch[i].encode()
                 first = False
         if text.full:
             parts.append(b"\n[output truncated]")
@@ -522,8 +507,7 @@ class Server:
     def respond(self, cid, cmd_id, text):
         c = self.client
         if c is not None:
-            c.queue("%sclient/%s/response/%s" % (self.prefix, cid, cmd_id), self.scrub(text),
-                    qos=1)
+            c.queue("%sclient/%s/response/%s" % (self.prefix, cid, cmd_id), text, qos=1)
 
     async def _requests(self):
         while True:
@@ -607,10 +591,6 @@ class Server:
                     pass
                 continue
             seq, t, p = h
-            try:
-                p = self.scrub(p.decode())
-            except UnicodeError:
-                pass
             try:
                 await c.publish(self.prefix + t, p, qos=1, frail=True)
             except OSError as e:
@@ -701,6 +681,29 @@ def _exists(p):
         return True
     except OSError:
         return False
+
+
+def _ota_trust(rx, cid, op, msg):
+    # A generator (the receiver's steps): OTA requests follow the command trust rules: a
+    # signed request (as a signed command, with command id "ota/<op>") may do anything; with
+    # server.v3 commands signed, the state-changing operations begin, abort and reboot must be
+    # signed.
+    signed = False
+    if msg[:6] == b"!sig1 ":
+        from ovms.v3 import cmdsig
+        msg, err = cmdsig.check(cid.encode(), b"ota/" + op.encode(), msg,
+                                config.get("password", "module"))
+        if err:
+            return _ota_err(op, err)
+        signed = True
+    elif op in ("begin", "abort", "reboot") and _cfg("commands") == "signed":
+        return _ota_err(op, "signed request required (server.v3 commands signed)")
+    return (yield from rx.steps(op, msg, cid, signed))
+
+
+def _ota_err(op, err):
+    import json
+    return json.dumps({"op": op, "error": err}).encode()
 
 
 def _seg(s):
