@@ -53,7 +53,7 @@ def cli(capsys, broker, *argv, env=None):  # noqa: F811
     os.environ.update(env or {})
     try:
         rc = ovms_cli.main(["--mqtt", "mqtts://localhost:%d" % broker.tls_port, "--ca", broker.ca,
-                            "--user", "bob", "--vehicle", "CAR1", "--timeout", "15"] + list(argv))
+                            "--user", "bob", "--id", "CAR1", "--timeout", "15"] + list(argv))
     finally:
         os.environ.clear()
         os.environ.update(old)
@@ -101,7 +101,7 @@ def test_interactive_session_keeps_secure_mode(broker, dev_factory, tmp_path):  
     d = start_device(dev_factory, broker, tmp_path)
     p = subprocess.run([sys.executable, os.path.join(REPO, "tools", "ovms.py"), "--mqtt",
                         "mqtts://localhost:%d" % broker.tls_port, "--ca", broker.ca, "--user", "bob",
-                        "--vehicle", "CAR1", "shell"],
+                        "--id", "CAR1", "shell"],
                        input='lock\nenable "pw 1"\nlock\nmetrics get v.b.soc\nexit\n', capture_output=True,
                        text=True, timeout=60, env=dict(os.environ, HOME=str(tmp_path)))
     assert p.returncode == 0, p.stderr

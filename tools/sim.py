@@ -75,7 +75,7 @@ def main(argv=None):
     wait_line(dev, "can-tx")
     prov = [sys.executable, os.path.join(TOOLS, "ovms.py"), "--port", pty, "provision",
             "--wifi", "sim-car", "sim-password", "--mqtt-host", "localhost",
-            "--mqtt-port", str(broker.tls_port), "--ca", broker.ca, "--vehicle", a.vehicle,
+            "--mqtt-port", str(broker.tls_port), "--ca", broker.ca, "--type", a.vehicle,
             "--id", a.id]
     r = subprocess.run(prov, capture_output=True, text=True, timeout=120)
     if r.returncode:
