@@ -46,6 +46,8 @@ def _common(p, top, aliases=False):
     for flags, dest, kw in COMMON:
         if aliases:
             flags = flags + ALIASES.get(dest, ())
+        if kw.get("action") != "store_true":
+            kw = dict(kw, metavar=kw.get("metavar", dest.upper()))
         g.add_argument(*flags, dest=("top_" if top else "") + dest, default=argparse.SUPPRESS,
                        **kw)
     g.add_argument("--vehicle", action=Ambiguous, help=argparse.SUPPRESS)
