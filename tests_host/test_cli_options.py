@@ -125,3 +125,23 @@ def test_json_of_data_replies():
     assert not r["ok"] and "data" not in r
     r = cli_json.reply("stat", "line\n[output truncated]")
     assert r["truncated"] and "data" not in r
+
+
+def test_ota_status_json(monkeypatch, capsys):
+    import json
+    import cli_ota
+    st = {"op": "status", "running": "1.2.3", "slot": "a", "trial": False, "staged": None}
+
+    class FakeOtaLink:
+        def __init__(self, args):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(cli_ota, "Link", FakeOtaLink)
+    monkeypatch.setattr(cli_ota, "_status", lambda link, timeout: st)
+    assert ovms_cli.main(["--mqtt", "mqtt://h", "--id", "V", "ota", "status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == st
+    assert ovms_cli.main(["--mqtt", "mqtt://h", "--id", "V", "ota", "status"]) == 0
+    assert "Running:  1.2.3 (slot a)" in capsys.readouterr().out
