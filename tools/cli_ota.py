@@ -307,7 +307,8 @@ def wait_switch(link, man, slot, timeout, limit):
         man["version"], limit, "" if seen_reboot else " (it did not seem to reboot)"))
 
 
-def print_status(r, out=sys.stdout):
+def print_status(r, out=None):
+    out = out or sys.stdout
     slot = r.get("slot")
     print("Running:  %s (%s)%s" % (r.get("running"), "factory" if slot == "f" else "slot %s" % slot,
                                    " on trial" if r.get("trial") else ""), file=out)
