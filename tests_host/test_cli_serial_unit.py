@@ -224,6 +224,21 @@ def test_provision_plain_mqtt_only_when_asked(dev, capsys):
         ["broker.local", 1883, False]
 
 
+def test_provision_keeps_credentials_off_a_module_left_on_plain_mqtt(dev, capsys):
+    assert dev(["provision", "--mqtt-host", "broker.local", "--insecure-plain-mqtt"]) == 0
+    capsys.readouterr()
+    # a password (or account) alone onto a module set to tls no: refused on the device, nothing written
+    for argv in (["--password", "s3cret"], ["--user", "bob"]):
+        assert dev(["provision"] + argv) == 1
+        out = capsys.readouterr().out
+        assert out.startswith("Error: the module is set to plain MQTT") and "--ca" in out
+    assert cfg_values(dev.root, [("password", "server.v3"), ("server.v3", "user")]) == ["", ""]
+    assert dev(["provision", "--password", "s3cret", "--insecure-plain-mqtt"]) == 0
+    assert cfg_values(dev.root, [("password", "server.v3")]) == ["s3cret"]
+    # the vehicle id or Wi-Fi alone carry no MQTT credentials: no flag needed
+    assert dev(["provision", "--id", "CAR2"]) == 0
+
+
 def test_provision_broker_url_and_options_in_either_position(dev, capsys, tmp_path):
     from broker import make_ca
     ca = make_ca(str(tmp_path / "ca"))["ca.pem"]

@@ -290,9 +290,16 @@ def provision_items(args):
 CHECK_CODE = """
 from ovms import config as _ocf
 try:
-    for _p, _i, _v in %r:
+    _its = %r
+    for _p, _i, _v in _its:
         _ocf.check(_p, _i, _v)
-    print('OK')
+    _t = [_v for _p, _i, _v in _its if (_p, _i) == ('server.v3', 'tls')]
+    _cred = [1 for _p, _i, _v in _its if (_p, _i) in (('password', 'server.v3'),
+                                                     ('server.v3', 'user'), ('server.v3', 'server'))]
+    if _cred and not %r and not (_t[0] == 'yes' if _t else _ocf.get('server.v3', 'tls')):
+        print('Error: the module is set to plain MQTT (server.v3 tls no): ' + %r)
+    else:
+        print('OK')
 except ValueError as e:
     print('Error: %%s' %% e)
 """
@@ -347,7 +354,9 @@ def cmd_provision(dev, args, files, items):
               file=sys.stderr)
         return LINK_ERROR
     # 1. validate everything on the device first: nothing is written if one value is bad
-    r = dev.exec(CHECK_CODE % (items,)).strip()
+    # (also: no credentials or broker onto a module left on plain MQTT, unless asked to)
+    r = dev.exec(CHECK_CODE % (items, bool(getattr(args, "insecure_plain_mqtt", False)),
+                               PLAIN_REFUSED)).strip()
     if r != "OK":
         print(r)
         return DEVICE_ERROR
