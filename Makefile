@@ -39,14 +39,15 @@ firmware: deps
 
 # Erase and flash the image: make flash PORT=/dev/ttyUSB0
 flash: deps
-	$(PY) tools/flash.py --port $(PORT)
+	$(PY) tools/ovms.py flash -p $(PORT)
 
 # Copy the app (compiled with mpy-cross -march=$(ARCH)) to a module: make deploy PORT=...
 deploy: deps
-	$(PY) tools/deploy.py --port $(PORT) --arch $(ARCH)
+	$(PY) tools/ovms.py deploy -p $(PORT) --arch $(ARCH)
 
+# package.json for `mpremote mip install github:OWNER/REPO`.
 package: deps
-	$(PY) tools/mkpackage.py
+	$(PY) tools/ovms.py package
 
 clean:
 	rm -rf build .sim .pytest_cache .hypothesis

@@ -62,4 +62,4 @@ if [ "$SIZE" -gt "$SLOT" ]; then
     echo "build.sh: the image does not fit the OTA slot" >&2
     exit 1
 fi
-echo "flash with: make flash PORT=/dev/ttyUSB0   (or python tools/flash.py --port ...)"
+echo "flash with: make flash PORT=/dev/ttyUSB0   (or python tools/ovms.py flash -p ...)"

@@ -106,7 +106,7 @@ def test_provision_survives_a_power_cycle(vdev, tmp_path):
     ca = make_ca(str(tmp_path / "ca"))["ca.pem"]
     r = vdev.cli("provision", "--wifi", "Home Net", "wifipass1", "--mqtt-host", "127.0.0.1",
                  "--mqtt-port", "18883", "--mqtt-user", "alice", "--mqtt-password", "s3cret",
-                 "--ca", ca, "--vehicle", "NL", "--id", "LEAF1")
+                 "--ca", ca, "--type", "NL", "--id", "LEAF1")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "s3cret" not in r.stdout and "wifipass1" not in r.stdout
     assert "password server.v3: ********" in r.stdout
@@ -130,7 +130,8 @@ def test_provision_survives_a_power_cycle(vdev, tmp_path):
 
 def test_provision_refuses_bad_values_and_keeps_the_config(vdev):
     assert vdev.cli("config", "set", "vehicle", "id", "KEEP").returncode == 0
-    r = vdev.cli("provision", "--mqtt-host", "h.example", "--mqtt-port", "70000", "--id", "NEW")
+    r = vdev.cli("provision", "--mqtt-host", "h.example", "--mqtt-port", "70000", "--id", "NEW",
+                 "--insecure-plain-mqtt")
     assert r.returncode == 1
     assert r.stdout == "Error: Invalid value '70000' for server.v3 port: expected an integer 0..65535\n"
     assert "soft reset" not in r.stdout

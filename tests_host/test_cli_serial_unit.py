@@ -188,7 +188,7 @@ def test_provision(dev, capsys, tmp_path):
     ca = make_ca(str(tmp_path / "ca"))["ca.pem"]
     rc = dev(["provision", "--wifi", "Home Net", "wifipass1", "--mqtt-host", "127.0.0.1",
               "--mqtt-port", "18883", "--mqtt-user", "alice", "--mqtt-password", "s3cret",
-              "--ca", ca, "--vehicle", "NL", "--id", "LEAF1"])
+              "--ca", ca, "--type", "NL", "--id", "LEAF1"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert dev.state["dev"].closed == "reset"
@@ -206,17 +206,68 @@ def test_provision(dev, capsys, tmp_path):
         str(dev.root / "ca.pem"), "NL", "LEAF1"]
 
 
-def test_provision_without_ca_is_plain_mqtt(dev, capsys):
-    assert dev(["provision", "--mqtt-host", "broker.local"]) == 0
+def test_provision_refuses_plain_mqtt_without_the_explicit_flag(dev, capsys):
+    # with a password and no --ca, nothing is written and the device is not even opened
+    for argv in (["--mqtt-host", "broker.local", "--password", "s3cret"],
+                 ["--mqtt-host", "broker.local"],
+                 ["--mqtt", "mqtt://broker.local:1883", "--mqtt-password", "s3cret"]):
+        assert dev(["provision"] + argv) == 2
+        err = capsys.readouterr().err
+        assert "refusing to configure the broker without TLS" in err and "--insecure-plain-mqtt" in err
+        assert "--ca" in err
+    assert "dev" not in dev.state
+
+
+def test_provision_plain_mqtt_only_when_asked(dev, capsys):
+    assert dev(["provision", "--mqtt-host", "broker.local", "--insecure-plain-mqtt"]) == 0
     assert cfg_values(dev.root, [("server.v3", "server"), ("server.v3", "port"), ("server.v3", "tls")]) == \
         ["broker.local", 1883, False]
+
+
+def test_provision_keeps_credentials_off_a_module_left_on_plain_mqtt(dev, capsys):
+    assert dev(["provision", "--mqtt-host", "broker.local", "--insecure-plain-mqtt"]) == 0
+    capsys.readouterr()
+    # a password (or account) alone onto a module set to tls no: refused on the device, nothing written
+    for argv in (["--password", "s3cret"], ["--user", "bob"]):
+        assert dev(["provision"] + argv) == 1
+        out = capsys.readouterr().out
+        assert out.startswith("Error: the module is set to plain MQTT") and "--ca" in out
+    assert cfg_values(dev.root, [("password", "server.v3"), ("server.v3", "user")]) == ["", ""]
+    assert dev(["provision", "--password", "s3cret", "--insecure-plain-mqtt"]) == 0
+    assert cfg_values(dev.root, [("password", "server.v3")]) == ["s3cret"]
+    # the vehicle id or Wi-Fi alone carry no MQTT credentials: no flag needed
+    assert dev(["provision", "--id", "CAR2"]) == 0
+
+
+def test_provision_broker_url_and_options_in_either_position(dev, capsys, tmp_path):
+    from broker import make_ca
+    ca = make_ca(str(tmp_path / "ca"))["ca.pem"]
+    # the shared options before the subcommand mean the same as after it (issue: a global --ca
+    # was once silently not provision's)
+    rc = ovms_cli.main(["--port", "/dev/null", "--ca", ca, "--user", "bob", "--password", "pw",
+                        "--id", "CAR7", "provision", "--mqtt", "mqtts://mqtt.example:8884",
+                        "--type", "RV"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert cfg_values(dev.root, [("server.v3", "server"), ("server.v3", "port"), ("server.v3", "tls"),
+                                 ("server.v3", "user"), ("password", "server.v3"), ("vehicle", "id"),
+                                 ("vehicle", "type")]) == \
+        ["mqtt.example", 8884, True, "bob", "pw", "CAR7", "RV"]
+    # mqtts:// without a CA, or two brokers: refused before the device is opened
+    dev.state.clear()
+    assert dev(["provision", "--mqtt", "mqtts://h:8883"]) == 2
+    assert "mqtts:// needs --ca" in capsys.readouterr().err
+    assert dev(["provision", "--mqtt", "mqtts://h", "--mqtt-host", "h2", "--ca", ca]) == 2
+    assert "give the broker once" in capsys.readouterr().err
+    assert "dev" not in dev.state
 
 
 def test_provision_is_all_or_nothing(dev, capsys, tmp_path):
     assert dev(["provision", "--id", "KEEP"]) == 0
     capsys.readouterr()
     # one bad value (vehicle id too long): nothing is written, no reset, clear message
-    rc = dev(["provision", "--mqtt-host", "new.host", "--id", "X" * 40, "--wifi", "net", "pw"])
+    rc = dev(["provision", "--mqtt-host", "new.host", "--insecure-plain-mqtt", "--id", "X" * 40,
+              "--wifi", "net", "pw"])
     out = capsys.readouterr().out
     assert rc == 1
     assert out == "Error: Invalid value for vehicle id: too long (40 > 32 chars)\n"

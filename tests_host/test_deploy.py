@@ -75,7 +75,7 @@ def test_deploy_to_a_fresh_virtual_device(tmp_path):
     try:
         src = _source(tmp_path, "7.7.7-deploy")
         r = subprocess.run([sys.executable,
-                            os.path.join(REPO, "tools", "deploy.py"), "--port", d.pty,
+                            os.path.join(REPO, "tools", "ovms.py"), "deploy", "--port", d.pty,
                             "--arch", "auto", "--source", src],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -96,7 +96,7 @@ def test_deploy_to_a_fresh_virtual_device(tmp_path):
         # a second deploy (a file removed from lib/) leaves no stale module behind
         os.remove(os.path.join(src, "lib", "ovms", "shell", "vehicle.py"))
         r = subprocess.run([sys.executable,
-                            os.path.join(REPO, "tools", "deploy.py"), "--port", d.pty,
+                            os.path.join(REPO, "tools", "ovms.py"), "deploy", "--port", d.pty,
                             "--arch", "x64", "--source", src],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
@@ -109,7 +109,7 @@ def test_deploy_to_a_fresh_virtual_device(tmp_path):
 def test_package_json_lists_every_lib_file_and_is_current():
     with open(os.path.join(REPO, "package.json")) as f:
         pkg = json.load(f)
-    assert pkg == mkpackage.package(), "package.json is out of date: run tools/mkpackage.py"
+    assert pkg == mkpackage.package(), "package.json is out of date: run make package"
     with open(os.path.join(REPO, "package.json")) as f:
         assert f.read() == mkpackage.text()
     got = {dst: src for dst, src in pkg["urls"]}

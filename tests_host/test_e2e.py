@@ -55,7 +55,7 @@ def device(tmp_path, broker):
     ovms("--port", d.pty, "config", "set", "password", "module", "s3cret")
     ovms("--port", d.pty, "config", "set", "vehicle", "can.mode", "normal")
     ovms("--port", d.pty, "provision", "--wifi", "car", "wifipw", "--mqtt-host", "localhost",
-         "--mqtt-port", str(broker.tls_port), "--ca", broker.ca, "--vehicle", "TX",
+         "--mqtt-port", str(broker.tls_port), "--ca", broker.ca, "--type", "TX",
          "--id", "E2E")
     yield d
     d.stop()
@@ -124,7 +124,7 @@ def test_hung_task_resets_the_module_and_is_logged(tmp_path, broker):
     try:
         ovms("--port", d.pty, "config", "set", "module", "watchdog.timeout", "5")
         ovms("--port", d.pty, "provision", "--wifi", "car", "wifipw", "--mqtt-host", "localhost",
-             "--mqtt-port", str(broker.tls_port), "--ca", broker.ca, "--vehicle", "RV",
+             "--mqtt-port", str(broker.tls_port), "--ca", broker.ca, "--type", "RV",
              "--id", "WDT")
         c = Client(broker, "ovms//WDT/")
         try:

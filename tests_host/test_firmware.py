@@ -148,7 +148,16 @@ def test_frozen_app_fits_the_size_budget():
     assert total <= FROZEN_BUDGET, "frozen app %d bytes > budget %d" % (total, FROZEN_BUDGET)
 
 
-# -- tools/flash.py ---------------------------------------------------------------------------------
+# -- ovms.py flash (tools/flash.py) ----------------------------------------------------------------
+
+def flash_cli(argv):
+    """tools/ovms.py main (loaded by path: "ovms" is also the device package's name)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ovms_host_cli_fw", os.path.join(TOOLS, "ovms.py"))
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    return m.main(argv)
+
 
 def _image(path, chip_id):
     head = bytearray(b"\xe9\x03\x02\x20" + b"\0" * 12)
@@ -180,7 +189,7 @@ def test_flash_detects_the_chip_and_writes_at_its_offset(tmp_path, chip, desc, o
     os.chmod(tool, 0o755)
     key = chip.replace("-", "").lower()
     img = _image(str(tmp_path / "fw.bin"), flash.CHIPS[key][0])
-    assert flash.main(["--port", "/dev/ttyFAKE", "--image", img, "--esptool", tool]) == 0
+    assert flash_cli(["flash", "--port", "/dev/ttyFAKE", "--image", img, "--esptool", tool]) == 0
     calls = open(log).read().splitlines()
     assert calls[0] == "--port /dev/ttyFAKE chip-id"
     assert calls[1] == "--chip %s --port /dev/ttyFAKE --baud 460800 erase-flash" % key
@@ -195,14 +204,14 @@ def test_flash_refuses_an_image_for_another_chip_or_no_image(tmp_path, capsys):
         f.write(FAKE_ESPTOOL % (log, "ESP32-S3", "ESP32-S3 (QFN56)"))
     os.chmod(tool, 0o755)
     img = _image(str(tmp_path / "fw.bin"), 0)                 # built for the classic ESP32
-    assert flash.main(["--port", "/dev/ttyFAKE", "--image", img, "--esptool", tool]) == 1
+    assert flash_cli(["flash", "--port", "/dev/ttyFAKE", "--image", img, "--esptool", tool]) == 1
     assert "holds an esp32s3 but the image is for esp32" in capsys.readouterr().err
     assert len(open(log).read().splitlines()) == 1            # nothing written
-    assert flash.main(["--port", "/dev/ttyFAKE", "--image", str(tmp_path / "none.bin")]) == 2
+    assert flash_cli(["flash", "--port", "/dev/ttyFAKE", "--image", str(tmp_path / "none.bin")]) == 2
     with open(str(tmp_path / "junk.bin"), "wb") as f:
         f.write(b"\xff" * 64)
     with pytest.raises(SystemExit, match="not an ESP32 flash image"):
-        flash.main(["--port", "/dev/ttyFAKE", "--image", str(tmp_path / "junk.bin"),
+        flash_cli(["flash", "--port", "/dev/ttyFAKE", "--image", str(tmp_path / "junk.bin"),
                     "--esptool", tool])
 
 

@@ -157,7 +157,7 @@ def dev(tmp_path, broker):
 def _ovms(broker, *args, env=None, timeout=300, wait=True):
     cmd = [sys.executable, os.path.join(TOOLS, "ovms.py"), "--mqtt",
            "mqtts://localhost:%d" % broker.tls_port, "--ca", broker.ca, "--user", "u",
-           "--vehicle", "V1", "--timeout", "3"] + list(args)
+           "--id", "V1", "--timeout", "3"] + list(args)
     e = dict(os.environ, OVMS_OTA_DEADLINE="30", **(env or {}))
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

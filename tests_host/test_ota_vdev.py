@@ -68,7 +68,7 @@ class Watch:
 def _ovms(broker, *args, env=None, timeout=400):
     cmd = [sys.executable, os.path.join(TOOLS, "ovms.py"), "--mqtt",
            "mqtts://localhost:%d" % broker.tls_port, "--ca", broker.ca, "--user", "u",
-           "--vehicle", "V1", "--timeout", "5"] + list(args)
+           "--id", "V1", "--timeout", "5"] + list(args)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, **(env or {})))
 
@@ -85,13 +85,13 @@ def test_deploy_then_push_over_tls_switches_versions_and_bad_update_rolls_back(t
     d.start()
     w = Watch(broker)
     try:
-        r = subprocess.run([sys.executable, os.path.join(TOOLS, "deploy.py"), "--port", d.pty,
+        r = subprocess.run([sys.executable, os.path.join(TOOLS, "ovms.py"), "deploy", "--port", d.pty,
                             "--arch", "auto"], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
         r = subprocess.run([sys.executable, os.path.join(TOOLS, "ovms.py"), "--port", d.pty,
                             "provision", "--wifi", "car", "secret", "--mqtt-host", "localhost",
                             "--mqtt-port", str(broker.tls_port), "--mqtt-user", "u",
-                            "--ca", broker.ca, "--vehicle", "KN", "--id", "V1",
+                            "--ca", broker.ca, "--type", "KN", "--id", "V1",
                             "--ota-pubkey", pub], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
         factory = re.search(r'VERSION = "([^"]+)"',

@@ -55,7 +55,7 @@ def cli(capsys, broker, *argv, env=None):  # noqa: F811
     os.environ.update(env or {})
     try:
         rc = ovms_cli.main(["--mqtt", "mqtts://localhost:%d" % broker.tls_port, "--ca", broker.ca,
-                            "--user", "bob", "--vehicle", "CAR1", "--timeout", "15"] + list(argv))
+                            "--user", "bob", "--id", "CAR1", "--timeout", "15"] + list(argv))
     finally:
         os.environ.clear()
         os.environ.update(old)
@@ -94,7 +94,7 @@ def test_signed_commands(broker, dev_factory, tmp_path, capsys, peers):  # noqa:
     """server.v3 commands signed: a secure command runs only with a valid HMAC of the module
     password, once (no replay, also not by another sender using the same client id); enable
     gives nothing; read-only commands need no signature."""
-    import cli_mqtt
+    import cli_link
     d = start_device(dev_factory, broker, tmp_path, SIGNED)
     rc, out, err = cli(capsys, broker, "shell", "lock")
     assert (rc, out) == (1, "Error: Secure command requires a signed command "
@@ -112,7 +112,7 @@ def test_signed_commands(broker, dev_factory, tmp_path, capsys, peers):  # noqa:
     pfx = "ovms/bob/CAR1/client/app/"
     peer = peers(broker.port, subs=(pfx + "response/#",))
     peer.settle()
-    signed = cli_mqtt.sign("pw 1", "app", "c1", "lock", 1000)
+    signed = cli_link.sign("pw 1", "app", "c1", "lock", 1000)
     peer.publish(pfx + "command/c1", signed, qos=1)
     assert peer.wait_topic(pfx + "response/c1", timeout=10)[1] == b"Vehicle locked"
     peer.clear()
@@ -132,12 +132,12 @@ def test_signed_commands(broker, dev_factory, tmp_path, capsys, peers):  # noqa:
 
 
 def test_signed_counter_survives_reboot(broker, dev_factory, tmp_path, peers):  # noqa: F811
-    import cli_mqtt
+    import cli_link
     pfx = "ovms/bob/CAR1/client/app/"
     st = tmp_path / "store"
     st.mkdir()
     code = SETUP % {"store": str(st), "port": broker.tls_port, "ca": broker.ca, "extra": SIGNED}
-    signed = cli_mqtt.sign("pw 1", "app", "c1", "lock", 5000)
+    signed = cli_link.sign("pw 1", "app", "c1", "lock", 5000)
     replies = []
     for boot in range(2):
         d = dev_factory(code, heap=HEAP)
@@ -155,7 +155,7 @@ def test_flood_of_wrong_passwords_locks_nobody_out(broker, dev_factory, tmp_path
     """Concurrent senders flood wrong `enable`s and badly signed commands; the owner's signed
     commands and everyone's read-only commands are all answered meanwhile."""
     import threading
-    import cli_mqtt
+    import cli_link
     d = start_device(dev_factory, broker, tmp_path, SIGNED)
     P = "ovms/bob/CAR1/client/"
     stop = threading.Event()
@@ -167,7 +167,7 @@ def test_flood_of_wrong_passwords_locks_nobody_out(broker, dev_factory, tmp_path
             k += 1
             p.publish(P + "evil%d/command/e%d" % (n, k), "enable guess%d" % k, qos=0)
             p.publish(P + "evil%d/command/s%d" % (n, k),
-                      cli_mqtt.sign("guess%d" % k, "evil%d" % n, "s%d" % k, "lock", k), qos=0)
+                      cli_link.sign("guess%d" % k, "evil%d" % n, "s%d" % k, "lock", k), qos=0)
             time.sleep(0.02)
     ts = [threading.Thread(target=flood, args=(n,)) for n in range(2)]
     for t in ts:
@@ -180,7 +180,7 @@ def test_flood_of_wrong_passwords_locks_nobody_out(broker, dev_factory, tmp_path
         for k in range(10):
             owner.publish(P + "owner/command/r%d" % k, "metrics get v.b.soc", qos=1)
             owner.publish(P + "owner/command/w%d" % k,
-                          cli_mqtt.sign("pw 1", "owner", "w%d" % k, "lock", 100 + k), qos=1)
+                          cli_link.sign("pw 1", "owner", "w%d" % k, "lock", 100 + k), qos=1)
             time.sleep(0.1)
         for k in range(10):
             got["r%d" % k] = owner.wait_topic(P + "owner/response/r%d" % k, timeout=15)[1]
@@ -198,7 +198,7 @@ def test_interactive_session_signs_each_command(broker, dev_factory, tmp_path): 
     d = start_device(dev_factory, broker, tmp_path, SIGNED)
     p = subprocess.run([sys.executable, os.path.join(REPO, "tools", "ovms.py"), "--mqtt",
                         "mqtts://localhost:%d" % broker.tls_port, "--ca", broker.ca, "--user", "bob",
-                        "--vehicle", "CAR1", "shell"],
+                        "--id", "CAR1", "shell"],
                        input='lock\nmetrics get v.b.soc\nlock\nexit\n', capture_output=True,
                        text=True, timeout=60,
                        env=dict(os.environ, HOME=str(tmp_path), OVMS_MODULE_PASSWORD="pw 1"))
@@ -264,7 +264,7 @@ def test_long_replies_and_large_listings_arrive_whole(broker, dev_factory, tmp_p
 def test_signed_mode_ota_reboot_needs_a_signature(broker, dev_factory, tmp_path, peers):  # noqa: F811
     """With server.v3 commands signed, OTA begin/abort/reboot follow the command rules."""
     import json
-    import cli_mqtt
+    import cli_link
     d = start_device(dev_factory, broker, tmp_path, SIGNED)
     (tmp_path / "ota").mkdir()
     d.call("import sys\nsys.path.append(%r)\nimport ota_boot\nota_boot.ROOT = %r"
@@ -276,11 +276,11 @@ def test_signed_mode_ota_reboot_needs_a_signature(broker, dev_factory, tmp_path,
     r = json.loads(p.wait_topic(P + "ota-reply", timeout=15)[1])
     assert r == {"op": "reboot", "error": "signed request required (server.v3 commands signed)"}
     p.clear()
-    p.publish(P + "ota/reboot", cli_mqtt.sign("wrong", "x", "ota/reboot", b"{}", 7), qos=1)
+    p.publish(P + "ota/reboot", cli_link.sign("wrong", "x", "ota/reboot", b"{}", 7), qos=1)
     r = json.loads(p.wait_topic(P + "ota-reply", timeout=15)[1])
     assert r == {"op": "reboot", "error": "Error: Bad command signature"}
     p.clear()
-    p.publish(P + "ota/abort", cli_mqtt.sign("pw 1", "x", "ota/abort", b"{}", 8), qos=1)
+    p.publish(P + "ota/abort", cli_link.sign("pw 1", "x", "ota/abort", b"{}", 8), qos=1)
     r = json.loads(p.wait_topic(P + "ota-reply", timeout=15)[1])
     assert r == {"op": "abort", "ok": True}
     p.clear()

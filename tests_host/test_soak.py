@@ -39,7 +39,7 @@ def test_soak_real_drive_no_reset_no_crash_no_heap_growth(tmp_path, broker):
     try:
         ovms("--port", d.pty, "config", "set", "module", "watchdog.timeout", str(WDT_S))
         ovms("--port", d.pty, "provision", "--wifi", "car", "wifipw", "--mqtt-host", "localhost",
-             "--mqtt-port", str(broker.tls_port), "--ca", broker.ca, "--vehicle", "RV",
+             "--mqtt-port", str(broker.tls_port), "--ca", broker.ca, "--type", "RV",
              "--id", "SOAK")
         c = Client(broker, "ovms//SOAK/")
         try:

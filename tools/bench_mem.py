@@ -57,7 +57,7 @@ def run(heap="100K", speed=1.0, quiet=False):
         subprocess.run([sys.executable, os.path.join(TOOLS, "ovms.py"), "--port",
                         os.path.join(d, "pty"), "provision", "--wifi", "bench", "bench",
                         "--mqtt-host", "localhost", "--mqtt-port", str(broker.tls_port),
-                        "--ca", broker.ca, "--vehicle", "RV", "--id", "BENCH"],
+                        "--ca", broker.ca, "--type", "RV", "--id", "BENCH"],
                        check=True, capture_output=True, timeout=120)
         t0 = time.time()
         cur = {}

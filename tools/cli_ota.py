@@ -4,12 +4,10 @@ import json
 import os
 import queue
 import re
-import secrets
 import struct
 import sys
 import tempfile
 import time
-from urllib.parse import urlparse
 
 import deploy
 
@@ -145,69 +143,32 @@ def bundle_id(bundle):
 
 # -- MQTT link ---------------------------------------------------------------------------------------
 
-def topic_prefix(args):
-    if args.prefix:
-        return args.prefix if args.prefix.endswith("/") else args.prefix + "/"
-    return "/".join(["ovms"] + [x for x in (args.user, args.vehicle) if x]) + "/"
-
-
 class Link:
-    """Request/reply over <prefix>client/<cid>/ota/<op> -> <prefix>client/<cid>/ota-reply (QoS 1)."""
+    """Request/reply over <prefix>client/<cid>/ota/<op> -> <prefix>client/<cid>/ota-reply (QoS 1),
+    on the CLI's one MQTT link (cli_link: prefix, TLS, auth)."""
 
     def __init__(self, args):
-        import paho.mqtt.client as mqtt
-        u = urlparse(args.mqtt)
-        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-            raise PushError("--mqtt must look like mqtts://HOST:PORT or mqtt://HOST:PORT")
-        self.cid = "ota-" + secrets.token_hex(4)
-        pre = topic_prefix(args)
-        self.req = pre + "client/%s/ota/" % self.cid
-        self.rep = pre + "client/%s/ota-reply" % self.cid
+        import cli_link
         self.q = queue.Queue()
-        self.up = False
-        c = self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.cid,
-                                 protocol=mqtt.MQTTv311)
-        if u.scheme == "mqtts":
-            c.tls_set(ca_certs=args.ca)
-        if args.user:
-            c.username_pw_set(args.user, args.password)
-        c.on_connect = self._on_connect
-        c.on_disconnect = self._on_disconnect
-        c.on_message = lambda cl, ud, msg: self._on_message(msg)
-        c.reconnect_delay_set(1, 4)
-        c.connect_async(u.hostname, u.port or (8883 if u.scheme == "mqtts" else 1883), 30)
-        c.loop_start()
-        t = time.time() + args.timeout
-        while not self.up and time.time() < t:
-            time.sleep(0.05)
-        if not self.up:
-            self.close()
-            raise PushError("cannot connect to the broker at %s" % args.mqtt)
-
-    def _on_connect(self, c, ud, flags, rc, props=None):
-        if rc == 0:
-            c.subscribe(self.rep, qos=1)
-            self.up = True
-
-    def _on_disconnect(self, *a):
-        self.up = False
-
-    def _on_message(self, msg):
         try:
-            r = json.loads(msg.payload)
+            self.link = cli_link.open_link(args, "ota-", {"ota-reply": self._on_reply})
+        except cli_link.CliError as e:
+            raise PushError(str(e))
+        self.cid = self.link.cid
+
+    def _on_reply(self, payload, topic):
+        try:
+            r = json.loads(payload)
             if isinstance(r, dict):
                 self.q.put(r)
         except ValueError:
             pass
 
     def send(self, op, payload=b""):
-        pw = os.environ.get("OVMS_MODULE_PASSWORD")
-        if pw is not None and op in ("begin", "abort", "reboot"):
+        if op in ("begin", "abort", "reboot"):
             # a module with server.v3 commands signed wants these signed (as shell commands)
-            import cli_mqtt
-            self._ctr = max(getattr(self, "_ctr", 0) + 1, time.time_ns() // 1000000)
-            payload = cli_mqtt.sign(pw, self.cid, "ota/" + op, payload, self._ctr)
-        self.c.publish(self.req + op, payload, qos=1)
+            payload = self.link.signed("ota/" + op, payload)
+        self.link.publish("ota/" + op, payload, qos=1)
 
     def wait(self, op, timeout):
         end = time.time() + timeout
@@ -230,8 +191,7 @@ class Link:
         return self.wait(op, timeout)
 
     def close(self):
-        self.c.loop_stop()
-        self.c.disconnect()
+        self.link.close()
 
 
 class Progress:
@@ -261,7 +221,8 @@ def _status(link, timeout, tries=3):
         r = link.request("status", b"{}", timeout)
         if r is not None:
             return r
-    raise PushError("no reply from the module (is it online, and are --vehicle/--prefix right?)")
+    raise PushError("no reply from the module on %s (is it online, and are --user/--id/--prefix "
+                    "right?)" % link.link.prefix)
 
 
 def transfer(link, bundle, timeout=10.0, progress=None, stall=None):
@@ -355,7 +316,8 @@ def wait_switch(link, man, slot, timeout, limit):
         man["version"], limit, "" if seen_reboot else " (it did not seem to reboot)"))
 
 
-def print_status(r, out=sys.stdout):
+def print_status(r, out=None):
+    out = out or sys.stdout
     slot = r.get("slot")
     print("Running:  %s (%s)%s" % (r.get("running"), "factory" if slot == "f" else "slot %s" % slot,
                                    " on trial" if r.get("trial") else ""), file=out)
@@ -382,7 +344,11 @@ def main(args):
         return 1
     try:
         if args.ota_cmd == "status":
-            print_status(_status(link, args.timeout))
+            r = _status(link, args.timeout)
+            if getattr(args, "json", False):
+                print(json.dumps(r, indent=1, sort_keys=True))
+            else:
+                print_status(r)
             return 0
         return _push(link, args)
     except PushError as e:

@@ -147,8 +147,12 @@ def run_shell(dev, line):
     return dev.exec(shell_code(line)).rstrip("\n")
 
 
-def _print_reply(reply):
-    if reply:
+def _print_reply(reply, line=None, as_json=False):
+    if as_json:
+        import json
+        import cli_json
+        print(json.dumps(cli_json.reply(line, reply), indent=1, ensure_ascii=False))
+    elif reply:
         print(reply)
     return DEVICE_ERROR if is_error(reply) else OK
 
@@ -156,7 +160,7 @@ def _print_reply(reply):
 def cmd_shell(dev, args):
     dev.exec(SHELL_SETUP)
     if args.command:
-        return _print_reply(run_shell(dev, args.command))
+        return _print_reply(run_shell(dev, args.command), args.command, args.json)
     # interactive: one line at a time, the same secure session throughout
     rc = OK
     while True:
@@ -183,9 +187,17 @@ def config_line(words):
     return "config " + command_line(words)
 
 
+def cmd_line(args):
+    """The shell line of `config ...` / `metrics ...` (checked words)."""
+    if args.cmd == "config":
+        return config_line(args.words)
+    return "metrics " + command_line(args.words)
+
+
 def cmd_config(dev, args):
     dev.exec(SHELL_SETUP)
-    return _print_reply(run_shell(dev, config_line(args.words)))
+    line = cmd_line(args)
+    return _print_reply(run_shell(dev, line), line, args.json)
 
 
 # ---- provisioning ---------------------------------------------------------------------
@@ -216,41 +228,76 @@ def read_pem(path, what):
     return data
 
 
+PLAIN_REFUSED = ("refusing to configure the broker without TLS: the MQTT password and all data "
+                 "would cross the network unencrypted. Give --ca CA_PEM (the broker's CA, TLS) or, "
+                 "to accept that, --insecure-plain-mqtt")
+
+
+def broker_target(args):
+    """(host, port or None, tls) that provision configures, from --mqtt URL or --mqtt-host/-port
+    (tls: --ca given or mqtts://); host None when no broker is given. LinkError if they clash."""
+    host, port, tls = args.mqtt_host, args.mqtt_port, bool(args.ca)
+    if args.mqtt:
+        import cli_link
+        if host or port is not None:
+            raise LinkError("give the broker once: --mqtt URL or --mqtt-host/--mqtt-port")
+        try:
+            utls, host, port = cli_link.parse_url(args.mqtt)
+        except cli_link.CliError as e:
+            raise LinkError(str(e))
+        if utls and not args.ca:
+            raise LinkError("mqtts:// needs --ca CA_PEM (the broker's CA, installed on the module)")
+        if args.ca and not utls:
+            raise LinkError("--ca given with mqtt:// (plain TCP); use mqtts://")
+        tls = utls
+    return host, port, tls
+
+
 def provision_items(args):
-    """(param, instance, value) list for the provision options (host side, before any I/O)."""
+    """(param, instance, value) list for the provision options (host side, before any I/O).
+    Never configures plain MQTT unless asked to (--insecure-plain-mqtt): LinkError."""
     items = []
     if args.wifi:
         ssid, pw = args.wifi
         items += [("wifi.ssid", ssid, pw), ("auto", "wifi.mode", "client"),
                   ("auto", "wifi.ssid.client", ssid)]
-    tls = bool(args.prov_ca)
-    if args.mqtt_host:
-        items.append(("server.v3", "server", args.mqtt_host))
-    if args.mqtt_port is not None:
-        items.append(("server.v3", "port", str(args.mqtt_port)))
-    elif args.mqtt_host:
+    host, port, tls = broker_target(args)
+    if host and not tls and not getattr(args, "insecure_plain_mqtt", False):
+        raise LinkError(PLAIN_REFUSED)
+    if host:
+        items.append(("server.v3", "server", host))
+    if port is not None:
+        items.append(("server.v3", "port", str(port)))
+    elif host:
         items.append(("server.v3", "port", "8883" if tls else "1883"))
-    if args.mqtt_user is not None:
-        items.append(("server.v3", "user", args.mqtt_user))
-    if args.mqtt_password is not None:
-        items.append(("password", "server.v3", args.mqtt_password))
+    if args.user is not None:
+        items.append(("server.v3", "user", args.user))
+    if args.password is not None:
+        items.append(("password", "server.v3", args.password))
     if tls:
         items += [("server.v3", "ca", CA_PATH), ("server.v3", "tls", "yes")]
-    elif args.mqtt_host:
+    elif host:
         items.append(("server.v3", "tls", "no"))
-    if args.prov_vehicle:
-        items.append(("vehicle", "type", args.prov_vehicle))
-    if args.prov_id:
-        items.append(("vehicle", "id", args.prov_id))
+    if args.prov_type:
+        items.append(("vehicle", "type", args.prov_type))
+    if args.id:
+        items.append(("vehicle", "id", args.id))
     return items
 
 
 CHECK_CODE = """
 from ovms import config as _ocf
 try:
-    for _p, _i, _v in %r:
+    _its = %r
+    for _p, _i, _v in _its:
         _ocf.check(_p, _i, _v)
-    print('OK')
+    _t = [_v for _p, _i, _v in _its if (_p, _i) == ('server.v3', 'tls')]
+    _cred = [1 for _p, _i, _v in _its if (_p, _i) in (('password', 'server.v3'),
+                                                     ('server.v3', 'user'), ('server.v3', 'server'))]
+    if _cred and not %r and not (_t[0] == 'yes' if _t else _ocf.get('server.v3', 'tls')):
+        print('Error: the module is set to plain MQTT (server.v3 tls no): ' + %r)
+    else:
+        print('OK')
 except ValueError as e:
     print('Error: %%s' %% e)
 """
@@ -299,14 +346,15 @@ def put_file(dev, path, data):
     return dev.exec(FILE_CLOSE % len(data)).strip()
 
 
-def cmd_provision(dev, args, files):
-    items = provision_items(args)
+def cmd_provision(dev, args, files, items):
     if not items and not files:
-        print("provision: nothing to do (give --wifi, --mqtt-host, --ca, --vehicle, --id ...)",
+        print("provision: nothing to do (give --wifi, --mqtt, --ca, --type, --id ...)",
               file=sys.stderr)
         return LINK_ERROR
     # 1. validate everything on the device first: nothing is written if one value is bad
-    r = dev.exec(CHECK_CODE % (items,)).strip()
+    # (also: no credentials or broker onto a module left on plain MQTT, unless asked to)
+    r = dev.exec(CHECK_CODE % (items, bool(getattr(args, "insecure_plain_mqtt", False)),
+                               PLAIN_REFUSED)).strip()
     if r != "OK":
         print(r)
         return DEVICE_ERROR
@@ -326,12 +374,15 @@ def main(args):
     files = []
     try:
         if args.cmd == "provision":
-            if args.prov_ca:
-                files.append((CA_PATH, read_pem(args.prov_ca, "CA certificate")))
+            items = provision_items(args)
+            if args.ca:
+                files.append((CA_PATH, read_pem(args.ca, "CA certificate")))
             if getattr(args, "ota_pubkey", None):
                 files.append((OTA_PUB_PATH, read_pem(args.ota_pubkey, "OTA public key")))
-        elif args.cmd == "config":
-            config_line(args.words)
+        elif args.cmd in ("config", "metrics"):
+            cmd_line(args)
+        elif args.cmd == "shell" and args.json and not args.command:
+            raise LinkError("--json needs a command (the interactive shell prints text)")
         elif args.cmd != "shell":
             print("error: '%s' is not available over the serial port (use --mqtt)" % args.cmd,
                   file=sys.stderr)
@@ -347,10 +398,10 @@ def main(args):
         prepare(dev)
         if args.cmd == "shell":
             rc = cmd_shell(dev, args)
-        elif args.cmd == "config":
+        elif args.cmd in ("config", "metrics"):
             rc = cmd_config(dev, args)
         else:
-            rc = cmd_provision(dev, args, files)
+            rc = cmd_provision(dev, args, files, items)
             if rc == OK:
                 reset = "provision"
     except LinkError as e:

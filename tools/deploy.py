@@ -1,6 +1,4 @@
-#!/usr/bin/env python3
 """deploy: compile lib/ with mpy-cross and copy it plus boot.py/main.py to a module with mpremote."""
-import argparse
 import os
 import shutil
 import subprocess
@@ -212,18 +210,6 @@ def deploy(port, source=REPO, march="xtensawin", compile_py=True, dry_run=False,
     return 0
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="deploy.py", description=__doc__)
-    p.add_argument("--port", required=True, help="serial port (/dev/ttyUSB0 or a virtual pty)")
-    p.add_argument("--arch", default="xtensawin",
-                   help="mpy-cross -march: xtensawin (ESP32, S3), rv32imc (C3, C6), x64 (the "
-                        "virtual device), or auto (ask the device)")
-    p.add_argument("--source", default=REPO, help="repo to deploy (default: this one)")
-    p.add_argument("--no-compile", action="store_true", help="copy .py sources instead of .mpy")
-    p.add_argument("--dry-run", action="store_true", help="build and print the mpremote commands")
-    a = p.parse_args(argv)
-    return deploy(a.port, a.source, a.arch, not a.no_compile, a.dry_run)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run(args):
+    """`ovms.py deploy` (args: port, arch, source, no_compile, dry_run)."""
+    return deploy(args.port, args.source or REPO, args.arch, not args.no_compile, args.dry_run)

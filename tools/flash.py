@@ -1,6 +1,4 @@
-#!/usr/bin/env python3
 """flash: write the micro-ovms firmware with esptool (detect the chip, erase, write at its offset)."""
-import argparse
 import os
 import re
 import shutil
@@ -68,15 +66,9 @@ def commands(port, chip, image, baud=460800, erase=True, tool=None):
     return cmds
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="flash.py", description=__doc__)
-    p.add_argument("--port", required=True, help="serial port of the module")
-    p.add_argument("--image", default=IMAGE, help="merged firmware image (firmware/build.sh)")
-    p.add_argument("--baud", type=int, default=460800)
-    p.add_argument("--no-erase", action="store_true", help="keep the flash (filesystem) contents")
-    p.add_argument("--esptool", help="esptool executable (default: the venv's)")
-    p.add_argument("--dry-run", action="store_true", help="detect and print the commands only")
-    a = p.parse_args(argv)
+def run(a):
+    """`ovms.py flash` (a: port, image, baud, no_erase, esptool, dry_run)."""
+    a.image = a.image or IMAGE
     if not os.path.exists(a.image):
         print("flash: no image at %s: build it with `make firmware`" % a.image, file=sys.stderr)
         return 2
@@ -103,6 +95,3 @@ def main(argv=None):
               "not frozen, then provision" % a.port, file=sys.stderr)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """mkpackage: write package.json so `mpremote mip install github:OWNER/REPO` installs the app."""
 import json
 import os
@@ -30,17 +29,14 @@ def text(source=REPO):
         urls, json.dumps(p["version"]))
 
 
-def main(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(prog="mkpackage.py", description=__doc__)
-    p.add_argument("--check", action="store_true", help="fail if package.json is out of date")
-    a = p.parse_args(argv)
+def run(a):
+    """`ovms.py package [--check]`: write (or check) package.json."""
     path = os.path.join(REPO, "package.json")
     new = text()
     old = open(path).read() if os.path.exists(path) else ""
     if a.check:
         if old != new:
-            print("package.json is out of date: run python tools/mkpackage.py", file=sys.stderr)
+            print("package.json is out of date: run: make package", file=sys.stderr)
             return 1
         return 0
     if old != new:
@@ -49,6 +45,3 @@ def main(argv=None):
         print("package.json: %d files" % len(package()["urls"]))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

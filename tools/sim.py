@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""make sim: a local TLS broker + the virtual device replaying a real drive, until Ctrl-C."""
+"""make sim: a local TLS broker with a password + the virtual device replaying a real drive,
+set up as a real OVMS module (until Ctrl-C)."""
 import argparse
 import os
 import shutil
@@ -25,6 +26,72 @@ def port_or_free(p):
             return p
         except OSError:
             return free_port()
+
+
+USER = "sim"     # the MQTT account of the module and of its owner's tools (as an OVMS server account)
+
+
+def secret_file(path, make):
+    """The text in path, made once with make() (mode 0600) and kept for the next runs."""
+    try:
+        with open(path) as f:
+            v = f.read().strip()
+        if v:
+            return v
+    except OSError:
+        pass
+    v = make()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(v + "\n")
+    return v
+
+
+def ota_key(path):
+    """The OTA signing key pair path, path.pub for `ota push` against the sim (made once)."""
+    if not os.path.exists(path):
+        import argparse
+        import cli_ota
+        with open(os.devnull, "w") as null:
+            out, sys.stdout = sys.stdout, null
+            try:
+                cli_ota.keygen(argparse.Namespace(key_file=path))
+            finally:
+                sys.stdout = out
+    return path
+
+
+def start_broker(state, tls_port=None, port=None):
+    """The sim's broker, started: only the account USER, with the password generated once into
+    STATE/mqtt-password. Returns (broker, password, password file)."""
+    import secrets
+    pw_file = os.path.join(state, "mqtt-password")
+    password = secret_file(pw_file, lambda: secrets.token_urlsafe(12))
+    # mosquitto password_file (hashed, made by mosquitto_passwd); anonymous clients refused
+    broker = Broker(os.path.join(state, "broker"), tls_port=tls_port, port=port,
+                    users={USER: password}).start()
+    return broker, password, pw_file
+
+
+def usage(state, port, tls_port, ca, password, pw_file, vid, key, pty):
+    """The lines `make sim` prints: the broker and account, then commands that work as printed
+    from the repository root (the README shows the same lines)."""
+    rel = os.path.relpath
+    pw = '"$(cat %s)"' % rel(pw_file)
+    cli = (".venv/bin/python tools/ovms.py --mqtt mqtts://localhost:%d --ca %s --user %s "
+           "--password %s --id %s" % (tls_port, ca, USER, pw, vid))
+    return "\n".join((
+        "broker:  mosquitto, TLS on localhost:%d (CA %s), plain on 127.0.0.1:%d;" % (tls_port, ca, port),
+        "         user %s, password %s (in %s); topics ovms/%s/%s/" % (USER, password, rel(pw_file),
+                                                                     USER, vid),
+        "",
+        "watch:   mosquitto_sub -h 127.0.0.1 -p %d -u %s -P %s -t 'ovms/#' -v" % (port, USER, pw),
+        "shell:   %s shell \"stat\"" % cli,
+        "metrics: %s metrics list v.p --json" % cli,
+        "ota:     %s ota push --key-file %s" % (cli, rel(key)),
+        "attach:  .venv/bin/mpremote connect %s repl     (Ctrl-C stops the app, Ctrl-D reboots)"
+        % rel(pty),
+        "console: %s" % rel(os.path.join(state, "console.log"))))
 
 
 def wait_line(proc, key, timeout=60):
@@ -56,8 +123,8 @@ def main(argv=None):
     flash = os.path.join(a.dir, "flash")
     if a.fresh:
         shutil.rmtree(flash, ignore_errors=True)
-    broker = Broker(os.path.join(a.dir, "broker"), tls_port=port_or_free(8883),
-                    port=port_or_free(1883)).start()
+    key = ota_key(os.path.join(a.dir, "ota.key"))
+    broker, password, pw_file = start_broker(a.dir, port_or_free(8883), port_or_free(1883))
     pty = os.path.join(a.dir, "pty")
     dev = subprocess.Popen([sys.executable, os.path.join(TOOLS, "vdev.py"), "run", "--root", flash,
                             "--can-log", a.log, "--speed", a.speed, "--pty", pty, "--heap", a.heap,
@@ -74,24 +141,16 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, stop)
     wait_line(dev, "can-tx")
     prov = [sys.executable, os.path.join(TOOLS, "ovms.py"), "--port", pty, "provision",
-            "--wifi", "sim-car", "sim-password", "--mqtt-host", "localhost",
-            "--mqtt-port", str(broker.tls_port), "--ca", broker.ca, "--vehicle", a.vehicle,
-            "--id", a.id]
+            "--wifi", "sim-car", "sim-password", "--mqtt", "mqtts://localhost:%d" % broker.tls_port,
+            "--ca", broker.ca, "--user", USER, "--password", password, "--type", a.vehicle,
+            "--id", a.id, "--ota-pubkey", key + ".pub"]
     r = subprocess.run(prov, capture_output=True, text=True, timeout=120)
     if r.returncode:
         print("sim: provisioning failed:\n" + r.stdout + r.stderr, file=sys.stderr)
-    ca = os.path.relpath(broker.ca)
-    print(f"""
-micro-ovms virtual device is running ({a.vehicle}, id {a.id}), replaying
-  {os.path.relpath(a.log)}
-broker: mosquitto TLS on localhost:{broker.tls_port} (CA {ca}), plain on 127.0.0.1:{broker.port}
-
-watch:   mosquitto_sub -h 127.0.0.1 -p {broker.port} -t 'ovms/#' -v
-shell:   .venv/bin/python tools/ovms.py --mqtt mqtts://localhost:{broker.tls_port} --ca {ca} --vehicle {a.id} shell "stat"
-attach:  .venv/bin/mpremote connect {os.path.relpath(pty)} repl     (Ctrl-C stops the app, Ctrl-D reboots)
-console: {os.path.relpath(os.path.join(a.dir, 'console.log'))}
-
-Ctrl-C here powers the device off.""", flush=True)
+    print("\nmicro-ovms virtual device is running (%s, id %s), replaying\n  %s\n%s\n\n"
+          "Ctrl-C here powers the device off." % (a.vehicle, a.id, os.path.relpath(a.log), usage(
+              a.dir, broker.port, broker.tls_port, os.path.relpath(broker.ca), password, pw_file,
+              a.id, key, pty)), flush=True)
     while dev.poll() is None:
         time.sleep(0.5)
     broker.stop()
