@@ -87,7 +87,7 @@ def test_bad_client_input_gets_errors(tmp_path):
         out = _talk(a, [b"< open can7 >", b"< send 123 1 00 >", b"< open can1 >",
                         b"< send 1234567890 1 00 >", b"< send 123 9 00 >", b"< send 123 2 00 >",
                         b"< send 123 1 zz >", b"garbage", b"< bogus >", b"<>",
-                        b"< " + b"x" * 400, b"\xff\xfe < echo >"], 12)
+                        b"< " + b"x" * 400, b"\xff\xfe < echo >"], 13)
         assert out.startswith("< hi >")
         assert out.count("< error") >= 9, out
         assert "< ok >" in out and "< echo >" in out

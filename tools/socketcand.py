@@ -79,11 +79,11 @@ class Client:
                     start = buf.find(b"<")
                     if start < 0:
                         if buf.strip():
-                            self.put(b"< error text outside < > >")
+                            self.put(b"< error text outside an element >")
                         buf = b""
                         break
                     if buf[:start].strip():
-                        self.put(b"< error text outside < > >")
+                        self.put(b"< error text outside an element >")
                     end = buf.find(b">", start)
                     if end < 0:
                         buf = buf[start:]
