@@ -655,7 +655,8 @@ _BUILTIN = (
         ("charge", "Charge control", "cmd_vehicle"),
         ("wakeup", "Wake up the vehicle", "cmd_vehicle"),
         ("homelink", "Activate a homelink button", "cmd_vehicle"),
-        ("ota", "OTA updates", "cmd_ota"))
+        ("ota", "OTA updates", "cmd_ota"),
+        ("obd", "OBD-II/UDS diagnostic requests", "poll.cmd"))
 for _n, _t, _m in _BUILTIN:
     lazy(_n, _t, _m)
 del _n, _t, _m
