@@ -348,3 +348,46 @@ print("M", metrics.get("v.p.speed"), metrics.get("v.m.rpm"), metrics.get("xobd.e
     assert m[1:] == ["50.0", "1726", "50.0", "20.0"], out
     asked = {r[1] for r in ecu.requests}
     assert asked == {0x00, 0x04, 0x05, 0x0C, 0x0D, 0x11}, sorted(asked)
+
+
+APP = """
+import asyncio, gc
+from ovms import app, config, shell
+app._setup()
+config.set("vehicle", "poll", "obd")
+async def main():
+    from ovms import metrics
+    metrics.set("v.e.awake", True)
+    app._start_vehicle()
+    await asyncio.sleep_ms(3000)
+    shell.local.secure = True
+    print(await shell.run_async("obd request 7df - 010d"))
+    print(await shell.run_async("obd request 7e0 7e8 0902"))
+    print(await shell.run_async("obd status"))
+    gc.collect()
+    print("FREE", gc.mem_free())
+    for n, t in app._tasks:
+        t.cancel()
+    from ovms.poll import poller
+    poller.stop()
+asyncio.run(main())
+config.set("vehicle", "poll", "auto")
+print("END")
+"""
+
+
+def test_app_generic_obd_one_config_value_and_shell(dev):
+    def h(r):
+        if r == b"\x01\x00":
+            return [(0, bytes.fromhex("4100" + "00080000"))]        # PID 0x0D only
+        if r == b"\x01\x0d":
+            return [(0, b"\x41\x0d\x2a")]
+        return [(0, b"\x7f" + r[:1] + b"\x12")]
+    with Ecu(dev, 0x7DF, 0x7E8, h), Ecu(dev, 0x7E0, 0x7E8, h):
+        out = dev.exec(APP, timeout=120).replace("\r", "")
+    assert "END" in out, out
+    assert "410d2a" in out
+    assert "Error: negative response 12 (service 09)" in out
+    assert "Poller: state" in out and "can0 7df      any" in out, out
+    row = [ln for ln in out.splitlines() if ln.startswith("can0 7df")][0].split()
+    assert int(row[3]) >= 2           # discovery and speed answered
