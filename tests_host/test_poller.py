@@ -250,7 +250,7 @@ def test_answer_length_limits(dev):
         out = run_dev(dev, """
 await ask(0, 0x7e4, 0x7ec, "2201010fff")
 await ask(0, 0x7e4, 0x7ec, "2201011000")
-""", opts=dict(bs=8))
+""", opts=dict(bs=8, size=4095))
         r = results(out)
         assert r[0] == "ok " + (b"\x62\x01\x01" + payload(4092)).hex()
         assert r[1] == "err answer too long"
@@ -389,5 +389,6 @@ def test_app_generic_obd_one_config_value_and_shell(dev):
     assert "410d2a" in out
     assert "Error: negative response 12 (service 09)" in out
     assert "Poller: state" in out and "can0 7df      any" in out, out
+    assert "(limit 1024)" in out                      # the default answer buffer
     row = [ln for ln in out.splitlines() if ln.startswith("can0 7df")][0].split()
     assert int(row[3]) >= 2           # discovery and speed answered

@@ -66,7 +66,7 @@ auto wifi.ssid.client s - 32
 module watchdog.timeout i 60 0:3600
 module safemode.crashes i 3 1:20
 module hostname s - 32
-poll buffer i 4095 8:4095
+poll buffer i 1024 8:4095
 poll timeout i 1000 50:10000
 poll gap i 10 0:1000
 poll bs i 8 0:255

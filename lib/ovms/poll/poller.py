@@ -73,7 +73,7 @@ class Poller:
     backed off. opts: size, bs, stmin, pad, timeout (ms), gap (ms), sleep (s without traffic =
     asleep)."""
 
-    def __init__(self, entries, buses, size=4095, bs=8, stmin=0, pad=0xAA, timeout=1000,
+    def __init__(self, entries, buses, size=1024, bs=8, stmin=0, pad=0xAA, timeout=1000,
                  gap=10, sleep=10):
         self.entries = entries
         self.gap, self.sleep = gap, sleep
