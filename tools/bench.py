@@ -11,6 +11,9 @@ Usage:
       peak_heap_bytes: GC heap held by the table (read from a file) + Decoder + the bound
       mod/tupd/targets arrays (gc.mem_alloc() deltas after gc.collect(); the module's code
       is not counted: it is frozen on a device).
+  bench.py poll [--poll-seconds 30]
+      the diagnostic poller on the virtual device (tools/bench_poll.py): answers/s for a
+      60-request list against a can-isotp ECU, poller heap, growth, worst loop stall.
   bench.py all
       decode on the shipped logs (Kona 230112-7 can0/pcan.dbc, RAV4 can0 and can1) plus
       ratios viper/cantools and viper/python, table size and the heap the Decoder needs
@@ -173,6 +176,11 @@ def bench_memory(a):
     return bench_mem.run(a.heap, a.speed, quiet=a.quiet)
 
 
+def bench_poll(a):
+    import bench_poll
+    return bench_poll.run(int(getattr(a, "poll_seconds", 30)), a.heap, quiet=a.quiet)
+
+
 def bench_all(a):
     out = {"decode": []}
     for name, dbc, log, bus in SHIPPED:
@@ -191,11 +199,12 @@ def bench_all(a):
     out["mqtt_data"] = bench_mqtt_data(a)
     out["mqtt_loop"] = bench_mqtt_loop(a)
     out["memory"] = bench_memory(a)
+    out["poll"] = bench_poll(a)
     return out
 
 
 COMMANDS = {"decode": bench_decode, "mqtt-data": bench_mqtt_data, "mqtt-loop": bench_mqtt_loop,
-            "memory": bench_memory, "all": bench_all}
+            "memory": bench_memory, "poll": bench_poll, "all": bench_all}
 
 
 def main(argv=None):
@@ -209,12 +218,14 @@ def main(argv=None):
     d.add_argument("--quiet", action="store_true")
     for name, text in (("mqtt-data", "MQTT bytes for a drive + idle day, ours vs OVMS v3"),
                        ("mqtt-loop", "worst event-loop stall and command round trip"),
-                       ("memory", "app heap through a replayed drive on the virtual device")):
+                       ("memory", "app heap through a replayed drive on the virtual device"),
+                       ("poll", "poller round trips/s, heap and loop stall (60 requests, can-isotp ECU)")):
         x = sub.add_parser(name, help=text)
         x.add_argument("--quiet", action="store_true")
         x.add_argument("--loop-seconds", type=float, default=20)
         x.add_argument("--heap", default="100K")
         x.add_argument("--speed", type=float, default=1.0)
+        x.add_argument("--poll-seconds", type=int, default=30)
     al = sub.add_parser("all", help="every benchmark on the shipped data")
     al.add_argument("--seconds", type=float, default=1.0)
     al.add_argument("--heap", default="100K", help="ESP32 heap emulated by the virtual device")
