@@ -81,6 +81,8 @@ class Poller:
         self.bus = buses
         for i, b in buses.items():
             self.ch[i] = isotp.Channel(b.send, size, bs, stmin, pad, timeout)
+        self._chl = tuple(self.ch.items())     # iterated every loop without allocating
+        self._bl = tuple(buses.items())
         ecus = []
         self.ecu = array.array("B", bytes(len(entries)))
         for k, e in enumerate(entries):
@@ -134,7 +136,9 @@ class Poller:
     # ---- vehicle state ---------------------------------------------------------------
     def vstate(self):
         now = metrics.uptime()
-        for b, cb in self.bus.items():
+        bl = self._bl
+        for j in range(len(bl)):
+            b, cb = bl[j]
             f = cb.frames - self._consumed[b]
             if f != self._seen[b]:
                 self._seen[b] = f
@@ -256,7 +260,9 @@ class Poller:
                             self.due[k] = now_ms
                 busy = False
                 now_s = metrics.uptime()
-                for bus, ch in self.ch.items():
+                chl = self._chl
+                for j in range(len(chl)):
+                    bus, ch = chl[j]
                     if self.inflight[bus] != -2:
                         st = ch.poll()
                         if st >= isotp.DONE:
