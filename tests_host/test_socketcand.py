@@ -94,3 +94,48 @@ def test_bad_client_input_gets_errors(tmp_path):
         # the server is still up
         with d.can_bus("can1") as bus:
             bus.send(can.Message(arbitration_id=0x7DF, data=b"\x02\x01\x00", is_extended_id=False))
+
+
+def test_replayed_frames_reach_clients_and_client_frames_merge(tmp_path):
+    log = tmp_path / "drive.log"
+    log.write_text("".join("(%.3f) can0 %03X#%02X\n" % (i * 0.01, 0x100 + i % 3, i & 0xFF)
+                           for i in range(300)) + "(3.000) can1 18FF0001#0102\n")
+    with VDev(tmp_path / "dev", can_log=log) as d:
+        with d.can_bus("can0") as bus, d.can_bus("can1") as bus1:
+            seen = set()
+            end = time.time() + 10
+            while len(seen) < 3 and time.time() < end:
+                m = bus.recv(0.5)
+                if m is not None:
+                    seen.add(m.arbitration_id)
+            assert seen == {0x100, 0x101, 0x102}
+            m = _recv(bus1, 0x18FF0001)
+            assert m.is_extended_id and bytes(m.data) == b"\x01\x02"
+            # the firmware receives replayed and client frames through the one RX ring
+            import subprocess
+            from util import tool
+            p = subprocess.Popen([tool("mpremote"), "connect", d.pty, "exec", COUNT],
+                                 stdout=subprocess.PIPE, text=True)
+            time.sleep(1.5)
+            for _ in range(20):
+                bus.send(can.Message(arbitration_id=0x555, data=b"\x55", is_extended_id=False))
+                time.sleep(0.02)
+            out, _ = p.communicate(timeout=60)
+            ids = eval(out.split("IDS", 1)[1].strip())
+            assert {0x555, 0x100, 0x101, 0x102} <= ids, out
+
+
+COUNT = """
+import machine, time
+c = machine.CAN(1, 500000, mode=machine.CAN.MODE_SILENT)
+c.set_filters(None)
+ids = set()
+end = time.ticks_add(time.ticks_ms(), 3000)
+while time.ticks_diff(end, time.ticks_ms()) > 0:
+    r = c.recv()
+    if r:
+        ids.add(r[0])
+    else:
+        time.sleep_ms(1)
+print("IDS", ids)
+"""
