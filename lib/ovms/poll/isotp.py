@@ -21,7 +21,7 @@ E_SEND = const(8)
 ERRORS = ("ok", "no answer", "no flow control", "consecutive frame lost", "wrong sequence number",
           "wrong length", "answer too long", "ECU refused (overflow)", "send failed")
 
-_FUNC11 = const(0x7DF)
+_PENDING_MAX = const(10)    # NRC 0x78 accepted per request (10 x P2* = 50 s at most)
 
 
 def _st_ms(b):
@@ -136,6 +136,9 @@ class Channel:
         self.n = n
         if n >= 3 and b[0] == 0x7F and b[2] == 0x78 and b[1] == self.req[0]:
             self.pending += 1       # response pending: wait longer for the real answer
+            if self.pending > _PENDING_MAX:
+                self._fail(E_TIMEOUT)
+                return
             self.state = RX_WAIT
             self._t = time.ticks_add(time.ticks_ms(), self.p2star)
             return

@@ -111,7 +111,7 @@ class Poller:
         self._seen = {}                 # bus -> frames seen at the last check
         self._traffic = 0               # uptime (s) of the last frame that was not ours
         self._consumed = {}             # bus -> frames the poller took
-        self._running = False
+        self._running = True        # until stop()
         self._oneshot = None
         self._gap_until = {}
         for b in buses:
@@ -130,6 +130,8 @@ class Poller:
             if ch.feed(fid, ext, d):
                 c[bus] += 1
                 return True
+            if (fid & 0x1FFFFF00) == 0x18DAF100 if ext else (fid & 0x7F8) == 0x7E8:
+                c[bus] += 1         # a late diagnostic answer (another ECU): not car traffic
             return False
         return t
 
@@ -190,7 +192,8 @@ class Poller:
         self._gap_until[bus] = time.ticks_add(time.ticks_ms(), self.gap)
         if k < 0:
             o = self._oneshot
-            if o is not None:
+            if o is not None:       # the answer is copied: the channel serves the list next
+                o[6] = bytes(ch.buf[:ch.n]) if ch.state == isotp.DONE else isotp.ERRORS[ch.err]
                 o[0] = ch.state
             ch.reset()
             return
@@ -246,7 +249,6 @@ class Poller:
     async def run(self):
         global _cur
         _cur = self
-        self._running = True
         t_state = 0
         try:
             while self._running:
@@ -278,7 +280,10 @@ class Poller:
                         o[0] = -3
                         self.inflight[bus] = -1
                         self.requests += 1
-                        ch.start(o[2], o[3], o[4], o[5])
+                        try:
+                            ch.start(o[2], o[3], o[4], o[5])
+                        except ValueError:
+                            ch._fail(isotp.E_FORMAT)
                         busy = True
                         continue
                     if self.state == ASLEEP:
@@ -308,16 +313,15 @@ class Poller:
             if time.ticks_diff(end, time.ticks_ms()) < 0:
                 return False, "poller busy"
             await asyncio.sleep_ms(10)
-        o = self._oneshot = [-1, bus, txid, rxid, ext, req]
+        o = self._oneshot = [-1, bus, txid, rxid, ext, req, None]
         try:
             while o[0] < 0:
-                if time.ticks_diff(end, time.ticks_ms()) < 0:
+                if not self._running:
+                    return False, "poller stopped"
+                if time.ticks_diff(end, time.ticks_ms()) < 0 and o[0] == -1:
                     return False, "poller busy"
                 await asyncio.sleep_ms(5)
-            ch = self.ch[bus]
-            if o[0] == isotp.FAIL:
-                return False, isotp.ERRORS[ch.err]
-            return True, bytes(ch.buf[:ch.n])
+            return o[0] == isotp.DONE, o[6]
         finally:
             self._oneshot = None
 
