@@ -5,6 +5,8 @@
 
 DIR is the module's flash filesystem (populated from the repo on first run). The serial port is a
 pty (`pty: <path>` is printed when ready) that mpremote can use like a board's USB serial.
+The CAN bus is served on 127.0.0.1 with the socketcand protocol (`socketcand: 127.0.0.1:PORT`,
+tools/socketcand.py), so python-can, can-isotp and can.logger can join it.
 Killing this process is a power cut; running it again on the same DIR is the next power-on.
 """
 import argparse
