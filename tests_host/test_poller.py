@@ -20,6 +20,9 @@ OPTS = %(opts)s
 async def main():
     bs = canbus.start(None, listen_only=False, hw=(1, 2), extra={0: [], 1: []})
     metrics.set("v.e.on", %(on)s)
+    metrics.set("v.e.awake", False)         # (the REPL keeps modules between tests)
+    metrics.set("v.c.charging", False)
+    metrics.set("v.b.12v.voltage", 12.6)
     co = poller.start((ENTRIES, None, OPTS), bs)
     asyncio.create_task(co)
     p = poller.current()
@@ -395,3 +398,23 @@ def test_app_generic_obd_one_config_value_and_shell(dev):
     assert "(limit 1024)" in out                      # the default answer buffer
     row = [ln for ln in out.splitlines() if ln.startswith("can0 7df")][0].split()
     assert int(row[3]) >= 2           # discovery and speed answered
+
+
+def test_low_12v_pauses_polling_unless_on(dev):
+    entries = [(0, 0x7E4, 0x7EC, 0, b"\x22\x01\x01", (1, 1, 1, 1), -1, ())]
+    with Ecu(dev, 0x7E4, 0x7EC, lambda r: uds(r, 5)) as ecu:
+        out = run_dev(dev, """
+metrics.set("v.e.awake", True)
+metrics.set("v.b.12v.voltage", 11.6)
+await asyncio.sleep_ms(2500)
+print("A", p.state, p.requests)
+metrics.set("v.e.on", True)
+await asyncio.sleep_ms(2500)
+print("B", p.state, p.requests)
+metrics.set("v.e.on", False)
+metrics.set("v.e.awake", False)
+""", entries=entries, opts=dict(vmin=12.0), on=False)
+    lines = {ln[0]: ln.split()[1:] for ln in out.splitlines() if ln[:2] in ("A ", "B ")}
+    assert lines["A"] == ["-1", "0"], out           # awake, but the 12 V battery is low
+    assert lines["B"][0] == "2" and int(lines["B"][1]) >= 2
+    assert len(ecu.requests) >= 2

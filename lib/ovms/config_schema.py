@@ -73,6 +73,7 @@ poll bs i 8 0:255
 poll stmin i 0 0:127
 poll pad e AA none|00|55|AA|CC|FF
 poll sleep i 10 1:3600
+poll 12v.min i 120 0:160
 ota pubkey s /store/ota.pub 128
 ota health.deadline i 120 10:3600
 usr * s - 256

@@ -71,12 +71,12 @@ class Poller:
     """entries: the poll list (see firmware/vehicles/README.md, "poll"); buses: {bus index:
     CanBus}. One request in flight per bus, gap ms between requests, ECUs that do not answer
     backed off. opts: size, bs, stmin, pad, timeout (ms), gap (ms), sleep (s without traffic =
-    asleep)."""
+    asleep), vmin (V: below it on the 12 V battery nothing is polled unless on or charging)."""
 
     def __init__(self, entries, buses, size=1024, bs=8, stmin=0, pad=0xAA, timeout=1000,
-                 gap=10, sleep=10):
+                 gap=10, sleep=10, vmin=0):
         self.entries = entries
-        self.gap, self.sleep = gap, sleep
+        self.gap, self.sleep, self.vmin = gap, sleep, vmin
         self.ch = {}
         self.bus = buses
         for i, b in buses.items():
@@ -149,6 +149,9 @@ class Poller:
             return CHARGING
         if metrics.get("v.e.on"):
             return ON
+        v = metrics.get("v.b.12v.voltage")
+        if v is not None and v < self.vmin and not metrics.stale("v.b.12v.voltage"):
+            return ASLEEP           # 12 V battery low: leave the car alone
         if metrics.get("v.e.awake"):
             return AWAKE
         if self._traffic and now - self._traffic < self.sleep:
@@ -370,7 +373,7 @@ def configured(vehicle, obd, config):
     opts = dict(size=config.get("poll", "buffer"), bs=config.get("poll", "bs"),
                 stmin=config.get("poll", "stmin"), pad=-1 if pad == "none" else int(pad, 16),
                 timeout=config.get("poll", "timeout"), gap=config.get("poll", "gap"),
-                sleep=config.get("poll", "sleep"))
+                sleep=config.get("poll", "sleep"), vmin=config.get("poll", "12v.min") / 10)
     return entries, ids, opts
 
 
