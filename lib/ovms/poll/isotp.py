@@ -21,7 +21,8 @@ E_SEND = const(8)
 ERRORS = ("ok", "no answer", "no flow control", "consecutive frame lost", "wrong sequence number",
           "wrong length", "answer too long", "ECU refused (overflow)", "send failed")
 
-_PENDING_MAX = const(10)    # NRC 0x78 accepted per request (10 x P2* = 50 s at most)
+_PENDING_MAX = const(10)
+_WFT_MAX = const(10)        # flow control "wait" frames accepted per request (N_WFTmax)    # NRC 0x78 accepted per request (10 x P2* = 50 s at most)
 
 
 def _st_ms(b):
@@ -59,7 +60,7 @@ class Channel:
         self.pending = 0    # NRC 0x78 seen for this request
         self.txid = self.rxid = self.rxmask = self.fcid = 0
         self.ext = False
-        self._seq = self._bc = self._ebs = self._est = 0
+        self._seq = self._bc = self._ebs = self._est = self._wft = 0
         self._t = 0
         self.errors = 0     # transfers failed since start
         self.too_long = 0   # answers refused as longer than size
@@ -101,7 +102,7 @@ class Channel:
             self.rxid, self.rxmask = (0x18DAF100, 0x1FFFFF00)
         else:
             self.rxid, self.rxmask = (0x7E8, 0x7F8)
-        self.total, self.pending, self.err = n, 0, 0
+        self.total, self.pending, self.err, self._wft = n, 0, 0, 0
         f = self._f
         now = time.ticks_ms()
         if n <= 7:
@@ -165,8 +166,12 @@ class Channel:
                     self._bc = 0
                     self.state = TX_CF
                     self._t = time.ticks_ms()
-                elif fs == 1:
-                    self._t = time.ticks_add(time.ticks_ms(), self.nbs)
+                elif fs == 1:           # wait: at most _WFT_MAX times per request
+                    self._wft += 1
+                    if self._wft > _WFT_MAX:
+                        self._fail(E_BS)
+                    else:
+                        self._t = time.ticks_add(time.ticks_ms(), self.nbs)
                 elif fs == 2:
                     self._fail(E_OVFL)
                 else:
