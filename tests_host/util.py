@@ -161,7 +161,7 @@ class VDev:
         info, buf = {}, b""
         deadline = time.time() + timeout
         fd = self.proc.stdout.fileno()
-        while "can-tx" not in info:
+        while "socketcand" not in info:
             if time.time() > deadline or self.proc.poll() is not None:
                 self.stop()
                 raise AssertionError("vdev did not start: %s" % self.proc.stderr.read())
@@ -173,7 +173,15 @@ class VDev:
         self.control_path = info["control"]
         self.tx_log = info["can-tx"]
         self.pty_name = info["pty"]
+        host, _, port = info["socketcand"].partition(":")
+        self.socketcand = (host, int(port))
         return self
+
+    def can_bus(self, channel="can0", **kw):
+        """A python-can Bus on the device's CAN interface (its socketcand server)."""
+        import can
+        return can.Bus(interface="socketcand", host=self.socketcand[0], port=self.socketcand[1],
+                       channel=channel, **kw)
 
     def stop(self):
         """Power cut: SIGKILL, no chance to flush anything."""

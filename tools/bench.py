@@ -13,6 +13,9 @@ Usage:
       is not counted: it is frozen on a device).
   bench.py soak [--soak-seconds 600]
       tests_host/test_soak.py for that long: {"seconds", "passed", "summary"}
+  bench.py poll [--poll-seconds 30]
+      the diagnostic poller on the virtual device (tools/bench_poll.py): answers/s for a
+      60-request list against a can-isotp ECU, poller heap, growth, worst loop stall.
   bench.py all
       decode on the shipped logs (Kona 230112-7 can0/pcan.dbc, RAV4 can0 and can1) plus
       ratios viper/cantools and viper/python, table size and the heap the Decoder needs
@@ -201,6 +204,9 @@ def bench_soak(a):
     if not a.quiet:
         print("soak %s" % ("passed" if r.returncode == 0 else "FAILED"), line, file=sys.stderr)
     return {"seconds": a.soak_seconds, "passed": r.returncode == 0, "summary": line}
+def bench_poll(a):
+    import bench_poll
+    return bench_poll.run(int(getattr(a, "poll_seconds", 30)), a.heap, quiet=a.quiet)
 
 
 def bench_all(a):
@@ -223,11 +229,12 @@ def bench_all(a):
     out["memory"] = bench_memory(a)
     a.soak_seconds = 600
     out["soak"] = bench_soak(a)
+    out["poll"] = bench_poll(a)
     return out
 
 
 COMMANDS = {"decode": bench_decode, "mqtt-data": bench_mqtt_data, "mqtt-loop": bench_mqtt_loop,
-            "memory": bench_memory, "soak": bench_soak, "all": bench_all}
+            "memory": bench_memory, "soak": bench_soak, "poll": bench_poll, "all": bench_all}
 
 
 def main(argv=None):
@@ -241,12 +248,14 @@ def main(argv=None):
     d.add_argument("--quiet", action="store_true")
     for name, text in (("mqtt-data", "MQTT bytes for a drive + idle day, ours vs OVMS v3"),
                        ("mqtt-loop", "worst event-loop stall and command round trip"),
-                       ("memory", "app heap through a replayed drive on the virtual device")):
+                       ("memory", "app heap through a replayed drive on the virtual device"),
+                       ("poll", "poller round trips/s, heap and loop stall (60 requests, can-isotp ECU)")):
         x = sub.add_parser(name, help=text)
         x.add_argument("--quiet", action="store_true")
         x.add_argument("--loop-seconds", type=float, default=20)
         x.add_argument("--heap", default="100K")
         x.add_argument("--speed", type=float, default=1.0)
+        x.add_argument("--poll-seconds", type=int, default=30)
     so = sub.add_parser("soak", help="replayed drive: no watchdog reset, crash or heap growth")
     so.add_argument("--soak-seconds", type=float, default=600)
     so.add_argument("--quiet", action="store_true")

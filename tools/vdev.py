@@ -5,6 +5,8 @@
 
 DIR is the module's flash filesystem (populated from the repo on first run). The serial port is a
 pty (`pty: <path>` is printed when ready) that mpremote can use like a board's USB serial.
+The CAN bus is served on 127.0.0.1 with the socketcand protocol (`socketcand: 127.0.0.1:PORT`,
+tools/socketcand.py), so python-can, can-isotp and can.logger can join it.
 Killing this process is a power cut; running it again on the same DIR is the next power-on.
 """
 import argparse
@@ -269,6 +271,23 @@ class Bus:
         self.dropped = 0
         self.tx_log = tx_log
         self.tx_lock = threading.Lock()
+        self.cand = None          # socketcand server: sees every frame on the bus
+
+    def _seen(self, ctrl, rec):
+        if self.cand is not None and self.cand.active():
+            fid, flags, dlc, _, data = REC.unpack(rec[:16])
+            self.cand.frame(ctrl, fid, bool(flags & FLAG_EXT), b"" if flags & FLAG_RTR else data[:dlc])
+
+    def inject(self, ctrl, fid, ext, data):
+        """A frame from a socketcand client: into the firmware's RX ring like a replayed one."""
+        rec = REC.pack(fid, FLAG_EXT if ext else 0, len(data), 0, data.ljust(8, b"\0"))
+        conn = self.conns.get(ctrl)
+        if conn is None:
+            return
+        try:
+            conn.send(rec, socket.MSG_DONTWAIT if self.speed > 0 else 0)
+        except OSError:
+            self.dropped += 1
 
     def attach(self, ctrl, conn):
         conn.send(b"B" if self.speed == 0 else b"P")
@@ -300,6 +319,7 @@ class Bus:
             body = ("R%d" % dlc) if flags & FLAG_RTR else data[:dlc].hex().upper()
             with self.tx_lock, open(self.tx_log, "a") as f:
                 f.write("(%.6f) can%d %s#%s\n" % (time.time(), ctrl - 1, ident, body))
+            self._seen(ctrl, rec)
 
     def inject_state(self, ctrl, state):
         with self.cond:
@@ -321,6 +341,7 @@ class Bus:
                     wait = start + ((t - t0) + cycle * period) / self.speed - time.monotonic()
                     if wait > 0.001:
                         time.sleep(wait)
+                    self._seen(ctrl, rec)
                     conn = self.conns.get(ctrl)
                     if conn is None:
                         continue
@@ -330,6 +351,7 @@ class Bus:
                         self.dropped += 1  # device frozen or rebooting: the bus does not wait
                 else:
                     self._send_paced(ctrl, rec)
+                    self._seen(ctrl, rec)
             if self.once:
                 return
             cycle += 1
@@ -700,12 +722,17 @@ class Device:
         for fn in (self.serve_hw, self.watchdog, self.host_to_device, self.bus.run):
             threading.Thread(target=fn, daemon=True).start()
         self.serve_control()
+        sys.path.insert(0, os.path.join(REPO, "tools"))
+        import socketcand
+        self.bus.cand = socketcand.Server(self.bus.inject, self.a.socketcand_port)
+        threading.Thread(target=self.bus.cand.serve, daemon=True).start()
         mode = "power"
         ch = self.boot(mode)
         print("pty: %s" % self.pty_name, flush=True)
         print("control: %s" % self.control_path, flush=True)
         print("heap: %d x%d" % (heap_bytes(self.a.heap) * scale, scale), flush=True)
         print("can-tx: %s" % self.bus.tx_log, flush=True)
+        print("socketcand: 127.0.0.1:%d" % self.bus.cand.port, flush=True)
         while True:
             rc = ch.wait()
             req, self.next_boot = self.next_boot, None
@@ -756,6 +783,8 @@ def main(argv=None):
     r.add_argument("--flash-costs", choices=("on", "off"), default="on",
                    help="flash writes, renames and removes block the interpreter as long as the "
                         "ESP32's flash would (sector erase 45 ms, page program 0.7 ms)")
+    r.add_argument("--socketcand-port", type=int, default=0,
+                   help="serve the CAN bus with the socketcand protocol on 127.0.0.1:PORT (default: a free port)")
     r.add_argument("--no-frozen", action="store_true",
                    help="no frozen app in the firmware (ROMFS): run lib/ from the flash only")
     a = p.parse_args(argv)

@@ -236,6 +236,104 @@ def _frames(cname, spec, dbs, buses, warn):
     return tuple(out)
 
 
+POLL_KEYS = {"bus", "tx", "rx", "ext", "request", "interval", "values", "pid", "comment"}
+VALUE_KEYS = {"bytes", "bit", "signed", "order", "scale", "add", "comment"}
+POLL_STATES = ("off", "awake", "on", "charging")
+VALUE_KINDS = {("big", False): 0, ("big", True): 1, ("little", False): 2, ("little", True): 3}
+
+
+def _id(v, where, what):
+    if isinstance(v, str):
+        try:
+            v = int(v, 16)
+        except ValueError:
+            _err(where, "%s must be a hex id" % what)
+    if not isinstance(v, int) or not 0 <= v <= 0x1FFFFFFF:
+        _err(where, "bad %s %r" % (what, v))
+    return v
+
+
+def compile_poll(spec, path, prefix, std, buses):
+    """The "poll" section -> POLL entries for ovms.poll.poller (format: firmware/vehicles/README.md)."""
+    if not isinstance(spec, list):
+        _err(path, '"poll" must be a list of requests')
+    out = []
+    for n, r in enumerate(spec):
+        where = "%s: poll[%d]" % (path, n)
+        if not isinstance(r, dict):
+            _err(where, "must be an object")
+        bad = set(r) - POLL_KEYS
+        if bad:
+            _err(where, "unknown key(s) %s" % ", ".join(sorted(bad)))
+        bus = r.get("bus", "can0")
+        if not isinstance(bus, str) or not re.fullmatch(r"can[0-3]", bus):
+            _err(where, 'bad bus %r (can0..can3)' % (bus,))
+        tx = _id(r.get("tx"), where, "tx")
+        ext = bool(r.get("ext", tx > 0x7FF))
+        if not ext and tx > 0x7FF:
+            _err(where, "tx id above 0x7FF needs 29-bit ids")
+        if "rx" in r:
+            rx = 0 if r["rx"] in (0, "functional") else _id(r["rx"], where, "rx")
+        elif not ext:
+            rx = 0 if tx == 0x7DF else tx + 8
+        elif (tx >> 16 & 0xFF) == 0xDB:
+            rx = 0
+        else:
+            rx = (tx & 0x1FFF0000) | (tx & 0xFF) << 8 | (tx >> 8 & 0xFF)
+        try:
+            req = bytes.fromhex(r.get("request", ""))
+        except (ValueError, TypeError):
+            _err(where, '"request" must be hex bytes, e.g. "220101"')
+        if not 1 <= len(req) <= 64:
+            _err(where, '"request" must be 1..64 bytes')
+        iv = r.get("interval", 10)
+        if isinstance(iv, int):
+            iv = {"awake": iv, "on": iv, "charging": iv}
+        if not isinstance(iv, dict) or set(iv) - set(POLL_STATES):
+            _err(where, '"interval" must be seconds or {%s: seconds}' % ", ".join(POLL_STATES))
+        ivals = []
+        for st in POLL_STATES:
+            x = iv.get(st, 0)
+            if not isinstance(x, int) or not 0 <= x <= 86400:
+                _err(where, "interval %s must be 0..86400 s (0 = not polled)" % st)
+            ivals.append(x)
+        gate = r.get("pid", -1)
+        if not isinstance(gate, int) or not -1 <= gate <= 255:
+            _err(where, '"pid" (poll only if the ECU reports this mode 01 PID) must be 0..255')
+        vals = []
+        for mname, v in (r.get("values") or {}).items():
+            w = '%s: value "%s"' % (where, mname)
+            if mname not in std and not mname.startswith(prefix):
+                _err(w, 'not a standard metric; vehicle metrics are named "%s*"' % prefix)
+            if not isinstance(v, dict) or set(v) - VALUE_KEYS:
+                _err(w, "must be an object with %s" % ", ".join(sorted(VALUE_KEYS)))
+            sc, add = v.get("scale", 1), v.get("add", 0)
+            if not isinstance(sc, (int, float)) or not isinstance(add, (int, float)):
+                _err(w, '"scale" and "add" must be numbers')
+            if "bit" in v:
+                b = v["bit"]
+                if not (isinstance(b, list) and len(b) == 2 and isinstance(b[0], int) and b[0] >= 0
+                        and isinstance(b[1], int) and 0 <= b[1] <= 7) or "bytes" in v:
+                    _err(w, '"bit" must be [byte, bit 0..7] (and no "bytes")')
+                vals.append((mname, b[0], 1, 4, b[1], 1, 0))
+                continue
+            b = v.get("bytes")
+            if not (isinstance(b, list) and len(b) == 2 and isinstance(b[0], int) and b[0] >= 0
+                    and isinstance(b[1], int) and 1 <= b[1] <= 4):
+                _err(w, '"bytes" must be [first byte, count 1..4]')
+            order = v.get("order", "big")
+            if order not in ("big", "little"):
+                _err(w, '"order" must be "big" or "little"')
+            kind = VALUE_KINDS[(order, bool(v.get("signed", False)))]
+            vals.append((mname, b[0], b[1], kind, 0, sc, add))
+        if bus not in buses:
+            buses[bus] = 500000
+        out.append((int(bus[3:]), tx, rx, (1 if ext else 0) | (2 if req[:2] in (
+            b"\x01\x00", b"\x01\x20", b"\x01\x40", b"\x01\x60", b"\x01\x80", b"\x01\xa0",
+            b"\x01\xc0") else 0), req, tuple(ivals), gate, tuple(vals)))
+    return tuple(out)
+
+
 def compile_vehicle(vdir, warn=None):
     """vehicle.json in vdir -> dict of everything the device module holds."""
     path = os.path.join(vdir, "vehicle.json")
@@ -358,7 +456,8 @@ def compile_vehicle(vdir, warn=None):
         if cname not in COMMAND_NAMES and warn:
             warn('%s: command "%s" is not one the shell knows (%s)' % (path, cname, ", ".join(COMMAND_NAMES)))
         commands[cname] = _frames(cname, spec, dbs, {b: (i, p) for b, (i, p) in buses.items()}, warn)
-    return {"code": code, "name": name, "buses": bitrates, "metrics": tuple(metrics),
+    poll = compile_poll(mp["poll"], path, prefix, std, bitrates) if "poll" in mp else ()
+    return {"code": code, "name": name, "buses": bitrates, "metrics": tuple(metrics), "poll": poll,
             "derived": tuple(derived), "commands": commands, "table": table,
             "source": os.path.basename(os.path.abspath(vdir))}
 
@@ -379,7 +478,14 @@ def to_module(v):
     out += [")", "# name: ((bus index, id, extended, data, ((bit, length, big endian, scale, offset,",
             "#         signed, low, high, argument index), ...)), ...)", "COMMANDS = {"]
     out += ["    %r: %r," % (k, c) for k, c in sorted(v["commands"].items())]
-    out += ["}", "TABLE = ("]
+    out += ["}"]
+    if v.get("poll"):
+        out += ["# diagnostic poll list (ovms.poll.poller): (bus index, tx id, rx id or 0 = functional,",
+                "#  flags 1 = 29-bit 2 = PID discovery, request, intervals (off, awake, on, charging) s,",
+                "#  gate PID, ((metric, first byte, bytes, kind, bit, scale, add), ...))", "POLL = ("]
+        out += ["    %r," % (e,) for e in v["poll"]]
+        out += [")"]
+    out += ["TABLE = ("]
     t = v["table"]
     out += ["    %r" % bytes(t[i:i + 64]) for i in range(0, len(t), 64)]
     out += [")", ""]

@@ -80,10 +80,20 @@ def _start_vehicle():
             _set("v.type", vt)
         except (ImportError, ValueError) as e:
             print("app: vehicle", vt, "not loaded:", e)
+    pm = config.get("vehicle", "poll")
+    poll = None
+    if pm == "obd" or pm == "auto" and getattr(v, "poll", None):
+        try:
+            from ovms.poll import poller
+            poll = poller.configured(v, pm == "obd", config)
+        except Exception as e:  # a bad poll list costs the polling, nothing else
+            print("app: poller not started:", repr(e))
     try:
-        canbus.start(v, listen_only=config.get("vehicle", "can.mode") != "normal",
+        canbus.start(v, listen_only=config.get("vehicle", "can.mode") != "normal" and not poll,
                      bitrate=config.get("vehicle", "can.bitrate") if config.is_set(
-                         "vehicle", "can.bitrate") else None)
+                         "vehicle", "can.bitrate") else None, extra=poll and poll[1])
+        if poll:
+            _spawn("poll", poller.start(poll, canbus.buses()))
     except Exception as e:  # no CAN controller: the rest of the module still works
         print("app: CAN not started:", repr(e))
     return v
@@ -237,6 +247,9 @@ def stop():
     """Stop the app cleanly: CAN off, MQTT says goodbye, persisted metrics saved."""
     from ovms.can import bus as canbus
     from ovms.v3 import server as server_v3
+    p = sys.modules.get("ovms.poll.poller")
+    if p:
+        p.stop()
     config._later = None
     try:
         config.flush()

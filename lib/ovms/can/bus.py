@@ -70,6 +70,7 @@ class CanBus:
         self.busoff = 0
         self.restarts = 0
         self.filters = None
+        self.tap = None         # tap(id, ext, data) -> True: the frame was taken (diagnostic poller)
         self._boff_at = 0       # ticks_ms when bus-off was seen, 0 = not in bus-off
         self._backoff = 0       # ms to wait before the next restart (0: backoff_min)
         self._healthy_since = 0
@@ -128,6 +129,7 @@ class CanBus:
         fext = getattr(can, "FLAG_EXT_ID", 1 << 29)
         frtr = getattr(can, "FLAG_RTR", 1 << 30)
         fovr = getattr(can, "RECV_ERR_OVERRUN", 2)
+        tap = self.tap
         if not now:
             now = metrics.uptime()
         n = 0
@@ -141,6 +143,8 @@ class CanBus:
                 if e & fovr:
                     self.rx_overrun += 1
             f = rx[2]
+            if tap is not None and tap(rx[0], f & fext, rx[1]):
+                continue
             if dec is not None and not f & frtr:
                 d = rx[1]
                 if dec.feed(bus, rx[0], f & fext, d, len(d), now) or dec.message >= 0:
@@ -285,17 +289,21 @@ class CanBus:
             pass
 
 
-def start(vehicle=None, listen_only=True, cans=None, hw=(1,), bitrate=None):
+def start(vehicle=None, listen_only=True, cans=None, hw=(1,), bitrate=None, extra=None):
     """Create one CanBus per vehicle bus (or can0 when no vehicle) and start their tasks.
 
     listen_only: config "vehicle can.mode" != "normal"; bitrate: override (config
     "vehicle can.bitrate"), default the vehicle's; cans: {bus index: machine.CAN-like
-    object} instead of machine.CAN(hw[n]). Returns the CanBus list (kept for send/status)."""
+    object} instead of machine.CAN(hw[n]); extra: {bus index: [(id, ext)]} received too
+    (diagnostic answers). Returns the CanBus list (kept for send/status)."""
     stop()
     idx = []
     if vehicle is not None:
         for b in vehicle.buses:
             idx.append(int(b[3:]))
+    for i in extra or ():
+        if i not in idx:
+            idx.append(i)
     if not idx:
         idx = [0]
     idx.sort()
@@ -305,12 +313,19 @@ def start(vehicle=None, listen_only=True, cans=None, hw=(1,), bitrate=None):
             continue
         b = CanBus("can%d" % i, i, bitrate or (vehicle.bitrate(i) if vehicle else 500000),
                    vehicle.decoder if vehicle else None,
-                   vehicle.ids(i) if vehicle else None, listen_only,
+                   _ids(vehicle, i, extra), listen_only,
                    cans.get(i) if cans else None, hw[n] if n < len(hw) else n + 1)
         b.open()
         asyncio.create_task(b.run())
         _buses.append(b)
     return list(_buses)
+
+
+def _ids(vehicle, i, extra):
+    ids = vehicle.ids(i) if vehicle is not None and "can%d" % i in vehicle.buses else None
+    if ids is not None and extra and i in extra:
+        ids = list(ids) + list(extra[i])
+    return ids
 
 
 def stop():

@@ -43,6 +43,7 @@ class Vehicle:
         self.name = getattr(mod, "NAME", mod.CODE)
         self.buses = dict(getattr(mod, "BUSES", {"can0": 500000}))
         self._cmds = getattr(mod, "COMMANDS", {})
+        self.poll = getattr(mod, "POLL", ())   # diagnostic poll list (ovms.poll.poller)
         d = Decoder(mod.TABLE)
         self.decoder = d
         n = d.nsignals

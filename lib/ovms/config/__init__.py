@@ -59,6 +59,7 @@ vehicle units.temp e C C|F
 vehicle can.mode e listen listen|normal
 vehicle can.bitrate i 500000 10000:1000000
 vehicle minsoc i 0 0:100
+vehicle poll e auto auto|off|obd
 server.v3 server s - 128
 server.v3 port i 0 0:65535
 server.v3 tls b yes -
@@ -100,6 +101,14 @@ auto wifi.ssid.client s - 32
 module watchdog.timeout i 60 0:3600
 module safemode.crashes i 3 1:20
 module hostname s - 32
+poll buffer i 1024 8:4095
+poll timeout i 1000 50:10000
+poll gap i 10 0:1000
+poll bs i 8 0:255
+poll stmin i 0 0:127
+poll pad e AA none|00|55|AA|CC|FF
+poll sleep i 10 1:3600
+poll 12v.min i 120 0:160
 ota health.deadline i 120 10:3600
 usr * s - 256
 """

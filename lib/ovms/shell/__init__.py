@@ -703,7 +703,8 @@ _BUILTIN = (
         ("charge", "Charge control", "shell.vehicle"),
         ("wakeup", "Wake up the vehicle", "shell.vehicle"),
         ("homelink", "Activate a homelink button", "shell.vehicle"),
-        ("ota", "OTA updates", "shell.ota"))
+        ("ota", "OTA updates", "shell.ota"),
+        ("obd", "OBD-II/UDS diagnostic requests", "poll.cmd"))
 for _n, _t, _m in _BUILTIN:
     lazy(_n, _t, _m)
 del _n, _t, _m
