@@ -460,7 +460,9 @@ gc.collect()
 return a - gc.mem_free()
 """ % (broker.tls_port, broker.ca))
     print("client instance + connection heap: %d B" % r)
-    assert r < 16000
+    # 16.2 KB measured with the cached broker address, skipped-message and keepalive-fallback
+    # state (host bytes; about half on the ESP32)
+    assert r < 16500
 
 
 def test_qos2_exactly_once_across_a_lost_link_with_a_persistent_session(broker, dev_factory,
