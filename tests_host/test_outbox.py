@@ -3,10 +3,11 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 
 from test_mqtt_kit import build_lib
-from util import MICROPYTHON, run_mpy
+from util import MICROPYTHON, TOOLS, run_mpy
 
 
 def ob(path, code, **kw):
@@ -227,3 +228,70 @@ def test_power_cut_at_every_byte_of_appends_and_compactions(tmp_path):
     assert "BAD 0 " in out, out
     w = out.split()
     assert int(w[w.index("COMPACTIONS") + 1]) >= 2 and int(w[w.index("APPENDS") + 1]) > 100
+
+
+MEASURE = r'''
+import sys, os, time
+sys.path.append(%r)
+import flash
+sys.path.pop()
+flash.install(os, "")
+written = [0]
+_w = flash.File.write
+def write(self, b):
+    n = _w(self, b)
+    written[0] += n or 0
+    return n
+flash.File.write = write
+from ovms.v3.outbox import Outbox
+o = Outbox(%r)
+worst = [0, 0]      # us, bytes of the worst single put/pop
+tot = {"put": [0, 0, 0], "pop": [0, 0, 0]}     # calls, bytes, flash us
+def op(kind, fn, *a):
+    b0 = written[0]
+    u0 = flash.busy_us[0]
+    r = fn(*a)
+    us = flash.busy_us[0] - u0
+    t = tot[kind]
+    t[0] += 1
+    t[1] += written[0] - b0
+    t[2] += us
+    if us > worst[0]:
+        worst[0] = us
+        worst[1] = written[0] - b0
+    return r
+text = "Charge stopped: 80%% SOC reached, range 312 km"
+for r in range(4):
+    for i in range(20):             # steady state: each notification sent at once
+        s = op("put", o.put, "notify/info/charge.stopped", text)
+        op("pop", o.pop, s)
+    for i in range(24):             # offline: they pile up (bounded), then drain
+        op("put", o.put, "notify/alert/x.%%d" %% i, text * 3)
+    while len(o):
+        op("pop", o.pop, o.peek()[0])
+for k in ("put", "pop"):
+    t = tot[k]
+    print(k.upper(), t[0], "BYTES/OP", t[1] // t[0], "US/OP", t[2] // t[0])
+print("WORST_US", worst[0], "WORST_BYTES", worst[1], "SIZE", os.stat(%r)[6])
+'''
+
+
+def measure(tmp_path, lib):
+    q = str(tmp_path / "q")
+    out = run_mpy(MEASURE % (os.path.join(TOOLS, "vboard"), q, q), heap="256K",
+                  path=(lib,)).stdout
+    w = out.split()
+    return out, {k: int(w[w.index(k) + 1]) for k in ("WORST_US", "WORST_BYTES", "SIZE")}, [
+        int(x) for x in (w[w.index("PUT") + 3], w[w.index("POP") + 3])]
+
+
+def test_flash_cost_per_put_and_pop_with_the_esp32_cost_model(tmp_path):
+    """With the vboard's ESP32 flash costs: a put or pop writes one record, not the file
+    (was: the whole queue rewritten, ~0.6 KB per op in steady state and ~8 KB per op with a
+    full queue), and no single put/pop blocks for more than one sector erase plus a few pages
+    and a metadata commit (was ~110 ms with a full queue: two erases and 33 pages)."""
+    out, m, (put_b, pop_b) = measure(tmp_path, build_lib())
+    print(out)
+    assert put_b < 300 and pop_b < 40, out
+    assert m["WORST_US"] <= 2 * 45000 + 8 * 700, out
+    assert m["SIZE"] <= 32 * 1024, out
