@@ -37,7 +37,10 @@ class Outbox:
         self.errors = 0
         self._head = 0          # file offset of the first live message (or of the end)
         self._end = 0           # length of the valid log (0: no file)
-        self._cap = max_bytes + 32 * max_items + 4096   # log size that triggers a compaction
+        self._cap = max_bytes + 32 * max_items + 4096   # log size that starts a compaction
+        self._cp = 0            # compaction in progress: log offset copied up to (0: none)
+        self._base = 0          # log offset the compaction copies from
+        self._plen = 0          # length of the compacted log's first part (magic, marker)
         self._load()
 
     def __len__(self):
@@ -73,8 +76,8 @@ class Outbox:
         self.count = n + 1
         self.size = size + len(body)
         rec = _rec(b"M", seq, body)
-        if self._end + len(mark) + len(rec) + len(body) + 1 > self._cap or self._end == 0:
-            self._compact(rec, body)
+        if self._end == 0 or self._end > 2 * self._cap:
+            self._compact(rec, body)        # no log yet, or the steps fell behind
         else:
             # the message before the drop marker: a cut between them keeps one message more
             # than the bound (the next put drops it), never drops one for a message not kept
@@ -104,7 +107,7 @@ class Outbox:
             self.size -= k
             self.done = s
             self._head = nxt
-            if self.count == 0 and self._end > _RESET:
+            if self.count == 0 and (self._end > _RESET or self._cp):
                 self._compact()
             else:
                 self._append(_mark(s, self.dropped))
@@ -141,6 +144,7 @@ class Outbox:
             f.close()
 
     def _append(self, rec, body=None, mark=b""):
+        e = self._end
         try:
             with open(self.path, "ab") as f:
                 f.write(rec)
@@ -155,31 +159,45 @@ class Outbox:
             except OSError:
                 pass
             raise
-        self._end += len(rec) + len(mark) + (0 if body is None else len(body) + 1)
+        n = len(rec) + len(mark) + (0 if body is None else len(body) + 1)
+        self._end = e + n
+        if (self._cp or self._end > self._cap) and e & 4095 and e >> 12 == (e + n - 1) >> 12:
+            # one compaction step, unless this append already started a flash sector (an
+            # erase): copy at least twice what was appended, so the copy catches up
+            self._step(max(1024, 2 * n))
+
+    def _step(self, n):
+        # one step of a compaction: the live part of the log is copied into <path>.tmp over
+        # several put/pop calls (each at most one sector erase), then renamed over <path>.
+        # A cut before the rename leaves the log as it was; the .tmp is written anew.
+        tmp = self.path + ".tmp"
+        if not self._cp:
+            m = _MAGIC + _mark(self.done, self.dropped)
+            with open(tmp, "wb") as o:
+                o.write(m)
+            self._plen = len(m)
+            self._base = self._cp = self._head
+            return
+        with open(tmp, "ab") as o:
+            self._cp = _copy(self.path, self._cp, min(self._end, self._cp + n), o)
+        if self._cp >= self._end:
+            fsutil.replace(tmp, self.path)
+            d = self._plen - self._base
+            self._head += d
+            self._end += d
+            self._cp = 0
 
     def _compact(self, rec=None, body=None):
         # rewrite: a P marker with the state, the live records, then the new record (if any)
-        self._end = fsutil.write(self.path, lambda o: self._copy(o, rec, body), "wb")
+        self._cp = 0
+        self._end = fsutil.write(self.path, lambda o: self._all(o, rec, body), "wb")
 
-    def _copy(self, o, rec, body):
+    def _all(self, o, rec, body):
         m = _MAGIC + _mark(self.done, self.dropped)
         o.write(m)
-        n = len(m)
-        a = self._head
-        self._head = n
-        e = self._end
-        if a < e:
-            buf = bytearray(256)
-            with open(self.path, "rb") as f:
-                f.seek(a)
-                while a < e:
-                    k = f.readinto(buf)
-                    if not k:
-                        break
-                    k = min(k, e - a)
-                    o.write(buf if k == 256 else memoryview(buf)[:k])
-                    a += k
-                    n += k
+        n = len(m) + self._end - self._head
+        _copy(self.path, self._head, self._end, o)
+        self._head = len(m)
         if rec is not None:
             o.write(rec)
             o.write(body)
@@ -253,6 +271,22 @@ def _rec(kind, seq, body):
     # the header line of a record (the body and b"\n" follow it)
     h = kind + b" %d %d" % (seq, len(body))
     return h + b" %08x\n" % crc32(body, crc32(h))
+
+
+def _copy(path, a, e, o):
+    # copies bytes a..e of the file at path to the open file o; returns where it stopped
+    if a < e:
+        buf = bytearray(256)
+        with open(path, "rb") as f:
+            f.seek(a)
+            while a < e:
+                k = f.readinto(buf)
+                if not k:
+                    break
+                k = min(k, e - a)
+                o.write(buf if k == 256 else memoryview(buf)[:k])
+                a += k
+    return a
 
 
 def _mark(done, dropped):
