@@ -171,14 +171,14 @@ def later(p):
     s = o.put("t/later", "L")
     return state(p)[-1][0] == s
 o = Outbox(P, **KW)
-bad = cuts = comps = apps = 0
+bad = cuts = comps = apps = live = 0
 a = b""
 for step in range(%d):
     rm(S + ".tmp")
     wr(S, a)
     before = state(S)
     put = False
-    if step %% 3 == 2 or (step %% 40 > 30 and len(o)):
+    if step %% 3 == 2 or (step < 80 and step %% 40 > 30 and len(o)):
         h = o.peek()
         if h is None:
             continue
@@ -203,6 +203,7 @@ for step in range(%d):
             cuts += 1
     else:                       # a compaction: <path>.tmp written at every byte, then renamed
         comps += 1
+        live += len(after) > 0          # a compaction of a non-empty queue (in steps)
         for k in range(len(b)):
             wr(S, a)
             wr(S + ".tmp", b[:k])
@@ -214,7 +215,8 @@ for step in range(%d):
         rm(S + ".tmp")
     assert len(b) <= o._cap + 400, len(b)
     a = b
-print("CUTS", cuts, "APPENDS", apps, "COMPACTIONS", comps, "BAD", bad, "MAX", o._cap)
+print("CUTS", cuts, "APPENDS", apps, "COMPACTIONS", comps, "LIVE", live, "BAD", bad,
+      "MAX", o._cap)
 '''
 
 
@@ -222,11 +224,12 @@ def test_power_cut_at_every_byte_of_appends_and_compactions(tmp_path):
     """A cut at any byte of a put/pop append or of a compaction: a restart sees the queue as
     it was before that operation (never garbage, never an earlier record lost), and the
     next put after the restart is kept."""
-    out = run_mpy(CUT % (str(tmp_path / "q"), 170), path=(build_lib(),)).stdout
+    out = run_mpy(CUT % (str(tmp_path / "q"), 230), path=(build_lib(),)).stdout
     print(out)
     assert "BAD 0 " in out, out
     w = out.split()
     assert int(w[w.index("COMPACTIONS") + 1]) >= 2 and int(w[w.index("APPENDS") + 1]) > 100
+    assert int(w[w.index("LIVE") + 1]) >= 1
 
 
 MEASURE = r'''
