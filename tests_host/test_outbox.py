@@ -308,3 +308,33 @@ def test_flash_cost_per_put_and_pop_with_the_esp32_cost_model(tmp_path):
     assert m["ERASES"] <= 1 and m["WORST_BYTES"] < 3000, out
     assert m["WORST_US"] <= 2 * 45000 + 12 * 700, out
     assert m["SIZE"] <= 32 * 1024, out
+
+
+def test_a_queue_of_the_earlier_format_is_kept_on_upgrade(tmp_path):
+    """An OBX1 queue file (the whole-file-rewrite format) is converted once: its messages,
+    order, seqs and drop count kept; a damaged record ends it as before."""
+    from binascii import crc32
+    p = tmp_path / "q"
+    recs = [(7, b"notify/info/a\nfirst"), (8, b"notify/alert/b\nsecond")]
+    old = b"OBX1 5 9\n" + b"".join(b"%d %d %08x\n" % (s, len(b), crc32(b)) + b + b"\n"
+                                    for s, b in recs)
+    p.write_bytes(old)
+    out = ob(p, """
+print(len(o), o.dropped, o.errors)
+print(o.peek())
+print(o.put('t/c', 'third'))
+r = []
+while len(o):
+    h = o.peek()
+    r.append(h[0])
+    o.pop(h[0])
+print(r)
+import sys
+print('ovms.v3.outbox1' in sys.modules)
+""")
+    assert out == ["2 5 0", "(7, 'notify/info/a', b'first')", "9", "[7, 8, 9]", "False"]
+    assert p.read_bytes().startswith(b"OBX2\n")
+    p.write_bytes(old[:-3])         # torn second record
+    assert ob(p, "print(len(o), o.peek()[2])") == ["1 b'first'"]
+    p.write_bytes(b"OBX1 2 4\n")    # empty
+    assert ob(p, "print(len(o), o.dropped, o.put('t/x', 'y'))") == ["0 2 4"]

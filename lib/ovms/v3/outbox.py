@@ -217,10 +217,12 @@ class Outbox:
         with f:
             m = f.read(5)
             off = len(m)
+            if m == b"OBX1 ":
+                off = -1
             bad = m != _MAGIC and off > 0
             if bad:
                 off = 0
-            while not bad:
+            while off > 0 and not bad:
                 h = f.readline(_HDR_MAX)
                 if not h:
                     break
@@ -242,6 +244,15 @@ class Outbox:
                     except ValueError:
                         pass
                 off += len(h) + r[2] + 1
+        if off < 0:
+            # the earlier format (whole-file rewrites): converted once, after an upgrade
+            import ovms
+            try:
+                fsutil.write(self.path, lambda o: ovms.load("v3.outbox1").convert(self.path, o),
+                             "wb")
+            finally:
+                ovms.unload("v3.outbox1")
+            return self._load()
         self._end = off
         self.seq = max(self.seq, last + 1, self.done + 1)
         self._recount()
