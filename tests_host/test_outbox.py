@@ -330,7 +330,7 @@ while len(o):
     o.pop(h[0])
 print(r)
 import sys
-print('ovms.v3.outbox1' in sys.modules)
+print('ovms.v3.outbox_load' in sys.modules)
 """)
     assert out == ["2 5 0", "(7, 'notify/info/a', b'first')", "9", "[7, 8, 9]", "False"]
     assert p.read_bytes().startswith(b"OBX2\n")

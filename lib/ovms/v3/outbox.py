@@ -6,11 +6,12 @@
 # The CRC covers kind, seq, length and body: a torn append (power cut) or a damaged record ends
 # the log on load; it and everything after it are dropped, counted and cut off (rewrite).
 # put() and pop() append one record: no rewrite, no erase unless the log starts a new 4 KB
-# sector. The log is compacted (live records copied into <path>.tmp, renamed over <path>:
-# atomic on LittleFS and POSIX; on FAT a leftover .tmp is recovered at start) when it outgrows
-# its bound, or when the queue is empty and the log is past _RESET bytes (a few bytes to copy).
+# sector. Past its bound the log is compacted in steps: each put/pop copies one chunk of the
+# live part into <path>.tmp (at most one sector erase per call), which is renamed over <path>
+# when it has caught up (atomic on LittleFS and POSIX; on FAT a leftover .tmp is recovered at
+# start). An empty queue with a log past _RESET bytes starts a fresh log at once (a few bytes).
+# Start-up (reading and checking the log) is in ovms.v3.outbox_load, loaded and dropped.
 # Records are streamed one at a time: RAM use is one record.
-import os
 from binascii import crc32
 from micropython import const
 from ovms import fsutil
@@ -41,7 +42,11 @@ class Outbox:
         self._cp = 0            # compaction in progress: log offset copied up to (0: none)
         self._base = 0          # log offset the compaction copies from
         self._plen = 0          # length of the compacted log's first part (magic, marker)
-        self._load()
+        import ovms
+        try:
+            ovms.load("v3.outbox_load").load(self)     # start-up code, not kept in RAM
+        finally:
+            ovms.unload("v3.outbox_load")
 
     def __len__(self):
         return self.count
@@ -205,79 +210,6 @@ class Outbox:
             n += len(rec) + len(body) + 1
         return n
 
-    def _load(self):
-        if not _exists(self.path) and _exists(self.path + ".tmp"):
-            fsutil.replace(self.path + ".tmp", self.path)  # cut between remove and rename (FAT)
-        try:
-            f = open(self.path, "rb")
-        except OSError:
-            return
-        bad = False
-        last = 0
-        with f:
-            m = f.read(5)
-            off = len(m)
-            if m == b"OBX1 ":
-                off = -1
-            bad = m != _MAGIC and off > 0
-            if bad:
-                off = 0
-            while off > 0 and not bad:
-                h = f.readline(_HDR_MAX)
-                if not h:
-                    break
-                r = _parse(h)
-                b = f.read(r[2] + 1) if r else b""
-                if (not r or len(b) != r[2] + 1 or b[-1] != 10
-                        or crc32(memoryview(b)[:-1], crc32(memoryview(h)[:h.rfind(b" ")])) != r[3]):
-                    bad = True
-                    break
-                if r[0] == 77:
-                    if r[1] <= last:        # seqs of messages only grow
-                        bad = True
-                        break
-                    last = r[1]
-                else:
-                    self.done = max(self.done, r[1])
-                    try:
-                        self.dropped = max(self.dropped, int(b[:-1]))
-                    except ValueError:
-                        pass
-                off += len(h) + r[2] + 1
-        if off < 0:
-            # the earlier format (whole-file rewrites): converted once, after an upgrade
-            import ovms
-            try:
-                fsutil.write(self.path, lambda o: ovms.load("v3.outbox1").convert(self.path, o),
-                             "wb")
-            finally:
-                ovms.unload("v3.outbox1")
-            return self._load()
-        self._end = off
-        self.seq = max(self.seq, last + 1, self.done + 1)
-        self._recount()
-        if bad:
-            # damaged header or record (e.g. a power cut during an append): keep the good
-            # records before it, count the loss, cut it off (rewrite)
-            self.errors += 1
-            self.dropped += 1
-            self._compact()
-
-    def _recount(self):
-        # count, size and head offset of the messages after `done`
-        n = size = 0
-        self._head = min(len(_MAGIC), self._end)
-        head = self._end
-        for s, k, at, nxt in self._msgs():
-            if not n:
-                head = at
-            n += 1
-            size += k
-        self.count = n
-        self.size = size
-        self._head = head
-
-
 def _rec(kind, seq, body):
     # the header line of a record (the body and b"\n" follow it)
     h = kind + b" %d %d" % (seq, len(body))
@@ -315,11 +247,3 @@ def _parse(h):
         return p[0][0], int(p[1]), int(p[2]), int(p[3], 16)
     except ValueError:
         return None
-
-
-def _exists(p):
-    try:
-        os.stat(p)
-        return True
-    except OSError:
-        return False
