@@ -7,7 +7,9 @@ from micropython import const
 # frozen), so this module holds only the state and what runs all the time. Table building,
 # binding, persistence, text parsing and rarely used accessors are in metrics.tab and
 # metrics.io, reached through __getattr__ (metrics.define(...) works as before): imported on
-# first use, dropped again by the next tick().
+# first use, dropped again by the next tick(). The table is built at import by metrics.build,
+# which fills this module's state without importing it: the imports go one way (tab, io ->
+# metrics; metrics -> build at import, tab and io on demand; build -> defs).
 
 # Consumers: one change bit each in a per-metric byte (bits 4..7 are free for others).
 MQTT = const(0)
@@ -26,7 +28,8 @@ _T_DATE = const(6)     # int, Unix seconds, shown as "YYYY-MM-DD HH:MM:SS UTC"
 _T_TIME = const(7)     # int, seconds of the day, shown as "HH:MM:SS"
 
 # Unit labels (native OVMS units), one per line; metrics.UNITS is the list of them and a
-# definition's unit letter indexes metrics.UNIT_CHARS (both in metrics.tab).
+# definition's unit letter indexes metrics.UNIT_CHARS (both in metrics.tab; UNIT_CHARS is
+# metrics.build's).
 _units = "\n%\nkm\nV\nA\nkW\nkWh\n\u00b0C\nAh\nWh/km\nkm/h\nm\nSec\nMin\ndBm\nkPa\n\u00b0\nrpm\nNm\nW\nm/s\u00b2\nHour"
 
 # Flag byte bits (same values in metrics.tab / metrics.io).
@@ -43,7 +46,7 @@ _MAXI = const(1 << 53)
 _ms = time.ticks_ms     # clock source (tests may replace it)
 _EPOCH = 946684800 if time.gmtime(0)[0] == 2000 else 0   # Unix seconds at the port's epoch
 
-# Table storage (built by metrics.tab.init; one entry per metric unless noted):
+# Table storage (built by metrics.build.init; one entry per metric unless noted):
 #   _std/_ext name blobs (every name ends with "\n"; the unit is the letter of a definition
 #   line in _std, the byte before the name in _ext), _noff name offset (| _EXT: in _ext),
 #   _order indexes sorted by name, _fl flags+type, _sp stale class |
@@ -52,12 +55,12 @@ _EPOCH = 946684800 if time.gmtime(0)[0] == 2000 else 0   # Unix seconds at the p
 #   or _NOSLOT, _tupd uptime of the last update (0 = never), _mod change bits; dicts _obj
 #   (str/list values), _ovr (overrides of CAN values), _xlat (CAN value maps); _stt stale
 #   timeouts, _pdb/_pmi publish policies (deadband, min interval).
-# The state is declared here (this module owns it); metrics.tab builds and resizes it.
+# The state is declared here (this module owns it); metrics.build builds it, metrics.tab
+# adds to it.
 _n = 0          # metrics in the table
-_cap = 0        # capacity of the per-metric arrays
-_dec = None     # the decoder whose signal values CAN-bound metrics read
 _defs = None    # the standard definitions (metrics.defs.DEFS, in flash on the device)
-_std = _ext = _noff = _order = _fl = _sp = _src = _slot = _tupd = _mod = _val = None
+_dec = None     # the decoder whose signal values CAN-bound metrics read
+_std = _ext = _noff = _order = _fl = _sp = _dp = _src = _slot = _tupd = _mod = _val = None
 _obj = _ovr = _xlat = _stt = _pdb = _pmi = _derived = None
 _up_s = _up_rem = _up_last = 0      # uptime(): whole seconds, ms remainder, last clock read
 
@@ -510,4 +513,6 @@ async def run(path=None, save_every=600):
         await asyncio.sleep_ms(1000)
 
 
-__getattr__("init")()
+# Build the table from the standard definitions: metrics.build fills this module's state
+# (globals()) and is dropped again at once.
+__import__("ovms").attr({"init": "metrics.build"}, "init", True)(globals())

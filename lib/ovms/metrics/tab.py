@@ -2,7 +2,12 @@
 bytecode only: native code could not be freed when the module is dropped again)."""
 import array
 from micropython import const
+import ovms
 from ovms import metrics as M
+
+# The table builder (needed at import, so ovms.metrics loads it alone, without this module):
+# loaded for a call and dropped again.
+_BUILD = {"*": "metrics.build"}
 
 # Value types (low 3 bits of the flag byte); TYPES holds their definition letters.
 T_FLOAT = const(0)
@@ -13,12 +18,12 @@ T_VFLOAT = const(4)
 T_VINT = const(5)
 T_DATE = const(6)
 T_TIME = const(7)
-TYPES = "fibsvwDT"
+TYPES = "fibsvwDT"              # (as metrics.build.TYPES)
 TYPE_NAMES = ("float", "int", "bool", "string", "float vector", "int vector", "date", "time")
 # unit labels (unit_code() adds new ones here and to metrics._units); a definition's unit
 # letter indexes UNIT_CHARS
 UNITS = M._units.split("\n")
-UNIT_CHARS = "-%kVAWECHcsmSMdpgrnwah"
+UNIT_CHARS = "-%kVAWECHcsmSMdpgrnwah"   # (as metrics.build.UNIT_CHARS)
 
 _F_TYPE = const(7)
 _F_PERSIST = const(8)
@@ -32,65 +37,7 @@ _EXT = const(0x8000)
 
 def init(defs=None):
     """(Re)build the table from the definitions string (default: metrics.defs.DEFS)."""
-    if defs is None:
-        defs = M._defs
-        if defs is None:
-            import ovms
-            defs = M._defs = ovms.load("metrics.defs").DEFS      # (in flash on the device)
-            ovms.unload("metrics.defs")
-    elif not defs.endswith("\n"):
-        defs += "\n"                 # every name ends with a newline
-    drop()
-    n = defs.count("\n") + 8
-    M._std = defs
-    M._ext = bytearray()
-    M._noff = array.array("H", bytearray(2 * n))
-    M._order = array.array("H", bytearray(2 * n))
-    M._fl = bytearray(n)
-    M._sp = bytearray(n)
-    M._dp = bytearray(n)
-    M._src = array.array("h", b"\xff\xff" * n)
-    M._slot = array.array("H", b"\xff\xff" * n)
-    M._val = array.array("d")
-    M._tupd = array.array("i", bytearray(4 * n))
-    M._mod = bytearray(n)
-    M._obj = {}
-    M._ovr = {}
-    M._xlat = {}
-    M._stt = [0, 10, 120, 3600, 65535]
-    M._pdb = [0.0]
-    M._pmi = [0]
-    M._dec = None
-    M._derived = []
-    M._up_s = 0
-    M._up_rem = 0
-    M._up_last = M._ms()
-    M._cap = n
-    # (bytes via a memoryview and 1-char slices: indexing a str would intern every letter)
-    b = memoryview(defs)
-    p = 0
-    end = len(b)
-    while p < end:
-        e = defs.find("\n", p)
-        if e < 0:
-            e = end
-        sp = defs.find(" ", p, e)
-        if sp > p + 2 and b[p] != 35:        # "#": a comment line
-            fl = TYPES.find(defs[p:p + 1])
-            st = b[p + 1] - 48
-            u = UNIT_CHARS.find(defs[p + 2:p + 3])
-            if fl < 0 or u < 0 or not 0 <= st <= 4:
-                raise ValueError("bad metric definition at %d" % p)
-            for q in range(p + 3, sp):
-                c = b[q]
-                if c == 80:                 # "P"
-                    fl |= _F_PERSIST
-                elif c == 33:               # "!"
-                    fl |= _F_PRIO
-                elif 48 <= c <= 57:         # a digit: display decimals
-                    st |= (c - 47) << 8
-            _add(sp + 1, defs[sp + 1:e], fl, st)
-        p = e + 1
+    ovms.attr(_BUILD, "init", True)(M.__dict__, defs)
 
 
 _init = init
@@ -98,16 +45,12 @@ _init = init
 
 def drop():
     """Release all table storage (for measurements and tests)."""
-    M._n = M._cap = 0
-    M._std = ""
-    for a in ("_ext", "_noff", "_order", "_fl", "_sp", "_dp", "_src", "_slot",
-              "_val", "_tupd", "_mod", "_obj", "_ovr", "_xlat", "_dec"):
-        setattr(M, a, None)
+    ovms.attr(_BUILD, "drop", True)(M.__dict__)
 
 
 def reserve(n):
     """Make room for n more metrics in one step (the arrays stay the same objects)."""
-    k = M._n + n - M._cap
+    k = M._n + n - len(M._fl)       # (the capacity: every per-metric array has that length)
     if k <= 0:
         return
     for a in (M._fl, M._sp, M._dp, M._mod):
@@ -117,12 +60,11 @@ def reserve(n):
     M._tupd.extend(array.array("i", bytearray(4 * k)))
     M._src.extend(array.array("h", b"\xff\xff" * k))
     M._slot.extend(array.array("H", b"\xff\xff" * k))
-    M._cap += k
 
 
 def _add(off, nm, fl, st):
     i = M._n
-    if i >= M._cap:
+    if i >= len(M._fl):
         reserve(16)
     M._noff[i] = off
     M._fl[i] = fl
@@ -170,7 +112,7 @@ def define(s, type="f", unit="", stale=0, persist=False, priority=False):
     if o + len(s) >= _EXT:
         raise ValueError("metric name table full")
     M._ext.append(u)                # the unit index, then the name and "\n"
-    M._ext.extend(s.encode())
+    M._ext.extend(s)                # (a str is a buffer: no temporary bytes)
     M._ext.append(10)
     return _add(o | _EXT, s, t | (_F_PERSIST if persist else 0) | (_F_PRIO if priority else 0), st)
 
