@@ -183,7 +183,7 @@ e = [0x18FF0001, 0x18FF0002, 0x18DAF110, 0x0CF00400, 0x18FEF100]
 f = cover(e, 2, True)
 print(len(f), ok(e, f, True)[0])
 print(cover([0x7FF, 0x7FF, 0x7FF], 4))
-""")
+""", path=(compiled_lib(),))
     out = r.stdout.strip().split("\n")
     assert out[0] == "[(256, 2047), (512, 2047)]"
     assert out[1] == "[]"

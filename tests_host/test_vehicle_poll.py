@@ -45,7 +45,7 @@ def test_poll_section_compiles(tmp_path):
         (0, 0x7DF, 0, 0, b"\x01\x0d", (0, 10, 10, 10), 13, (("v.p.speed", 0, 1, 0, 0, 1, 0),)))
     assert v["buses"] == {"can0": 500000, "can1": 500000}
     out = tmp_path / "out"
-    vehicles.build(_vdir(tmp_path, POLL), str(out))
+    os.remove(vehicles.build(_vdir(tmp_path, POLL), str(out), mpy=True))   # bytecode, as on a module
     r = run_mpy("""
 from ovms.can import vehicle, bus as canbus
 from ovms.poll import poller
@@ -54,7 +54,7 @@ v = vehicle.load("TX")
 print(len(v.poll), v.poll[2][1])
 p = poller.Poller(v.poll, {0: canbus.CanBus("can0", 0, can=object()), 1: canbus.CanBus("can1", 1, can=object())})
 print(len(p.ecus), p.ecus[0])
-""", path=(str(out), compiled_lib()))
+""", path=(str(out), compiled_lib()), heap="200K")   # .mpy code sits in the heap here
     assert r.stdout.split() == ["3", "2015", "3", "(0,", "2020,", "2028)"], r.stdout
 
 
