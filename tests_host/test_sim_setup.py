@@ -72,8 +72,8 @@ def test_readme_shows_the_lines_make_sim_prints(monkeypatch):
     with open(os.path.join(REPO, "README.md")) as f:
         readme = f.read()
     shown = [ln for ln in text.splitlines() if ln.split(":")[0] in
-             ("watch", "shell", "metrics", "ota", "attach")]
-    assert len(shown) == 5
+             ("watch", "shell", "metrics", "ota", "attach", "can")]
+    assert len(shown) == 6
     for ln in shown:
         ln = ln.split("     (")[0]             # the attach line's remark is not in the README
         assert "    " + ln + "\n" in readme, ln

@@ -265,6 +265,8 @@ def transfer(link, bundle, timeout=10.0, progress=None, stall=None):
             inflight = 0
             continue
         if "error" in r:
+            if progress:
+                progress.done()             # the error on its own line, not after the bar
             raise PushError(r["error"])
         inflight -= 1
         if r.get("next", -1) > acked:

@@ -21,6 +21,9 @@ DRIVE = os.path.join(REPO, "firmware", "vehicles", "rv", "logs", "comma2k19_rav4
 def port_or_free(p):
     import socket
     with socket.socket() as s:
+        # as mosquitto and socketcand bind: connections of a previous run in TIME_WAIT (a quick
+        # restart) must not move the broker to another port than the README's lines show
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", p))
             return p
@@ -73,7 +76,10 @@ def start_broker(state, tls_port=None, port=None):
     return broker, password, pw_file
 
 
-def usage(state, port, tls_port, ca, password, pw_file, vid, key, pty):
+CAN_PORT = 29536    # socketcand's own default port, so the `can:` line stays the same between runs
+
+
+def usage(state, port, tls_port, ca, password, pw_file, vid, key, pty, can_port=CAN_PORT):
     """The lines `make sim` prints: the broker and account, then commands that work as printed
     from the repository root (the README shows the same lines)."""
     rel = os.path.relpath
@@ -91,6 +97,8 @@ def usage(state, port, tls_port, ca, password, pw_file, vid, key, pty):
         "ota:     %s ota push --key-file %s" % (cli, rel(key)),
         "attach:  .venv/bin/mpremote connect %s repl     (Ctrl-C stops the app, Ctrl-D reboots)"
         % rel(pty),
+        "can:     .venv/bin/python -m can.logger -i socketcand -c can0 --bus-kwargs host=127.0.0.1 "
+        "port=%d" % can_port,
         "console: %s" % rel(os.path.join(state, "console.log"))))
 
 
@@ -115,7 +123,9 @@ def main(argv=None):
     ap.add_argument("--vehicle", default="RV", help="vehicle type (firmware/vehicles/<code>)")
     ap.add_argument("--id", default="SIM1", help="vehicle id")
     ap.add_argument("--speed", default="1")
-    ap.add_argument("--heap", default="100K", help="the ESP32 heap to emulate (vdev --heap)")
+    # 160K: a module with PSRAM, whose heap also holds an app that `ota push` put into a slot
+    # (code from .mpy files is in the heap); 100K is a plain ESP32, which runs only the frozen app
+    ap.add_argument("--heap", default="160K", help="the ESP32 heap to emulate (vdev --heap)")
     ap.add_argument("--fresh", action="store_true", help="erase the virtual flash first")
     a = ap.parse_args(argv)
 
@@ -125,10 +135,11 @@ def main(argv=None):
         shutil.rmtree(flash, ignore_errors=True)
     key = ota_key(os.path.join(a.dir, "ota.key"))
     broker, password, pw_file = start_broker(a.dir, port_or_free(8883), port_or_free(1883))
+    can_port = port_or_free(CAN_PORT)
     pty = os.path.join(a.dir, "pty")
     dev = subprocess.Popen([sys.executable, os.path.join(TOOLS, "vdev.py"), "run", "--root", flash,
                             "--can-log", a.log, "--speed", a.speed, "--pty", pty, "--heap", a.heap,
-                            "--log", os.path.join(a.dir, "console.log")],
+                            "--socketcand-port", str(can_port), "--log", os.path.join(a.dir, "console.log")],
                            stdout=subprocess.PIPE, text=True)
 
     def stop(*_):
@@ -150,7 +161,7 @@ def main(argv=None):
     print("\nmicro-ovms virtual device is running (%s, id %s), replaying\n  %s\n%s\n\n"
           "Ctrl-C here powers the device off." % (a.vehicle, a.id, os.path.relpath(a.log), usage(
               a.dir, broker.port, broker.tls_port, os.path.relpath(broker.ca), password, pw_file,
-              a.id, key, pty)), flush=True)
+              a.id, key, pty, can_port)), flush=True)
     while dev.poll() is None:
         time.sleep(0.5)
     broker.stop()

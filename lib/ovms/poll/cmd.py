@@ -53,7 +53,8 @@ def _status(session, args):
     m = sys.modules.get("ovms.poll.poller")
     p = m.current() if m else None
     if p is None:
-        return "Poller not running (config set vehicle poll obd, or a vehicle with a poll list)"
+        return ("Poller not running (config set vehicle poll obd, or a vehicle with a poll list;"
+                " then module reset: read at start)")
     o = shell.Out(session)
     for ln in p.status():
         if not o.add(ln):
