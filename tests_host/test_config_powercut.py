@@ -56,10 +56,35 @@ while True:
 
 
 def _state(root):
-    names = set(os.listdir(root))
+    try:
+        names = set(os.listdir(root))
+    except FileNotFoundError:  # cut before the first write created the directory
+        return "no-dir"
     if "ovms.cfg.tmp" in names:
         return "tmp-and-main" if "ovms.cfg" in names else "tmp-without-main"
     return "clean" if "ovms.cfg" in names else "no-main"
+
+
+def _until_written(p, writes, timeout=60):
+    """What the writer printed until it loaded the config and completed `writes` more writes
+    (or stopped). Start-up and write times depend on the machine's load, so the random cut is
+    timed from here, counted in writes rather than in seconds."""
+    import select
+    fd, out = p.stdout.fileno(), b""
+    end = time.monotonic() + timeout
+    while b"BAD" not in out:
+        lines = out.split(b"\n")[:-1]
+        if any(x.startswith(b"LOADED") for x in lines) and \
+                sum(x.startswith(b"DONE") for x in lines) >= writes:
+            break
+        left = end - time.monotonic()
+        assert left > 0, "writer did not get going: %r" % out
+        if select.select([fd], [], [], left)[0]:
+            data = os.read(fd, 4096)
+            if not data:
+                break
+            out += data
+    return out
 
 
 def test_sigkill_at_random_moments_during_writes(tmp_path):
@@ -76,10 +101,19 @@ def test_sigkill_at_random_moments_during_writes(tmp_path):
     kills = 60
     for n in range(kills):
         p = subprocess.Popen([MICROPYTHON, "-X", "heapsize=100K", str(script), str(root)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(rnd.uniform(0.01, 0.12))
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # 3 of 4 cuts land in the write loop (after 0-3 completed writes, then 0-30 ms into
+        # the next), however slow the machine is; the 4th at a random moment from the power-on
+        # (start-up, load, leftover repair, or writing)
+        if n % 4:
+            head = _until_written(p, rnd.randint(0, 3))
+            time.sleep(rnd.uniform(0, 0.03))
+        else:
+            head = b""
+            time.sleep(rnd.uniform(0.01, 0.12))
         p.send_signal(signal.SIGKILL)
         out, err = p.communicate(timeout=30)
+        out, err = (head + out).decode(), err.decode()
         assert "BAD" not in out and "Traceback" not in err, (out, err)
         lines = out.split("\n")[:-1]  # complete lines only: the cut may land mid-print
         warns = [x for x in lines if x.startswith("WARN")]

@@ -443,3 +443,40 @@ def test_flash_writes_cost_what_the_esp32_flash_would(tmp_path, costs):
         assert small >= 4 * 0.7, small
     else:
         assert big < 45, big
+
+
+def test_control_link_survives_a_full_heap(tmp_path):
+    """A board's control path is C, outside the GC heap. Here the control-link reader thread
+    allocates: a message arriving while the heap is full must neither kill it nor be lost, or
+    the raw REPL never ends the command (it waits for the host's IDLE: silence, mpremote times
+    out waiting for the first EOF)."""
+    import socket
+    import threading
+    import cli_serial
+    v = VDev(tmp_path / "flash").start()
+
+    def control(cmd):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(v.control_path)
+        s.sendall(cmd.encode())
+        s.recv(100)
+        s.close()
+
+    def wifi_flaps():
+        time.sleep(0.5)
+        control("wifi 0")
+        time.sleep(0.2)
+        control("wifi 1")
+
+    try:
+        dev = cli_serial.Device(v.pty, 15)
+        t = threading.Thread(target=wifi_flaps)
+        t.start()
+        out = dev.exec("import time, network\nx = []\ntry:\n    while True:\n        x.append(bytearray(64))\n"
+                       "except MemoryError:\n    pass\ntime.sleep_ms(1500)\nx = None\nprint('freed')")
+        t.join()
+        assert out.strip() == "freed"
+        assert dev.exec("import _hw\nprint(_hw.state['wifi'])").strip() == "1"  # nothing lost
+        dev.close()
+    finally:
+        v.stop()

@@ -20,7 +20,20 @@ def connect(hello):
     return s
 
 
+def _take(msg):
+    if msg in (b"IDLE", b"GO", b"STOP"):
+        state["reply"] = msg
+    else:
+        words = msg.split()
+        if len(words) == 2 and words[0] in (b"WIFI", b"RSSI"):
+            state[words[0].decode().lower()] = int(words[1])
+
+
 def _reader(s):
+    # A board's control path (UART interrupt, reset lines) is C, outside the GC heap: a full
+    # heap must not stop it. Here a MemoryError waits and retries: recv() allocates before it
+    # takes the record off the socket, so no message is lost (a dead reader would leave the
+    # firmware waiting for its IDLE reply forever, silent: the raw REPL never ends the command).
     while True:
         try:
             msg = s.recv(64)  # one record (readinto would wait to fill the buffer)
@@ -28,13 +41,17 @@ def _reader(s):
             if e.errno == 4:  # EINTR
                 continue
             return
+        except MemoryError:
+            time.sleep_ms(5)
+            continue
         if not msg:
             return
-        words = msg.split()
-        if len(words) == 1 and words[0] in (b"IDLE", b"GO", b"STOP"):
-            state["reply"] = words[0]
-        elif len(words) == 2 and words[0] in (b"WIFI", b"RSSI"):
-            state[words[0].decode().lower()] = int(words[1])
+        while True:
+            try:
+                _take(msg)
+                break
+            except MemoryError:
+                time.sleep_ms(5)
 
 
 def start():
