@@ -29,12 +29,15 @@ async def main():
     asyncio.create_task(monitor())
     await asyncio.sleep_ms(50)
     slow = 0
+    g0 = config._gen
     for i in range(6):
         t = time.ticks_us()
         config.set("usr", "k%d" % i, str(i))           # what `config set` does
         slow = max(slow, time.ticks_diff(time.ticks_us(), t))
         await asyncio.sleep_ms(400)
-    print("SET_US", slow, "WORST_US", worst[0], "DIRTY", config._dirty)
+    print("SAVED_SOON", config._gen - g0)
+    await asyncio.sleep_ms(5000)
+    print("SET_US", slow, "WORST_US", worst[0], "DIRTY", config._dirty, "SAVES", config._gen - g0)
 asyncio.run(main())
 config.init(STORE)
 print("READ", [config.get("usr", "k%d" % i) for i in range(6)])
@@ -51,6 +54,8 @@ def test_config_set_returns_at_once_and_the_saver_writes_it(tmp_path):
     print(out)
     assert set_us < 10000, out          # was ~50 ms: tmp write + close + two renames
     assert "DIRTY False" in out
+    assert "SAVED_SOON 1" in out, out   # the first change is written at once (0.1 s) ...
+    assert "SAVES 2" in out, out        # ... the five that follow within 5 s in one more save
     assert "READ ['0', '1', '2', '3', '4', '5']" in out
     assert worst < 80000, out           # one flash write (45-ms erase) at a time, never the whole save (~97 ms)
 

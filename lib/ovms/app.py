@@ -2,6 +2,7 @@
 import asyncio
 import os
 import sys
+import time
 
 from micropython import const
 
@@ -11,6 +12,7 @@ from ovms import config, events, health, metrics
 STORE = "/store"
 METRICS_FILE = STORE + "/metrics.dat"
 BOOTS_FILE = STORE + "/boots"  # crash count (see boot.py, ota_boot.RESET_FLAG)
+_SAVE_GAP_MS = const(5000)  # config saves at most this often (each costs a 45-ms sector erase)
 _STABLE_S = const(60)     # up this long: the boot counts as good (clears the crash-boot count)
 _tasks = []
 
@@ -200,14 +202,21 @@ async def _save_config():
 
 
 async def _config_saver():
-    """Task: writes config changes shortly after they are made (off the command path)."""
+    """Task: writes config changes shortly after they are made (off the command path): 0.1 s
+    after a change, but at most once per _SAVE_GAP_MS, so a stream of changes costs one
+    flash erase per gap, not one per change (a reset or stop writes what is pending)."""
     ev = asyncio.Event()
     config._later = ev.set
+    last = time.ticks_add(time.ticks_ms(), -_SAVE_GAP_MS)
     while True:
         await ev.wait()
         ev.clear()
         await asyncio.sleep_ms(100)     # a burst of changes: one write
+        wait = _SAVE_GAP_MS - time.ticks_diff(time.ticks_ms(), last)
+        if wait > 0:
+            await asyncio.sleep_ms(wait)
         if config._dirty:
+            last = time.ticks_ms()
             try:
                 await _save_config()
             except Exception as e:      # kept in RAM and retried: no change is lost

@@ -17,6 +17,7 @@ ERASE_US = 45000
 PAGE_US = 700
 commits = [0]
 busy_us = [0]       # total time spent waiting for the flash
+erases = [0]        # sector erases so far (each stops the ESP32's caches, both cores, 45 ms)
 _prefix = [""]
 
 
@@ -28,7 +29,11 @@ def wait(us):
 
 def commit():
     commits[0] += 1
-    wait(PAGE_US + (ERASE_US if commits[0] % 16 == 0 else 0))
+    if commits[0] % 16 == 0:
+        erases[0] += 1
+        wait(PAGE_US + ERASE_US)
+    else:
+        wait(PAGE_US)
 
 
 def starts(pos, n, unit):
@@ -47,7 +52,9 @@ class File(io.IOBase):
     def write(self, b):
         n = self._f.write(b)
         if n:
-            wait(starts(self._pos, n, 256) * PAGE_US + starts(self._pos, n, 4096) * ERASE_US)
+            e = starts(self._pos, n, 4096)
+            erases[0] += e
+            wait(starts(self._pos, n, 256) * PAGE_US + e * ERASE_US)
             self._pos += n
             self._dirty = True
         return n
