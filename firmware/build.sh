@@ -44,6 +44,16 @@ docker run --rm \
         cp /src/firmware/boards/MICRO_OVMS/partitions-8MiB.csv \
             ports/esp32/partitions-micro-ovms-8MiB.csv
         cd ports/esp32
+        # the CAN RX ring length of the board (MICRO_OVMS_CAN_RX_RING) into the driver: its
+        # "#define <...RX...> (16)" ring constant; the build stops if the driver has none
+        RING=$(sed -n "s/^#define MICRO_OVMS_CAN_RX_RING *(\([0-9]*\)).*/\1/p" \
+            boards/MICRO_OVMS/mpconfigboard.h)
+        DRV=$(grep -lE "^#define +[A-Z0-9_]*RX[A-Z0-9_]*(RING|QUEUE|BUF)[A-Z0-9_]* +\(?16\)?" \
+            machine_can*.c *can*.c 2>/dev/null | head -1 || true)
+        [ -n "$RING" ] && [ -n "$DRV" ] || {
+            echo "build.sh: no CAN RX ring length to set (board: $RING, driver: $DRV)" >&2; exit 1; }
+        sed -i -E "s/^(#define +[A-Z0-9_]*RX[A-Z0-9_]*(RING|QUEUE|BUF)[A-Z0-9_]* +)\(?16\)?/\1($RING)/" "$DRV"
+        grep -nE "^#define +[A-Z0-9_]*RX[A-Z0-9_]*(RING|QUEUE|BUF)" "$DRV"
         ARGS="BOARD=MICRO_OVMS"
         [ -z "$VARIANT" ] || ARGS="$ARGS BOARD_VARIANT=$VARIANT"
         make $ARGS submodules

@@ -16,6 +16,9 @@ Usage:
   bench.py poll [--poll-seconds 30]
       the diagnostic poller on the virtual device (tools/bench_poll.py): answers/s for a
       60-request list against a can-isotp ECU, poller heap, growth, worst loop stall.
+  bench.py reconnect [--reconnects 5]
+      CAN RX ring overruns in a steady window and per MQTT reconnect on the virtual device
+      (tools/bench_reconnect.py), with the stock driver's 16 slots and the board's ring.
   bench.py all
       decode on the shipped logs (Kona 230112-7 can0/pcan.dbc, RAV4 can0 and can1) plus
       ratios viper/cantools and viper/python, table size and the heap the Decoder needs
@@ -209,6 +212,18 @@ def bench_poll(a):
     return bench_poll.run(int(getattr(a, "poll_seconds", 30)), a.heap, quiet=a.quiet)
 
 
+def bench_reconnect(a):
+    import bench_reconnect
+    out = {}
+    for ring in (16, None):     # the stock driver's ring, then the board's
+        r = bench_reconnect.run(getattr(a, "reconnects", 5), steady_s=20, ring=ring, quiet=True)
+        out["ring_%d" % r["ring"]] = r
+        print("reconnect: CAN RX ring %d slots: %d overruns in 20 s steady, %.1f per reconnect"
+              " (%d reconnects)" % (r["ring"], r["overruns_steady"], r["overruns_per_reconnect"],
+                                    r["reconnects"]), file=sys.stderr)
+    return out
+
+
 def bench_all(a):
     out = {"decode": []}
     for name, dbc, log, bus in SHIPPED:
@@ -230,11 +245,13 @@ def bench_all(a):
     a.soak_seconds = 600
     out["soak"] = bench_soak(a)
     out["poll"] = bench_poll(a)
+    out["reconnect"] = bench_reconnect(a)
     return out
 
 
 COMMANDS = {"decode": bench_decode, "mqtt-data": bench_mqtt_data, "mqtt-loop": bench_mqtt_loop,
-            "memory": bench_memory, "soak": bench_soak, "poll": bench_poll, "all": bench_all}
+            "memory": bench_memory, "soak": bench_soak, "poll": bench_poll,
+            "reconnect": bench_reconnect, "all": bench_all}
 
 
 def main(argv=None):
@@ -256,6 +273,9 @@ def main(argv=None):
         x.add_argument("--heap", default="100K")
         x.add_argument("--speed", type=float, default=1.0)
         x.add_argument("--poll-seconds", type=int, default=30)
+    rc = sub.add_parser("reconnect", help="CAN overruns per MQTT reconnect, stock vs board ring")
+    rc.add_argument("--reconnects", type=int, default=5)
+    rc.add_argument("--quiet", action="store_true")
     so = sub.add_parser("soak", help="replayed drive: no watchdog reset, crash or heap growth")
     so.add_argument("--soak-seconds", type=float, default=600)
     so.add_argument("--quiet", action="store_true")

@@ -764,6 +764,15 @@ class Device:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
+def board_ring():
+    """The CAN RX ring length the firmware is built with (firmware/boards/MICRO_OVMS)."""
+    import re
+    h = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "firmware",
+                     "boards", "MICRO_OVMS", "mpconfigboard.h")
+    m = re.search(r"^#define MICRO_OVMS_CAN_RX_RING\s+\((\d+)\)", open(h).read(), re.M)
+    return int(m.group(1))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="vdev.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -777,7 +786,9 @@ def main(argv=None):
     r.add_argument("--heap", default="100K", help="the ESP32's MicroPython GC heap to emulate (about 110K without PSRAM; "
                         "scaled to the host's word size)")
     r.add_argument("--once", action="store_true", help="play the log once (default: loop)")
-    r.add_argument("--ring", type=int, default=16, help="CAN RX ring slots (ESP32 driver: 16)")
+    r.add_argument("--ring", type=int, default=board_ring(),
+                   help="CAN RX ring slots (default: the board's MICRO_OVMS_CAN_RX_RING, %d; "
+                        "the stock ESP32 driver has 16)" % board_ring())
     r.add_argument("--tx-log", help="where frames sent by the firmware go (default DIR.cantx.log)")
     r.add_argument("--log", help="also append the device console output to this file")
     r.add_argument("--flash-costs", choices=("on", "off"), default="on",

@@ -168,7 +168,7 @@ class _Irq:
 
 
 class CAN:
-    """machine.CAN over the virtual bus; RX through a 16-slot ring that counts overruns."""
+    """machine.CAN over the virtual bus; RX through a ring (VDEV_CAN_RING slots, the board's) that counts overruns."""
     MODE_NORMAL = 0
     MODE_SLEEP = 1
     MODE_LOOPBACK = 2
