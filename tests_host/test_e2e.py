@@ -1,15 +1,14 @@
 """End to end: provisioned virtual device replaying a real drive, TLS mosquitto, paho client."""
 import json
 import os
-import queue
 import shutil
-import ssl
 import subprocess
 import sys
 import time
 
 import pytest
 
+from mqttpeer import Client  # noqa: F401  (the owner's client, also used by test_soak)
 from util import REPO, TOOLS, VDev
 
 DRIVE = os.path.join(REPO, "firmware", "vehicles", "rv", "logs", "comma2k19_rav4_seg40.log.gz")
@@ -59,40 +58,6 @@ def device(tmp_path, broker):
          "--id", "E2E")
     yield d
     d.stop()
-
-
-class Client:
-    def __init__(self, broker, prefix):
-        import paho.mqtt.client as mqtt
-        self.q = queue.Queue()
-        self.prefix = prefix
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="e2e-test")
-        self.c.tls_set(ca_certs=broker.ca, cert_reqs=ssl.CERT_REQUIRED)
-        self.c.on_message = lambda c, u, m: self.q.put((m.topic, m.payload.decode()))
-        self.c.connect("localhost", broker.tls_port)
-        self.c.subscribe(prefix + "#", qos=1)
-        self.c.loop_start()
-        self.n = 0
-
-    def wait(self, topic, pred=lambda v: True, timeout=60):
-        end = time.time() + timeout
-        while time.time() < end:
-            try:
-                t, v = self.q.get(timeout=max(0.1, end - time.time()))
-            except queue.Empty:
-                break
-            if t == self.prefix + topic and pred(v):
-                return v
-        raise AssertionError("no %s within %d s" % (topic, timeout))
-
-    def command(self, line, cid="tester"):
-        self.n += 1
-        self.c.publish("%sclient/%s/command/%d" % (self.prefix, cid, self.n), line, qos=1)
-        return self.wait("client/%s/response/%d" % (cid, self.n), timeout=30)
-
-    def close(self):
-        self.c.loop_stop()
-        self.c.disconnect()
 
 
 def test_drive_publishes_and_commands_work_over_tls(device, broker):

@@ -8,7 +8,6 @@ import ast
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -196,7 +195,7 @@ def dev_factory():
 
 # ---- TCP proxy (blackholing): tools/netproxy.py, shared with the benchmarks -----------------
 
-from netproxy import Proxy  # noqa: E402,F401
+from netproxy import Proxy, listener  # noqa: E402,F401
 
 
 # ---- fake broker (malformed packets) -------------------------------------------------------
@@ -247,11 +246,7 @@ class FakeBroker:
 
     def __init__(self, handler):
         self.handler = handler
-        self.ls = socket.socket()
-        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.ls.bind(("127.0.0.1", 0))
-        self.ls.listen(8)
-        self.port = self.ls.getsockname()[1]
+        self.ls, self.port = listener()
         self.count = 0
         self.log = []
         self.errors = []

@@ -15,9 +15,7 @@ firmware/boards/MICRO_OVMS/mpconfigboard.h; the stock ESP32 driver has 16)."""
 import argparse
 import json
 import os
-import queue
 import shutil
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -28,50 +26,10 @@ REPO = os.path.dirname(TOOLS)
 sys.path.insert(0, TOOLS)
 
 from broker import Broker  # noqa: E402
+from mqttpeer import Client  # noqa: E402
 from netproxy import Proxy  # noqa: E402
 
 DRIVE = os.path.join(REPO, "firmware", "vehicles", "rv", "logs", "comma2k19_rav4_seg40.log.gz")
-
-
-class _Client:
-    """An owner's MQTT client: watches the module's topics and runs shell commands."""
-
-    def __init__(self, broker, prefix):
-        import paho.mqtt.client as mqtt
-        self.q = queue.Queue()
-        self.prefix = prefix
-        self.n = 0
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-reconnect")
-        self.c.tls_set(ca_certs=broker.ca, cert_reqs=ssl.CERT_REQUIRED)
-        self.c.on_message = lambda c, u, m: self.q.put((m.topic, m.payload.decode()))
-        self.c.connect("localhost", broker.tls_port)
-        self.c.subscribe(prefix + "#", qos=1)
-        self.c.loop_start()
-
-    def wait(self, topic, pred=lambda v: True, timeout=60):
-        end = time.time() + timeout
-        while time.time() < end:
-            try:
-                t, v = self.q.get(timeout=max(0.1, end - time.time()))
-            except queue.Empty:
-                break
-            if t == self.prefix + topic and pred(v):
-                return v
-        raise RuntimeError("no %s within %d s" % (topic, timeout))
-
-    def number(self, metric):
-        self.n += 1
-        self.c.publish("%sclient/bench/command/%d" % (self.prefix, self.n),
-                       "metrics get " + metric, qos=1)
-        out = self.wait("client/bench/response/%d" % self.n, timeout=30)
-        try:
-            return int(float(out.split()[-1]))
-        except (ValueError, IndexError):
-            raise RuntimeError("%s: %r" % (metric, out))
-
-    def close(self):
-        self.c.loop_stop()
-        self.c.disconnect()
 
 
 def run(reconnects=5, blackhole_s=0.0, steady_s=20.0, ring=None, log=DRIVE, quiet=False):
@@ -96,7 +54,7 @@ def run(reconnects=5, blackhole_s=0.0, steady_s=20.0, ring=None, log=DRIVE, quie
                            capture_output=True, text=True, timeout=180)
         if r.returncode:
             raise RuntimeError("provision failed: " + r.stdout + r.stderr)
-        c = _Client(b, "ovms//RC/")
+        c = Client(b, "ovms//RC/", client_id="bench-reconnect")
         c.wait("metric/s/v3/connected", lambda v: v == "yes", timeout=120)
         time.sleep(5)                       # start-up (first full publish, vehicle start) over
         o0 = c.number("m.can0.overruns")

@@ -3,17 +3,22 @@ import socket
 import threading
 
 
+def listener():
+    """A listening loopback TCP socket on a free port: (socket, port)."""
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(8)
+    return ls, ls.getsockname()[1]
+
+
 class Proxy:
     """Loopback TCP proxy to 127.0.0.1:target. blackhole(True): keep every connection open
     but forward nothing (both directions), like a dead cellular link. drop(): reset all."""
 
     def __init__(self, target):
         self.target = target
-        self.ls = socket.socket()
-        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.ls.bind(("127.0.0.1", 0))
-        self.ls.listen(8)
-        self.port = self.ls.getsockname()[1]
+        self.ls, self.port = listener()
         self.hole = False
         self.hole_c2s = False      # drop only what the client sends
         self.refuse = False
