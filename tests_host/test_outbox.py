@@ -300,13 +300,16 @@ def test_flash_cost_per_put_and_pop_with_the_esp32_cost_model(tmp_path):
     """With the vboard's ESP32 flash costs: a put or pop appends one record and at most one
     compaction step, never the whole queue (was: the whole file rewritten on every put and
     pop, 3.8 KB per put and 1.4 KB per pop in this run, 8.4 KB and 204 ms for one put with a
-    full queue). No single put/pop starts more than one flash sector (one 45-ms erase, plus
-    the metadata block's erase that the model charges on every 16th commit)."""
+    full queue). LittleFS copies the log's partly written last block into a fresh one on
+    every synced append (one erase per put or pop: ~72 ms per put and ~53 ms per pop on
+    average in the model); a compaction step appends to the new file too (one more), and the
+    metadata block's compaction (every 16th commit in the model) one more: at most 3 data
+    erases and 4 in all in one put/pop, never one per 4 KB of queue."""
     out, m, (put_b, pop_b) = measure(tmp_path, build_lib())
     print(out)
     assert put_b < 600 and pop_b < 120, out
-    assert m["ERASES"] <= 1 and m["WORST_BYTES"] < 3000, out
-    assert m["WORST_US"] <= 2 * 45000 + 12 * 700, out
+    assert m["ERASES"] <= 3 and m["WORST_BYTES"] < 3000, out
+    assert m["WORST_US"] <= 4 * 45000 + 40 * 700, out
     assert m["SIZE"] <= 32 * 1024, out
 
 

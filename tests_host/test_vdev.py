@@ -375,8 +375,8 @@ def test_power_cut_litter_is_cleaned_at_next_start_and_exit_cleans_up(tmp_path):
     d = VDev(root).start()
     cut = d.proc.pid
     assert len(_run_dirs(cut)) == 1
-    d.stop()                                   # SIGKILL: vdev cannot clean up
-    assert len(_run_dirs(cut)) == 1
+    d.stop()                                   # SIGKILL: vdev cannot clean up (its dir stays
+    #                                            until a vdev starts: one of a parallel test may)
     d2 = VDev(root).start()
     try:
         assert _run_dirs(cut) == []            # the next power-on removes the dead one's dir
