@@ -5,6 +5,7 @@ sends snippets of (async) device code over stdin and gets their results back, wh
 device's own tasks (MQTT link, server) keep running between calls.
 """
 import ast
+import atexit
 import json
 import os
 import shutil
@@ -388,6 +389,7 @@ def broker_dir():
     which cannot enter pytest's private (0700) tmp_path."""
     d = tempfile.mkdtemp(prefix="mqtt-broker-")
     os.chmod(d, 0o755)
+    atexit.register(shutil.rmtree, d, True)     # no litter in /tmp after the run
     return d
 
 

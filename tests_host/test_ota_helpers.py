@@ -1,4 +1,5 @@
 """Helpers shared by the OTA tests: signing keys, sample app trees, a simulated device on a flash dir."""
+import atexit
 import functools
 import hashlib
 import json
@@ -20,6 +21,7 @@ VBOARD = os.path.join(TOOLS, "vboard")
 OTA_MODULES = ("ota/__init__.py", "ota/rx.py", "ota/app.py", "ota/fw.py", "ota/fs.py", "ota/rsa.py",
                "fsutil.py")
 _KEYDIR = tempfile.mkdtemp(prefix="ota-keys-")
+atexit.register(shutil.rmtree, _KEYDIR, True)
 
 
 @pytest.fixture
