@@ -238,6 +238,7 @@ def _frames(cname, spec, dbs, buses, warn):
 
 POLL_KEYS = {"bus", "tx", "rx", "ext", "request", "interval", "values", "pid", "comment"}
 VALUE_KEYS = {"bytes", "bit", "signed", "order", "scale", "add", "comment"}
+EXPR_KEYS = {"expr", "dialect", "type", "valid", "unit", "comment"}
 POLL_STATES = ("off", "awake", "on", "charging")
 VALUE_KINDS = {("big", False): 0, ("big", True): 1, ("little", False): 2, ("little", True): 3}
 
@@ -251,6 +252,32 @@ def _id(v, where, what):
     if not isinstance(v, int) or not 0 <= v <= 0x1FFFFFFF:
         _err(where, "bad %s %r" % (what, v))
     return v
+
+
+def _expr_value(mname, v, w, std):
+    """A poll value given as a PID expression -> (metric, WiCAN numbering, 0, kind 5 (number)
+    or 6 (bool), code, constants, valid range or None)."""
+    import pidexpr
+    bad = set(v) - EXPR_KEYS
+    if bad:
+        _err(w, "unknown key(s) %s" % ", ".join(sorted(bad)))
+    d = v.get("dialect", "wican")
+    if d not in pidexpr.DIALECTS:
+        _err(w, '"dialect" must be one of %s' % ", ".join(pidexpr.DIALECTS))
+    try:
+        code, consts = pidexpr.compile_expr(v["expr"], d)
+    except pidexpr.ExprError as e:
+        _err(w, "expression %r: %s" % (v["expr"], e))
+    t = std[mname][0] if mname in std else v.get("type", "f")
+    if t not in ("f", "b", "i"):
+        _err(w, '"type" must be "f" (number) or "b" (yes/no)')
+    lim = v.get("valid")
+    if lim is not None:
+        if not (isinstance(lim, list) and len(lim) == 2 and all(isinstance(x, (int, float)) for x in lim)
+                and lim[0] <= lim[1]):
+            _err(w, '"valid" must be [low, high]')
+        lim = (lim[0], lim[1])
+    return (mname, 1 if d == "wican" else 0, 0, 6 if t == "b" else 5, code, consts, lim)
 
 
 def compile_poll(spec, path, prefix, std, buses):
@@ -305,8 +332,11 @@ def compile_poll(spec, path, prefix, std, buses):
             w = '%s: value "%s"' % (where, mname)
             if mname not in std and not mname.startswith(prefix):
                 _err(w, 'not a standard metric; vehicle metrics are named "%s*"' % prefix)
+            if isinstance(v, dict) and "expr" in v:
+                vals.append(_expr_value(mname, v, w, std))
+                continue
             if not isinstance(v, dict) or set(v) - VALUE_KEYS:
-                _err(w, "must be an object with %s" % ", ".join(sorted(VALUE_KEYS)))
+                _err(w, "must be an object with %s (or an \"expr\")" % ", ".join(sorted(VALUE_KEYS)))
             sc, add = v.get("scale", 1), v.get("add", 0)
             if not isinstance(sc, (int, float)) or not isinstance(add, (int, float)):
                 _err(w, '"scale" and "add" must be numbers')

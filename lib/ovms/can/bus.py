@@ -322,8 +322,13 @@ def start(vehicle=None, listen_only=True, cans=None, hw=(1,), bitrate=None, extr
 
 
 def _ids(vehicle, i, extra):
+    # None: receive everything. A bus the vehicle decodes nothing on (a poll-only vehicle,
+    # e.g. an imported profile) receives all too: its traffic is how the poller knows the
+    # car is awake
     ids = vehicle.ids(i) if vehicle is not None and "can%d" % i in vehicle.buses else None
-    if ids is not None and extra and i in extra:
+    if not ids:
+        return None
+    if extra and i in extra:
         ids = list(ids) + list(extra[i])
     return ids
 

@@ -24,6 +24,8 @@ K_S = const(1)          # signed big-endian
 K_ULE = const(2)        # unsigned little-endian
 K_SLE = const(3)        # signed little-endian
 K_BIT = const(4)        # one bit: (byte >> bit) & 1
+K_EXPR = const(5)       # a compiled PID expression (ovms.poll.expr): (metric, WiCAN byte
+K_EXPRB = const(6)      # numbering, 0, kind, code, constants, valid (low, high) or None); B: bool
 
 # per-ECU counters (rows of Poller.stat)
 _ANS = const(0)
@@ -48,6 +50,13 @@ def value(buf, off, n, v):
     """The raw value of v = (metric, start, size, kind, bit, scale, offset) in buf[off:off+n],
     scaled; None if the answer is too short."""
     s, z, k = v[1] + off, v[2], v[3]
+    if k >= K_EXPR:
+        from ovms.poll import expr
+        x = expr.run(v[4], v[5], buf, off, n, v[1])
+        lim = v[6]
+        if x is None or (lim and not lim[0] <= x <= lim[1]):
+            return None
+        return x
     if s + z > n or z < 1:
         return None
     if k == K_BIT:
@@ -99,7 +108,7 @@ class Poller:
             for v in e[7]:
                 m = metrics.find(v[0])
                 if m < 0:
-                    m = metrics.define(v[0], "b" if v[3] == K_BIT else "f")
+                    m = metrics.define(v[0], "b" if v[3] == K_BIT or v[3] == K_EXPRB else "f")
                 row.append(m)
             self.mi.append(tuple(row))
         self.sup = bytearray(32)        # OBD-II PIDs supported (bit 7 of byte 0 = PID 0x01)
