@@ -152,7 +152,7 @@ def kx_vehicle(tmp_path):
 
 
 def test_imported_profile_end_to_end_on_the_virtual_device(tmp_path, kx_vehicle, broker):
-    can = pytest.importorskip("can")
+    pytest.importorskip("can")
     pytest.importorskip("isotp")
     from mqttpeer import Client
     from test_poller import Ecu
@@ -190,3 +190,54 @@ def test_imported_profile_end_to_end_on_the_virtual_device(tmp_path, kx_vehicle,
                     assert (got[k] == w) if isinstance(w, str) else abs(float(got[k]) - w) < 1e-6, (k, got[k])
             finally:
                 c.close()
+
+
+SHIPPED = os.path.join(REPO, "firmware", "profiles")
+
+
+def test_shipped_generic_obd_profile_agrees_with_the_built_in_one(tmp_path):
+    """The shipped ABRP-format OBD-II profile, imported, decodes answers as the module's
+    built-in generic profile (lib/ovms/poll/obd.py) does."""
+    import importlib.util
+    import pidexpr
+    spec = importlib.util.spec_from_file_location("obd", os.path.join(REPO, "lib", "ovms", "poll", "obd.py"))
+    obd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(obd)
+    builtin = {}
+    for e in obd.POLL:
+        for m, start, size, kind, bit, scale, add in e[7]:
+            builtin[m] = (e[4], start, size, scale, add)
+    mp = json.load(open(os.path.join(SHIPPED, "obd2_generic.mapping.json")))
+    v = pids.import_profile("abrp", os.path.join(SHIPPED, "obd2_generic.abrp.json"), "OB",
+                            str(tmp_path / "ob"), mapping=mp, warn=lambda m: None)
+    compared = 0
+    for e in v["poll"]:
+        assert (e["tx"], e["rx"]) == ("7DF", "7E8")
+        req = bytes.fromhex(e["request"])
+        for m, x in e["values"].items():
+            if m not in builtin:
+                continue
+            breq, start, size, scale, add = builtin[m]
+            assert breq == req, m
+            for seed in range(50):
+                data = bytes((seed * 37 + i * 11) & 0xFF for i in range(4))
+                ans = bytes([req[0] + 0x40]) + req[1:] + data
+                want = int.from_bytes(data[start:start + size], "big") * scale + add
+                got = pidexpr.evaluate(pidexpr.parse(x["expr"], "abrp"), ans, len(req), "abrp")
+                assert abs(got - want) < 1e-6, (m, data.hex(), got, want)
+            compared += 1
+    assert compared >= 6          # speed, rpm, ambient, 12 V, hybrid battery, odometer
+
+
+def test_kona_profile_is_merged_into_kn():
+    v = vehicles.compile_vehicle(os.path.join(REPO, "firmware", "vehicles", "kn"))
+    polled = {x[0] for e in v["poll"] for x in e[7]}
+    assert {"v.b.soh", "v.b.p.voltage.max", "v.b.p.voltage.min", "v.b.energy.recd.total",
+            "v.b.energy.used.total", "xkn.b.module.1.temp", "xkn.b.relay"} <= polled
+    broadcast = {m[0] for m in v["metrics"]}
+    assert not polled & broadcast       # one source per metric: the DBC keeps what the car sends
+    assert all((e[1], e[2]) == (0x7E4, 0x7EC) for e in v["poll"])
+    # the shipped profile still imports to what kn holds
+    out = []
+    n = pids.check("wican", os.path.join(SHIPPED, "kona_eniro_bms.wican.json"), os.devnull, out=out.append)
+    assert n == 0 and not out

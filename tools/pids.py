@@ -349,6 +349,16 @@ def import_profile(fmt, path, code, outdir, mapping=None, skip=False, merge=Fals
         v = _load(vj)
         if v.get("vehicle") != code:
             raise ProfileError("%s is vehicle %s, not %s" % (vj, v.get("vehicle"), code))
+        with open(vj, encoding="utf-8") as f:
+            text = f.read().rstrip()
+        if "poll" not in v and text.endswith("}"):
+            # keep the hand-written layout: the poll list goes in before the closing brace
+            text = text[:-1].rstrip() + ',\n  "poll": ' + json.dumps(poll, indent=2).replace(
+                "\n", "\n  ") + "\n}\n"
+            with open(vj, "w", encoding="utf-8") as f:
+                f.write(text)
+            v["poll"] = poll
+            return v
         v["poll"] = poll
     else:
         title = name or p.get("car_model") or "%s (imported from %s)" % (code, src)

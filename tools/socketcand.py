@@ -134,8 +134,8 @@ class Client:
             if self.ctrl is None:
                 self.put(b"< error open an interface first >")
             else:
+                self.put(b"< ok >")     # first: a frame must not overtake the answer
                 self.raw = True
-                self.put(b"< ok >")
         elif cmd == "echo":
             self.put(b"< echo >")
         elif cmd == "send":
