@@ -93,7 +93,8 @@ await start()
     texts = d.call("return {n: metrics.text(n) for n in %r}" % list(want))
     assert texts == want
     assert all(m[2] for m in peer.all() if m[0].startswith(PFX + "metric/"))
-    # only defined metrics, nothing else under metric/
+    # only defined metrics under metric/, and the module's list of stale ones (none: ",")
+    assert got.pop("s.v3.stale") == ","
     assert set(got) == set(want)
     # subscriptions are in place (module answers), then the device dies: last will
     d.kill()
@@ -254,6 +255,26 @@ def test_peers_tracked_and_expire(broker, dev_factory, peers, tmp_path):
     assert d.call("return len(srv.peers)") == 0
 
 
+def test_home_assistant_integration_status_counts_as_a_viewer(broker, dev_factory, peers, tmp_path):
+    """The OVMS integration for Home Assistant never publishes client/<cid>/active; its
+    retained <prefix>status online/offline (offline is its will) makes it a viewer, with no
+    120-s expiry."""
+    d = device(dev_factory, tmp_path, broker.port,
+               extra=[("server.v3", "updatetime.connected", 1)])
+    peer = peers(broker.port, subs=(PFX + "metric/s/v3/peers",))
+    peer.settle()
+    peer.publish(PFX + "status", "online", qos=1, retain=True)     # before the module connects
+    time.sleep(0.3)
+    d.call("await start()")
+    peer.wait_topic(PFX + "metric/s/v3/peers", b"1", timeout=5)
+    assert d.call("return srv.sched.interval()") == 1
+    d.call("srv._expire(metrics.uptime() + 3600)")
+    assert d.call("return len(srv.peers)") == 1
+    peer.publish(PFX + "status", "offline", qos=1, retain=True)
+    peer.wait_topic(PFX + "metric/s/v3/peers", b"0", timeout=5)
+    peer.publish(PFX + "status", "", qos=1, retain=True)
+
+
 def test_notifications_survive_broker_restart_and_full_republish(broker, dev_factory, peers,
                                                                  tmp_path):
     d = device(dev_factory, tmp_path, broker.port)
@@ -333,26 +354,36 @@ for k in range(3):
         b"trip %d" % k for k in range(3)]
 
 
-def test_stale_markers_set_and_cleared(broker, dev_factory, peers, tmp_path):
+def test_stale_list_set_and_cleared(broker, dev_factory, peers, tmp_path):
+    """One retained metric/s/v3/stale lists the stale metrics (",a.b,c.d,"; "," when none):
+    nothing that an OVMS client would take for a new vehicle metric; markers of the earlier
+    per-metric scheme (stale/<path>) are deleted at the first connect."""
     d = device(dev_factory, tmp_path, broker.port)
-    peer = peers(broker.port, subs=(PFX + "stale/#", PFX + "metric/xtest/#"))
+    peer = peers(broker.port, subs=(PFX + "stale/#", PFX + "metric/#"))
     peer.settle()
+    old = PFX + "stale/xtest/old"
+    peer.publish(old, "yes", qos=1, retain=True)           # left by an earlier version
+    time.sleep(0.3)
     d.call("""
 metrics.define("xtest.fast", "f", "V", stale=3)
 metrics.set("xtest.fast", 1.5)
 await start()
 """)
-    st = PFX + "stale/xtest/fast"
+    st = PFX + "metric/s/v3/stale"
     peer.wait_topic(PFX + "metric/xtest/fast", b"1.5")
-    m = peer.wait_topic(st, b"yes", timeout=10)          # not updated for > 3 s
+    peer.wait_topic(old, b"", timeout=10)               # the old marker deleted
+    m = peer.wait(lambda m: m[0] == st and b",xtest.fast," in m[1], timeout=10)[1]   # not updated for > 3 s
+    assert m.startswith(b",") and m.endswith(b",")
     d.call('metrics.set("xtest.fast", 1.6)')
-    peer.wait_topic(st, b"", timeout=10)                 # fresh again: marker deleted
+    peer.clear()
+    peer.wait(lambda m: m[0] == st and b",xtest.fast," not in m[1], timeout=10)   # fresh again
     d.call('metrics.set("xtest.fast", 1.6)\nawait asyncio.sleep_ms(4500)')
-    # a late subscriber sees the value AND the marker (both retained)
+    # a late subscriber sees the value AND the list (both retained)
     time.sleep(1.0)
-    p2 = peers(broker.port, subs=(PFX + "stale/#",))
-    p2.wait_topic(st, b"yes")
-    # reboot: the new boot reads the marker back and clears it once the metric is fresh
+    p2 = peers(broker.port, subs=(st,))
+    p2.wait(lambda m: m[0] == st and b",xtest.fast," in m[1])
+    assert not [m for m in peer.all() if m[0].startswith(PFX + "stale/") and m[0] != old]
+    # reboot: the list is published anew at connect (the metric fresh: not in it)
     d.kill()
     d2 = device(dev_factory, tmp_path, broker.port)
     peer.clear()
@@ -361,7 +392,7 @@ metrics.define("xtest.fast", "f", "V", stale=60)
 metrics.set("xtest.fast", 2.0)
 await start()
 """)
-    peer.wait_topic(st, b"", timeout=10)
+    peer.wait(lambda m: m[0] == st and b",xtest.fast," not in m[1], timeout=10)
 
 
 def test_secrets_never_printed_and_replies_are_no_oracle(tmp_path, dev_factory, peers):

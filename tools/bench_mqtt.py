@@ -14,7 +14,7 @@ data_usage() -- one simulated day, run on the micropython binary with the device
   (m.can0.frames/fps/decoded) change as on the device. Two schedulers read the same metric
   changes through separate change bits:
     ours  -- ovms.v3.sched.Scheduler, exactly as the server uses it (collect/due every
-             250 ms, default policies, stale markers), plus keepalive pings (120 s);
+             250 ms, default policies, the stale list), plus keepalive pings (120 s);
     ovms  -- the OVMS v3 defaults: modified metrics every 5/10/10/60/600 s
              (on/charging/peers/awake/idle), a full resend of every defined metric every
              1200 s, an immediate modified flush when v.e.on/awake/locked/charging change,
@@ -313,9 +313,11 @@ while T[0] < end:
         last_stale = T[0]
         ch, _ = s.stale_changes(0, s.n)
         for i, st in ch:
-            B["ours"][phase] += size(PFX + "stale/" + metrics.name(i).replace(".", "/"), "yes" if st else "")
-            N["ours_markers"] += 1
             s.set_marked(i, st)
+        if ch:      # one retained list of the stale metrics (metric/s/v3/stale)
+            lst = "," + "".join(metrics.name(i) + "," for i in s.marked_all())
+            B["ours"][phase] += size(PFX + "metric/s/v3/stale", lst)
+            N["ours_markers"] += 1
     if T[0] - last_ping >= KA * 1000:
         last_ping = T[0]
         B["ours"][phase] += 4

@@ -294,6 +294,11 @@ class Scheduler:
         else:
             self._fl[i] &= ~_STALE
 
+    def marked_all(self):
+        """Indexes whose stale marker is set (what metric/s/v3/stale lists)."""
+        fl = self._fl
+        return [i for i in range(self.n) if fl[i] & _STALE]
+
     def stale_changes(self, start, count):
         """Published metrics in [start, start+count) whose stale state differs from the
         marker on the broker -> (list of (i, stale), next start or 0 at the end)."""

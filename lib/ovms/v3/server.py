@@ -2,7 +2,8 @@
 # Topics (prefix = server.v3 topic.prefix, default ovms/<user>/<vehicle id>/):
 #   metric/<name with . -> />       retained, QoS 0, metrics.text() (OVMS AsString format)
 #   metric/s/v3/connected           "yes" once connected; last will "no" (retained)
-#   stale/<name with . -> />        retained "yes" while the metric is stale (see below)
+#   metric/s/v3/stale               retained list of the stale metrics: ",v.b.soc,v.p.speed,"
+#                                   ("," when none; see below)
 #   notify/<type>/<subtype path>    QoS 1, from the persistent flash outbox (ovms.v3.outbox)
 #   event/<name path> (+ legacy "event" = name)  QoS 0, only while connected
 #   client/<cid>/response/<id>      QoS 1, reply to client/<cid>/command/<id> (ovms.shell);
@@ -10,19 +11,21 @@
 #                                   commands signed, secure ones must be signed (ovms.v3.cmdsig)
 #   client/<cid>/metric/done        QoS 1, count of metrics republished for
 #                                   client/<cid>/request/metric ("*" or "a.b*,c.d" patterns)
-# Subscriptions: client/+/active (QoS 1; peers expire after 120 s; s.v3.peers),
+# Subscriptions: client/+/active (QoS 1; peers expire after 120 s; s.v3.peers), status (the
+# Home Assistant OVMS integration's retained online/offline: a viewer while online),
 # client/+/command/+ (QoS 2, so a QoS 2 command runs exactly once), client/+/request/metric.
 # Retained commands and requests replayed by the broker are ignored (they would run again on
 # every reconnect), and so are empty ones (that is how a retained message is deleted).
 #
 # Stale marking (the choice): a stale metric keeps its last value on metric/<path> (the last
-# known SOC or parking position is still the best information a client can get), and a
-# separate retained marker stale/<path> = "yes" says the value is old. When the metric is
-# fresh again the marker is deleted (empty retained payload). OVMS clients that do not know
-# the marker keep working unchanged; aware clients subscribe to stale/#. Markers are
-# republished on every reconnect (the broker may have lost them) and, on the first connect
-# after boot, read back from the broker (subscribe, ping round trip, unsubscribe) so stale
-# markers left from before a reboot are cleared once those metrics are fresh again.
+# known SOC or parking position is still the best information a client can get), and ONE
+# retained topic metric/s/v3/stale lists the metrics whose value is old, comma-delimited with
+# a comma at each end (",v.b.soc,v.p.speed,"; "," when none), so a client tests one metric
+# with ",name," in payload (Home Assistant's availability templates do). OVMS clients that
+# do not know it see one more module metric, nothing that shadows a vehicle metric (earlier
+# versions' per-metric stale/<path> markers looked like new metrics to such clients). The
+# list is republished on every connect and whenever a metric turns stale or fresh. On the
+# first connect after boot, markers an earlier version left under stale/# are deleted.
 #
 # Secrets: secret config values (passwords, keys) are never printed by any command (the config
 # commands show ******** for them), so replies are not searched for them: a scrubber that masks
@@ -84,7 +87,9 @@ class Server:
         self._stop = False
         self._sendall = False
         self._every = 0
-        self._first = True      # first connect this boot: read stale markers back
+        self._first = True      # first connect this boot: delete old stale/<path> markers
+        self._old = None
+        self._stale_dirty = False
         self._restart = asyncio.Event()
         self._nev = asyncio.Event()
         self._rev = asyncio.Event()
@@ -228,12 +233,17 @@ class Server:
         await c.subscribe(p + "client/+/command/+", 2)
         await c.subscribe(p + "client/+/request/metric", 1)
         await c.subscribe(p + "client/+/ota/+", 1)
+        await c.subscribe(p + "status", 1)     # a viewer's retained online/offline (with will)
         self._set("s.v3.connected", True)
         await c.publish(p + "metric/s/v3/connected", "yes", retain=True)
-        if self._first:
+        if self._first:             # markers of an earlier version (stale/<path>): delete
+            self._old = []
             await c.subscribe(p + "stale/#", 0)
             await c.sync()          # retained markers arrive before the PINGRESP
             await c.unsubscribe(p + "stale/#")
+            old, self._old = self._old, None
+            for t in old:
+                await c.publish(t, "", retain=True)
             self._first = False
         await self._republish()
         self.ready = True
@@ -266,12 +276,11 @@ class Server:
                 await self._pub_metric(i, now)
             else:
                 s.sent(i, now)
-            st = metrics.stale(i)
-            if st or s.marked(i):
-                await self._pub_marker(i, st)
+            s.set_marked(i, metrics.stale(i))
             k += 1
             if not k % _CHUNK:
                 await asyncio.sleep_ms(0)
+        await self._pub_stale()
 
     async def _pub_metric(self, i, now):
         t = self.prefix + "metric/" + metrics.name(i).replace(".", "/")
@@ -279,10 +288,13 @@ class Server:
         self.sched.sent(i, now)
         self.published += 1
 
-    async def _pub_marker(self, i, stale):
-        t = self.prefix + "stale/" + metrics.name(i).replace(".", "/")
-        await self.client.publish(t, "yes" if stale else "", retain=True)
-        self.sched.set_marked(i, stale)
+    async def _pub_stale(self):
+        """The retained list of stale metrics (metric/s/v3/stale): ",a.b,c.d," or ","."""
+        b = bytearray(b",")
+        for i in self.sched.marked_all():
+            b += metrics.name(i).encode()
+            b += b","
+        await self.client.publish(self.prefix + "metric/s/v3/stale", b, retain=True)
 
     def _retain(self, t):
         return not (_cfg("retain.depth.limit") and t.count("/") > 7)
@@ -319,7 +331,11 @@ class Server:
                     last = now
                     ch, start = s.stale_changes(start, 32)
                     for i, st in ch:
-                        await self._pub_marker(i, st)
+                        s.set_marked(i, st)
+                        self._stale_dirty = True
+                    if not start and self._stale_dirty:     # a whole scan: one list
+                        self._stale_dirty = False
+                        await self._pub_stale()
             except OSError:
                 pass    # link lost: the reconnect republishes everything
             except Exception as e:
@@ -344,10 +360,15 @@ class Server:
             return
         rest = topic[len(pb):]
         try:
+            if rest == b"status":
+                # the Home Assistant OVMS integration's retained online/offline (its will
+                # says offline): a viewer while online, without the 120-s expiry
+                self._peer("~status", b"1" if msg == b"online" else b"0", 1 << 29)
+                return
             if rest.startswith(b"stale/"):
-                i = metrics.find(rest[6:].decode().replace("/", "."))
-                if i >= 0 and msg and self.sched is not None:
-                    self.sched.set_marked(i, True)
+                o = self._old
+                if msg and o is not None and len(o) < 256:
+                    o.append(bytes(topic))
                 return
             parts = rest.decode().split("/")
         except UnicodeError:
@@ -425,7 +446,7 @@ class Server:
                     import ota_boot
                     ota_boot.reset("ota")  # deliberate: never counted as a crash
 
-    def _peer(self, cid, msg):
+    def _peer(self, cid, msg, ttl=_PEER_TTL):
         now = metrics.uptime()
         p = self.peers
         if msg in (b"", b"0"):
@@ -440,7 +461,7 @@ class Server:
                 _event("app.connected")
                 if self.sched is not None:
                     self.sched.flush()   # a new viewer: send what is pending now
-            p[cid] = now + _PEER_TTL
+            p[cid] = now + ttl
         self._peers()
 
     def _expire(self, now):
