@@ -90,6 +90,8 @@ server.v3 conn.jitter.max i 5 0:60
 server.v3 shell.readonly b no -
 server.v3 shell.timeout i 300 0:86400
 server.v3 commands e trusted trusted|signed
+server.v3 ha.discovery b yes -
+server.v3 ha.prefix s homeassistant 64
 password module S - 64
 password server.v3 S - 128
 wifi.ssid * S - 64

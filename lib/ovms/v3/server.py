@@ -90,6 +90,9 @@ class Server:
         self._first = True      # first connect this boot: delete old stale/<path> markers
         self._old = None
         self._stale_dirty = False
+        self._hab = None        # Home Assistant's status topic (discovery on)
+        self._ha_force = False
+        self.ha = (0, 0, 0)     # discovery: entities published, removed, bytes (last run)
         self._restart = asyncio.Event()
         self._nev = asyncio.Event()
         self._rev = asyncio.Event()
@@ -234,6 +237,9 @@ class Server:
         await c.subscribe(p + "client/+/request/metric", 1)
         await c.subscribe(p + "client/+/ota/+", 1)
         await c.subscribe(p + "status", 1)     # a viewer's retained online/offline (with will)
+        if _cfg("ha.discovery"):
+            self._hab = ((_cfg("ha.prefix") or "homeassistant") + "/status").encode()
+            await c.subscribe(self._hab, 1)    # Home Assistant's birth: announce again
         self._set("s.v3.connected", True)
         await c.publish(p + "metric/s/v3/connected", "yes", retain=True)
         if self._first:             # markers of an earlier version (stale/<path>): delete
@@ -246,6 +252,7 @@ class Server:
                 await c.publish(t, "", retain=True)
             self._first = False
         await self._republish()
+        await self._discovery()
         self.ready = True
         self.state = "connected"
         self._nev.set()
@@ -288,6 +295,18 @@ class Server:
         self.sched.sent(i, now)
         self.published += 1
 
+    async def _discovery(self, force=False):
+        """Home Assistant MQTT discovery (ovms.v3.hadisc, loaded for the run and dropped)."""
+        try:
+            from ovms.v3 import hadisc
+            self.ha = await hadisc.publish(self.client, self.prefix, force)
+        except OSError:
+            raise
+        except Exception as e:
+            _log("discovery: %r" % (e,))
+        import sys
+        sys.modules.pop("ovms.v3.hadisc", None)
+
     async def _pub_stale(self):
         """The retained list of stale metrics (metric/s/v3/stale): ",a.b,c.d," or ","."""
         b = bytearray(b",")
@@ -320,6 +339,9 @@ class Server:
                     full = now
                     self._sendall = False
                     await self._republish()
+                if self._ha_force:
+                    self._ha_force = False
+                    await self._discovery(True)
                 s.collect()
                 k = 0
                 for i in s.due(now):
@@ -357,6 +379,8 @@ class Server:
     def _on_msg(self, topic, msg, retained, qos=0, dup=False):
         pb = self._pb
         if not topic.startswith(pb):
+            if topic == self._hab and msg == b"online" and not retained:
+                self._ha_force = True       # Home Assistant (re)started: announce again
             return
         rest = topic[len(pb):]
         try:
@@ -692,6 +716,9 @@ class Server:
             r.append("Set aside: %d notification(s) the link could not carry (%s)"
                      % (len(h) + h.dropped, h.path))
         r.append("Peers: %d" % len(self.peers))
+        if self.ha[0] or self.ha[1]:
+            r.append("Home Assistant discovery: %d entities announced (%d B), %d removed"
+                     % (self.ha[0], self.ha[2], self.ha[1]))
         return "\n".join(r)
 
 

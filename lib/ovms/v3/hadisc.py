@@ -1,0 +1,188 @@
+"""Home Assistant MQTT discovery: the module as one device, an entity per metric (on demand)."""
+import json
+from ovms import config, metrics
+
+# Entities (one retained config each, abbreviated keys) under
+# <ha prefix>/<component>/<node>/<object>/config; state_topic = the metric's own OVMS topic.
+# Published after a connect when the set differs from the last one published (a CRC of all
+# payloads kept in <store>/ha.disc with the topics), or when Home Assistant announces itself
+# (<ha prefix>/status = online); entities no longer there get an empty retained config.
+
+_BIN = {   # yes/no metrics -> binary_sensor device class (payload on = "yes")
+    "v.c.charging": "battery_charging", "v.c.pilot": "plug", "v.e.on": "power",
+    "v.e.awake": "running", "v.e.headlights": "light", "v.e.alarm": "safety",
+    "v.e.charging12v": "battery_charging", "v.e.heating": "heat", "v.e.cooling": "cold",
+    "v.b.12v.voltage.alert": "problem", "s.v3.connected": "connectivity",
+}
+# unit label -> (device class or "", state class or "", HA unit)
+_UNIT = {
+    "%": ("", "measurement", "%"), "V": ("voltage", "measurement", "V"),
+    "A": ("current", "measurement", "A"), "kW": ("power", "measurement", "kW"),
+    "W": ("power", "measurement", "W"), "kWh": ("energy", "total_increasing", "kWh"),
+    "\u00b0C": ("temperature", "measurement", "\u00b0C"), "Ah": ("", "measurement", "Ah"),
+    "km": ("distance", "measurement", "km"), "km/h": ("speed", "measurement", "km/h"),
+    "m": ("distance", "measurement", "m"), "Sec": ("duration", "measurement", "s"),
+    "Min": ("duration", "measurement", "min"), "Hour": ("duration", "measurement", "h"),
+    "dBm": ("signal_strength", "measurement", "dBm"), "kPa": ("pressure", "measurement", "kPa"),
+    "\u00b0": ("", "measurement", "\u00b0"), "rpm": ("", "measurement", "rpm"),
+    "Nm": ("", "measurement", "Nm"), "Wh/km": ("", "measurement", "Wh/km"),
+    "m/s\u00b2": ("", "measurement", "m/s\u00b2"),
+}
+_TOTAL = ("v.p.odometer", "v.b.energy.used.total", "v.b.energy.recd.total",
+          "v.b.coulomb.used.total", "v.b.coulomb.recd.total", "m.monotonic")
+_COMMANDS = (("lock", "Lock"), ("unlock", "Unlock"), ("climatecontrol.on", "Climate on"),
+             ("climatecontrol.off", "Climate off"), ("charge.start", "Start charging"),
+             ("charge.stop", "Stop charging"))
+
+
+def _clean(s):
+    b = bytearray()
+    for c in s.encode():
+        b.append(c if (48 <= c <= 57 or 65 <= c <= 90 or 97 <= c <= 122 or c in b"_-") else 95)
+    return b.decode()
+
+
+def node_id():
+    return _clean("ovms_" + (config.get("vehicle", "id") or "module")).lower()
+
+
+def _device():
+    v = metrics.get("m.version")
+    serial = metrics.get("m.serial") or config.get("vehicle", "id") or "module"
+    veh = None
+    try:
+        from ovms.can import vehicle
+        veh = vehicle.current()
+    except Exception:
+        pass
+    d = {"ids": [_clean("micro-ovms-" + serial)],
+         "name": config.get("vehicle", "id") or "micro-ovms", "mf": "micro-ovms",
+         "mdl": veh.name if veh else "OVMS module"}
+    if v:
+        d["sw"] = v
+    return d, veh
+
+
+def _metric_entity(i, p, node, avty):
+    """(component, object id, config) for metric i, or None for a metric not to announce."""
+    n = metrics.name(i)
+    t = metrics.typecode(i)
+    obj = _clean(n.replace(".", "_"))
+    c = {"name": n, "uniq_id": node + "_" + obj, "obj_id": node + "_" + obj,
+         "stat_t": p + "metric/" + n.replace(".", "/")}
+    if n[:2] in ("m.", "s."):
+        c["ent_cat"] = "diagnostic"
+    if n != "s.v3.connected":
+        c["avty"] = avty + [{"t": p + "metric/s/v3/stale",
+                             "val_tpl": "{{ 'offline' if ',%s,' in value else 'online' }}" % n}]
+        c["avty_mode"] = "all"
+    if t == "b":
+        c["pl_on"], c["pl_off"] = "yes", "no"
+        if n == "v.e.locked":
+            c["dev_cla"] = "lock"       # Home Assistant's lock class: on means unlocked
+            c["pl_on"], c["pl_off"] = "no", "yes"
+        elif n[:4] == "v.d.":
+            c["dev_cla"] = "door"
+        elif n in _BIN:
+            c["dev_cla"] = _BIN[n]
+        return "binary_sensor", obj, c
+    if t == "D":
+        c["dev_cla"] = "timestamp"      # "2023-12-03 02:14:31 UTC" -> ISO 8601
+        c["val_tpl"] = "{{ value[:10] ~ 'T' ~ value[11:19] ~ '+00:00' }}"
+        return "sensor", obj, c
+    if t in "fi":
+        u = metrics.unit(i)
+        dc, sc, hu = _UNIT.get(u, ("", "measurement", u))
+        if n == "v.b.soc":
+            dc = "battery"
+        if n in _TOTAL:
+            sc = "total_increasing"
+        if dc:
+            c["dev_cla"] = dc
+        if sc:
+            c["stat_cla"] = sc
+        if hu:
+            c["unit_of_meas"] = hu
+    return "sensor", obj, c
+
+
+def entities(p, hap):
+    """Every entity to announce: [(topic, payload bytes)], metrics with a value first."""
+    node = node_id()
+    dev, veh = _device()
+    avty = [{"t": p + "metric/s/v3/connected", "pl_avail": "yes", "pl_not_avail": "no"}]
+    out = []
+    for i in range(metrics.count()):
+        if not metrics.defined(i):
+            continue
+        e = _metric_entity(i, p, node, avty)
+        if e:
+            e[2]["dev"] = dev
+            out.append(("%s/%s/%s/%s/config" % (hap, e[0], node, e[1]), json.dumps(e[2])))
+            dev = {"ids": dev["ids"]}   # the full device once; the others refer to it
+    cmds = veh and getattr(veh, "_cmds", None) or {}
+    for cmd, label in _COMMANDS:
+        if cmd in cmds:
+            obj = _clean("cmd_" + cmd.replace(".", "_"))
+            c = {"name": label, "uniq_id": node + "_" + obj, "obj_id": node + "_" + obj,
+                 "cmd_t": p + "client/homeassistant/command/" + obj, "pl_prs": cmd,
+                 "avty": avty, "dev": dev}
+            out.append(("%s/button/%s/%s/config" % (hap, node, obj), json.dumps(c)))
+    return out
+
+
+def _state_path():
+    return config.root().rstrip("/") + "/ha.disc"
+
+
+def _load():
+    try:
+        with open(_state_path()) as f:
+            lines = f.read().split("\n")
+        return lines[0], set(x for x in lines[1:] if x)
+    except (OSError, ValueError):
+        return "", set()
+
+
+def _crc(items):
+    try:
+        from binascii import crc32
+    except ImportError:
+        crc32 = None
+    c = 0
+    for t, pl in items:
+        for b in (t, pl):
+            b = b.encode()
+            if crc32:
+                c = crc32(b, c)
+            else:
+                for x in b:
+                    c = (c * 31 + x) & 0xFFFFFFFF
+    return "%08x" % c
+
+
+async def publish(client, p, force=False):
+    """Announce the entities if they changed (or force); returns (published, removed, bytes)."""
+    hap = config.get("server.v3", "ha.prefix") or "homeassistant"
+    if not config.get("server.v3", "ha.discovery"):
+        items = []
+    else:
+        items = entities(p, hap)
+    h = _crc(items)
+    old_h, old = _load()
+    if h == old_h and not force:
+        return 0, 0, 0
+    n = 0
+    sent = 0
+    now = set()
+    for t, pl in items:
+        now.add(t)
+        await client.publish(t, pl, retain=True)
+        n += 1
+        sent += len(t) + len(pl)
+    gone = [t for t in old if t not in now]
+    for t in gone:
+        await client.publish(t, "", retain=True)
+    from ovms.fsutil import write
+    write(_state_path(), h + "\n" + "\n".join(sorted(now)) + "\n")
+    return n, len(gone), sent
