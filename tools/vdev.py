@@ -466,6 +466,10 @@ class Device:
         tx_log = a.tx_log or (self.root.rstrip("/") + ".cantx.log")
         frames = parse_candump(a.can_log) if a.can_log else []
         self.bus = Bus(frames, a.speed, a.once, tx_log)
+        self.gps = b""
+        if getattr(a, "gps_log", None):
+            with open(a.gps_log, "rb") as f:
+                self.gps = b"".join(ln for ln in f if ln.startswith(b"$"))
         self.console = open(a.log, "ab") if a.log else None
 
     # --- hardware socket: control link and CAN controllers ---
@@ -482,8 +486,29 @@ class Device:
                 threading.Thread(target=self._ctl, args=(conn,), daemon=True).start()
             elif hello[:1] == [b"CAN"]:
                 self.bus.attach(int(hello[1]), conn)
+            elif hello[:1] == [b"UART"] and len(hello) == 3:
+                threading.Thread(target=self._uart, args=(conn, int(hello[2])), daemon=True).start()
             else:
                 conn.close()
+
+    def _uart(self, conn, baud):
+        """A GPS receiver on the board's UART: the --gps-log bytes at baud / 10 bytes per
+        second, in 100-ms records, looped (comment lines of gpsd's captures left out)."""
+        data = self.gps
+        if not data:
+            return              # silent receiver: the connection stays open, nothing comes
+        per = max(1, baud // 100)
+        k = 0
+        t = time.monotonic()
+        while True:
+            chunk = bytes(data[(k + i) % len(data)] for i in range(per))
+            k = (k + per) % len(data)
+            try:
+                conn.send(chunk)
+            except OSError:
+                return
+            t += 0.1
+            time.sleep(max(0, t - time.monotonic()))
 
     def _ctl(self, conn):
         while True:
@@ -796,6 +821,8 @@ def main(argv=None):
                         "ESP32's flash would (sector erase 45 ms, page program 0.7 ms)")
     r.add_argument("--socketcand-port", type=int, default=0,
                    help="serve the CAN bus with the socketcand protocol on 127.0.0.1:PORT (default: a free port)")
+    r.add_argument("--gps-log", help="NMEA log a GPS receiver on the board's UART sends, at its "
+                        "baud rate, looped (config set gps enabled yes)")
     r.add_argument("--no-frozen", action="store_true",
                    help="no frozen app in the firmware (ROMFS): run lib/ from the flash only")
     a = p.parse_args(argv)

@@ -240,6 +240,9 @@ async def _main():
     _spawn("metrics", metrics.run(METRICS_FILE, 600))
     _spawn("health", health.run(config.get("module", "watchdog.timeout"), _running))
     _spawn("stable", _stable())
+    if config.get("gps", "enabled"):
+        from ovms import gps
+        _spawn("gps", gps.run())
     try:
         import ota_boot
         if ota_boot.trial:

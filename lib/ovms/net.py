@@ -11,6 +11,7 @@ _MAX_BACKOFF = const(60)
 _JOIN_S = const(15)
 _NTP_DELTA = 2208988800 - (946684800 if time.gmtime(0)[0] == 2000 else 0)
 up = False
+synced = False      # the clock was set by SNTP
 
 
 def _set(name, value):
@@ -45,6 +46,8 @@ async def sntp(host="pool.ntp.org", timeout_ms=2000):
             import machine
             tm = time.gmtime(secs)
             machine.RTC().datetime((tm[0], tm[1], tm[2], tm[6] + 1, tm[3], tm[4], tm[5], 0))
+            global synced
+            synced = True       # the GPS leaves the clock alone from now on
             return True
     finally:
         s.close()

@@ -154,6 +154,74 @@ def _views(mv):
     return (mv, [mv[:i] for i in range(9)])
 
 
+class UART:
+    """machine.UART with a GPS receiver on it: tools/vdev.py plays the NMEA log of
+    --gps-log at the configured baud rate (10 bits a byte) from the moment the UART opens,
+    looped; without a log the receiver is silent. A 1 KB receive ring (rxbuf) drops what
+    overflows it, as the driver's does. Writes are accepted and dropped."""
+
+    def __init__(self, id, baudrate=9600, **kw):
+        self._id = id
+        self._sock = None
+        self.init(baudrate, **kw)
+
+    def init(self, baudrate=9600, rxbuf=1024, **kw):
+        self.deinit()
+        self._ring = bytearray(max(64, rxbuf))
+        self._head = self._tail = 0
+        self.overruns = 0
+        s = self._sock = _hw.connect(b"UART %d %d" % (self._id, baudrate))
+        _thread.start_new_thread(self._rx, (s,))
+
+    def _rx(self, s):
+        ring = self._ring
+        n = len(ring)
+        while self._sock is s:
+            try:
+                b = s.recv(1024)
+            except OSError:
+                break
+            if not b:
+                break
+            for c in b:
+                if self._head - self._tail >= n:
+                    self.overruns += 1
+                else:
+                    ring[self._head % n] = c
+                    self._head += 1
+        s.close()
+
+    def deinit(self):
+        s, self._sock = self._sock, None
+        if s:
+            try:
+                s.write(b"BYE")
+            except OSError:
+                pass
+
+    def any(self):
+        return self._head - self._tail
+
+    def readinto(self, buf, n=None):
+        k = min(len(buf) if n is None else n, self._head - self._tail)
+        ring = self._ring
+        m = len(ring)
+        t = self._tail
+        for i in range(k):
+            buf[i] = ring[(t + i) % m]
+        self._tail = t + k
+        return k or None
+
+    def read(self, n=-1):
+        k = self.any() if n < 0 else min(n, self.any())
+        b = bytearray(k)
+        self.readinto(b)
+        return bytes(b)
+
+    def write(self, b):
+        return len(b)
+
+
 class _Irq:
     def __init__(self, can):
         self._can = can

@@ -91,6 +91,14 @@ server.v3 shell.readonly b no -
 server.v3 shell.timeout i 300 0:86400
 server.v3 commands e trusted trusted|signed
 server.v3 ha.discovery b yes -
+gps enabled b no -
+gps uart i 2 1:2
+gps rx i 16 0:48
+gps tx i -1 -1:48
+gps baud i 9600 1200:921600
+gps deadband i 10 0:10000
+gps flatbed i 500 0:100000
+location * s - 64
 server.v3 ha.prefix s homeassistant 64
 password module S - 64
 password server.v3 S - 128

@@ -168,6 +168,8 @@ f2- v.p.gpshdop
 b2- v.p.gpslock
 s2- v.p.gpsmode
 f2s v.p.gpsspeed
+i2% v.p.gpssq
+i2- v.p.gpstime
 f2-P6 v.p.latitude
 s2- v.p.location
 f2-P6 v.p.longitude

@@ -704,7 +704,9 @@ _BUILTIN = (
         ("wakeup", "Wake up the vehicle", "shell.vehicle"),
         ("homelink", "Activate a homelink button", "shell.vehicle"),
         ("ota", "OTA updates", "shell.ota"),
-        ("obd", "OBD-II/UDS diagnostic requests", "poll.cmd"))
+        ("obd", "OBD-II/UDS diagnostic requests", "poll.cmd"),
+        ("location", "Locations (geofences)", "gps.cmd"),
+        ("gps", "GPS receiver", "gps.cmd"))
 for _n, _t, _m in _BUILTIN:
     lazy(_n, _t, _m)
 del _n, _t, _m
