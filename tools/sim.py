@@ -116,6 +116,13 @@ def wait_line(proc, key, timeout=60):
     raise SystemExit("sim: the virtual device did not start (see %s)" % proc.args)
 
 
+def gps_log_for(can_log):
+    """The NMEA log recorded with a CAN log: same name, .nmea instead of .log(.gz), or None."""
+    base = can_log[:-3] if can_log.endswith(".gz") else can_log
+    p = (base[:-4] if base.endswith(".log") else base) + ".nmea"
+    return p if os.path.exists(p) else None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dir", default=os.path.join(REPO, ".sim"), help="state directory")
@@ -127,7 +134,10 @@ def main(argv=None):
     # (code from .mpy files is in the heap); 100K is a plain ESP32, which runs only the frozen app
     ap.add_argument("--heap", default="160K", help="the ESP32 heap to emulate (vdev --heap)")
     ap.add_argument("--fresh", action="store_true", help="erase the virtual flash first")
+    ap.add_argument("--gps-log", help="NMEA log for the board's GPS receiver (default: a "
+                    "*.nmea recorded with the drive, next to the CAN log, if there is one)")
     a = ap.parse_args(argv)
+    gps = a.gps_log or gps_log_for(a.log)
 
     os.makedirs(a.dir, exist_ok=True)
     flash = os.path.join(a.dir, "flash")
@@ -139,7 +149,8 @@ def main(argv=None):
     pty = os.path.join(a.dir, "pty")
     dev = subprocess.Popen([sys.executable, os.path.join(TOOLS, "vdev.py"), "run", "--root", flash,
                             "--can-log", a.log, "--speed", a.speed, "--pty", pty, "--heap", a.heap,
-                            "--socketcand-port", str(can_port), "--log", os.path.join(a.dir, "console.log")],
+                            "--socketcand-port", str(can_port), "--log", os.path.join(a.dir, "console.log")]
+                           + (["--gps-log", gps] if gps else []),
                            stdout=subprocess.PIPE, text=True)
 
     def stop(*_):
@@ -151,6 +162,9 @@ def main(argv=None):
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     wait_line(dev, "can-tx")
+    if gps:     # a receiver on the UART: the GPS task starts with the app (provision resets it)
+        subprocess.run([sys.executable, os.path.join(TOOLS, "ovms.py"), "--port", pty, "config",
+                        "set", "gps", "enabled", "yes"], capture_output=True, text=True, timeout=120)
     prov = [sys.executable, os.path.join(TOOLS, "ovms.py"), "--port", pty, "provision",
             "--wifi", "sim-car", "sim-password", "--mqtt", "mqtts://localhost:%d" % broker.tls_port,
             "--ca", broker.ca, "--user", USER, "--password", password, "--type", a.vehicle,
