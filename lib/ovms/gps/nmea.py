@@ -83,7 +83,10 @@ class Parser:
         f[k] = n - 2                    # sentinel: end of the last field is f[k] - 1
         self.nf = k
         if k < 1 or f[0] != 7:          # "$ttSSS,": talker (2) + type (3)
-            self.bad += 1
+            if k and b[1] == 80:        # "$P...": a proprietary sentence, checksum good
+                self.other += 1
+            else:
+                self.bad += 1
             return
         t0, t1, t2 = b[3], b[4], b[5]
         ok = True
