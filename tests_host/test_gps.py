@@ -148,3 +148,14 @@ def test_gps_log_on_the_virtual_device_reaches_mqtt(tmp_path, broker):
             assert "removed" in c.command("location remove shop")
         finally:
             c.close()
+
+
+def test_a_parked_car_costs_almost_no_data():
+    """Receiver noise around a parked car publishes (almost) nothing; driving publishes the
+    position at the scheduler's on-interval (tools/bench_gps.py)."""
+    import bench_gps
+    r = bench_gps.run(minutes=20)
+    print(r)
+    assert r["parked_bytes_per_hour"] < 2000, r
+    assert r["driving_bytes_per_hour"] > 20 * r["parked_bytes_per_hour"], r
+    assert r["heap_left_after_10000_sentences"] < 1024, r

@@ -224,6 +224,15 @@ def bench_reconnect(a):
     return out
 
 
+def bench_gps(a):
+    import bench_gps
+    r = bench_gps.run(60)
+    print("gps: parked %d B/h, driving %d B/h (MQTT, position metrics); parser heap %d B"
+          % (r["parked_bytes_per_hour"], r["driving_bytes_per_hour"], r["parser_heap_bytes"]),
+          file=sys.stderr)
+    return r
+
+
 def bench_all(a):
     out = {"decode": []}
     for name, dbc, log, bus in SHIPPED:
@@ -246,12 +255,13 @@ def bench_all(a):
     out["soak"] = bench_soak(a)
     out["poll"] = bench_poll(a)
     out["reconnect"] = bench_reconnect(a)
+    out["gps"] = bench_gps(a)
     return out
 
 
 COMMANDS = {"decode": bench_decode, "mqtt-data": bench_mqtt_data, "mqtt-loop": bench_mqtt_loop,
             "memory": bench_memory, "soak": bench_soak, "poll": bench_poll,
-            "reconnect": bench_reconnect, "all": bench_all}
+            "reconnect": bench_reconnect, "gps": bench_gps, "all": bench_all}
 
 
 def main(argv=None):
@@ -273,6 +283,8 @@ def main(argv=None):
         x.add_argument("--heap", default="100K")
         x.add_argument("--speed", type=float, default=1.0)
         x.add_argument("--poll-seconds", type=int, default=30)
+    gp = sub.add_parser("gps", help="GPS MQTT bytes per hour parked / driving, parser heap")
+    gp.add_argument("--quiet", action="store_true")
     rc = sub.add_parser("reconnect", help="CAN overruns per MQTT reconnect, stock vs board ring")
     rc.add_argument("--reconnects", type=int, default=5)
     rc.add_argument("--quiet", action="store_true")

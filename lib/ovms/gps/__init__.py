@@ -70,10 +70,11 @@ def update(p, now_ms=None):
     f = p.fix
     if p.have & (1 << nmea.F_ALT):
         metrics.set("v.p.altitude", f[nmea.F_ALT])
-    if p.have & (1 << nmea.F_TRACK):
+    sp = f[nmea.F_SPEED] if p.have & (1 << nmea.F_SPEED) else -1.0
+    if sp >= 0:     # below 1 km/h a receiver reports noise: standing still
+        metrics.set("v.p.gpsspeed", sp if sp >= 1 else 0.0)
+    if p.have & (1 << nmea.F_TRACK) and sp >= 2:    # a heading only while moving
         metrics.set("v.p.direction", f[nmea.F_TRACK])
-    if p.have & (1 << nmea.F_SPEED):
-        metrics.set("v.p.gpsspeed", f[nmea.F_SPEED])
     t = p.unix_time()
     if t > 0:
         metrics.set("v.p.gpstime", t)
