@@ -18,7 +18,8 @@ ABBR = {"avty": "availability", "avty_mode": "availability_mode", "cmd_t": "comm
         "name": "name", "obj_id": "object_id", "pl_avail": "payload_available",
         "pl_not_avail": "payload_not_available", "pl_off": "payload_off", "pl_on": "payload_on",
         "pl_prs": "payload_press", "stat_cla": "state_class", "stat_t": "state_topic",
-        "t": "topic", "uniq_id": "unique_id", "unit_of_meas": "unit_of_measurement",
+        "t": "topic", "uniq_id": "unique_id", "json_attr_t": "json_attributes_topic",
+        "src_type": "source_type", "unit_of_meas": "unit_of_measurement",
         "val_tpl": "value_template"}
 DEV_ABBR = {"ids": "identifiers", "name": "name", "mf": "manufacturer", "mdl": "model",
             "sw": "sw_version"}
@@ -69,6 +70,8 @@ def check_config(component, cfg):
         assert "unit_of_meas" not in cfg and "stat_cla" not in cfg
     elif component == "button":
         assert cfg["cmd_t"] and cfg["pl_prs"]
+    elif component == "device_tracker":
+        assert cfg["json_attr_t"] and cfg.get("src_type") in ("gps", "router", "bluetooth", "bluetooth_le")
     else:
         raise AssertionError("component %s" % component)
 
@@ -97,11 +100,14 @@ metrics.set("v.e.on", True)
 metrics.set("v.c.state", "stopped")
 metrics.set("m.time.utc", 1701569671)
 metrics.set("m.freeram", 50000)
+metrics.set("v.p.latitude", 52.123456)
+metrics.set("v.p.longitude", 4.654321)
+metrics.set("v.p.gpshdop", 0.9)
 """
 
 
 def test_discovery_entities_follow_home_assistant_rules(broker, dev_factory, peers, tmp_path):
-    peer = peers(broker.port, subs=(HA + "#", PFX + "metric/#"))
+    peer = peers(broker.port, subs=(HA + "#", PFX + "metric/#", PFX + "ha/#"))
     peer.settle()
     d = device(dev_factory, tmp_path, broker.port)
     d.call(SET + "await start()")
@@ -135,6 +141,10 @@ def test_discovery_entities_follow_home_assistant_rules(broker, dev_factory, pee
     assert byname["m.time.utc"][1]["dev_cla"] == "timestamp"
     assert byname["m.freeram"][1]["ent_cat"] == "diagnostic"
     assert "dev_cla" not in byname["v.c.state"][1]        # text
+    comp, trk = byname["Position"]
+    assert comp == "device_tracker" and trk["json_attr_t"] == PFX + "ha/position"
+    pos = peer.wait(lambda m: m[0] == PFX + "ha/position", timeout=10)[1]
+    assert json.loads(pos) == {"latitude": 52.123456, "longitude": 4.654321, "gps_accuracy": 4}
     # the availability template says offline for a metric the stale list names
     tpl = soc["avty"][1]["val_tpl"]
     assert "',v.b.soc,' in value" in tpl

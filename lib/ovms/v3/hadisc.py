@@ -120,6 +120,12 @@ def entities(p, hap):
             e[2]["dev"] = dev
             out.append(("%s/%s/%s/%s/config" % (hap, e[0], node, e[1]), json.dumps(e[2])))
             dev = {"ids": dev["ids"]}   # the full device once; the others refer to it
+    if metrics.defined("v.p.latitude") and metrics.defined("v.p.longitude"):
+        # a position (GPS): a device tracker fed by the small JSON the server publishes on
+        # <prefix>ha/position with every position it sends (Home Assistant wants both in one)
+        c = {"name": "Position", "uniq_id": node + "_position", "obj_id": node + "_position",
+             "json_attr_t": p + "ha/position", "src_type": "gps", "avty": avty, "dev": dev}
+        out.append(("%s/device_tracker/%s/position/config" % (hap, node), json.dumps(c)))
     cmds = veh and getattr(veh, "_cmds", None) or {}
     for cmd, label in _COMMANDS:
         if cmd in cmds:

@@ -290,10 +290,24 @@ class Server:
         await self._pub_stale()
 
     async def _pub_metric(self, i, now):
-        t = self.prefix + "metric/" + metrics.name(i).replace(".", "/")
+        n = metrics.name(i)
+        t = self.prefix + "metric/" + n.replace(".", "/")
         await self.client.publish(t, metrics.text(i), retain=self._retain(t))
         self.sched.sent(i, now)
         self.published += 1
+        if n == "v.p.longitude" and self._hab is not None:
+            await self._pub_position()
+
+    async def _pub_position(self):
+        # Home Assistant's device tracker wants latitude and longitude in one JSON message
+        la, lo = metrics.get("v.p.latitude"), metrics.get("v.p.longitude")
+        if la is None or lo is None:
+            return
+        h = metrics.get("v.p.gpshdop")
+        await self.client.publish(
+            self.prefix + "ha/position", '{"latitude":%s,"longitude":%s,"gps_accuracy":%d}'
+            % (metrics.text("v.p.latitude"), metrics.text("v.p.longitude"),
+               int(h * 5) if h else 10), retain=True)
 
     async def _discovery(self, force=False):
         """Home Assistant MQTT discovery (ovms.v3.hadisc, loaded for the run and dropped)."""
