@@ -268,7 +268,7 @@ class CAN:
         self._id = id
         self._sock = None
         self._state = CAN.STATE_STOPPED
-        self._ring = [bytearray(16) for _ in range(CAN.RX_RING)]
+        self._ring = bytearray(16 * CAN.RX_RING)    # one block (16 bytes a frame), as in C
         self._head = self._tail = 0
         self._cnt = [0] * 8  # tec, rec, warn, passive, busoff, txp, rxp, overruns
         self._ovr = False
@@ -351,9 +351,9 @@ class CAN:
                 self._cnt[7] += 1
                 self._ovr = True
             else:
-                slot = ring[self._head % n]
+                o = (self._head % n) * 16
                 for i in range(16):
-                    slot[i] = rec[i]
+                    ring[o + i] = rec[i]
                 self._head += 1
             self._fire(CAN.IRQ_RX)
         s.close()
@@ -424,7 +424,8 @@ class CAN:
             return None
         n = CAN.RX_RING
         full = self._head - self._tail >= n
-        rec = self._ring[self._tail % n]
+        rec = self._ring
+        o = (self._tail % n) * 16
         if arg is None:
             arg = [0, memoryview(bytearray(8)), 0, 0]
         v = self._views
@@ -438,16 +439,16 @@ class CAN:
         if not known:
             v = self._views = _views(m)
         base = v[0]
-        dlc = rec[5]
-        if rec[4] & 1:
+        dlc = rec[o + 5]
+        if rec[o + 4] & 1:
             for i in range(dlc):
                 base[i] = 0
         else:
             for i in range(dlc):
-                base[i] = rec[8 + i]
-        arg[0] = rec[0] | rec[1] << 8 | rec[2] << 16 | rec[3] << 24
+                base[i] = rec[o + 8 + i]
+        arg[0] = rec[o] | rec[o + 1] << 8 | rec[o + 2] << 16 | rec[o + 3] << 24
         arg[1] = v[1][dlc]
-        arg[2] = rec[4] & 3
+        arg[2] = rec[o + 4] & 3
         arg[3] = (2 if self._ovr else 0) | (1 if full else 0)
         self._ovr = False
         self._tail += 1
@@ -477,9 +478,9 @@ class CAN:
         idx = self._txn % CAN.TX_QUEUE_LEN
         self._txn += 1
         if self._mode in (CAN.MODE_LOOPBACK, CAN.MODE_SILENT_LOOPBACK) and self._head - self._tail < CAN.RX_RING:
-            slot = self._ring[self._head % CAN.RX_RING]
+            o = (self._head % CAN.RX_RING) * 16
             for i in range(16):
-                slot[i] = r[i]
+                self._ring[o + i] = r[i]
             self._head += 1
             self._fire(CAN.IRQ_RX)
         if self._trigger & CAN.IRQ_TX:

@@ -35,6 +35,7 @@ class Parser:
         self.good = self.bad = self.other = 0
         self.fixes = 0          # RMC/GGA sentences that carried a position
         self._gsa = False       # a GSA has been seen (the mode comes from it then)
+        self._gsa_tod = -1      # time of the cycle of the last GSA
 
     def feed(self, data, cb=None):
         """Bytes from the receiver; cb(kind) after each valid sentence (kind: b"GGA", ...
@@ -273,8 +274,11 @@ class Parser:
             return False
         m = self._int(1)
         if 1 <= m <= 3:
+            # one GSA per constellation in a cycle (GN talkers): the best of them counts
+            if not self._gsa or self._gsa_tod != self.tod or m > self.mode:
+                self.mode = m
             self._gsa = True
-            self.mode = m
+            self._gsa_tod = self.tod
         h = self._float(15) if self.nf > 15 else None
         if h is not None:
             self._set(F_HDOP, h)

@@ -107,25 +107,25 @@ def _metric_entity(i, p, node, avty):
 
 
 def entities(p, hap):
-    """Every entity to announce: [(topic, payload bytes)], metrics with a value first."""
+    """Every entity to announce, one at a time: (topic, payload) (a generator: one payload
+    in RAM at a time, ~0.5 KB)."""
     node = node_id()
     dev, veh = _device()
     avty = [{"t": p + "metric/s/v3/connected", "pl_avail": "yes", "pl_not_avail": "no"}]
-    out = []
     for i in range(metrics.count()):
         if not metrics.defined(i):
             continue
         e = _metric_entity(i, p, node, avty)
         if e:
             e[2]["dev"] = dev
-            out.append(("%s/%s/%s/%s/config" % (hap, e[0], node, e[1]), json.dumps(e[2])))
+            yield "%s/%s/%s/%s/config" % (hap, e[0], node, e[1]), json.dumps(e[2])
             dev = {"ids": dev["ids"]}   # the full device once; the others refer to it
     if metrics.defined("v.p.latitude") and metrics.defined("v.p.longitude"):
         # a position (GPS): a device tracker fed by the small JSON the server publishes on
         # <prefix>ha/position with every position it sends (Home Assistant wants both in one)
         c = {"name": "Position", "uniq_id": node + "_position", "obj_id": node + "_position",
              "json_attr_t": p + "ha/position", "src_type": "gps", "avty": avty, "dev": dev}
-        out.append(("%s/device_tracker/%s/position/config" % (hap, node), json.dumps(c)))
+        yield "%s/device_tracker/%s/position/config" % (hap, node), json.dumps(c)
     cmds = veh and getattr(veh, "_cmds", None) or {}
     for cmd, label in _COMMANDS:
         if cmd in cmds:
@@ -133,8 +133,7 @@ def entities(p, hap):
             c = {"name": label, "uniq_id": node + "_" + obj, "obj_id": node + "_" + obj,
                  "cmd_t": p + "client/homeassistant/command/" + obj, "pl_prs": cmd,
                  "avty": avty, "dev": dev}
-            out.append(("%s/button/%s/%s/config" % (hap, node, obj), json.dumps(c)))
-    return out
+            yield "%s/button/%s/%s/config" % (hap, node, obj), json.dumps(c)
 
 
 def _state_path():
@@ -142,53 +141,58 @@ def _state_path():
 
 
 def _load():
+    # (crc, set of topics) of the last announcement, read line by line
+    h = ""
+    old = set()
     try:
         with open(_state_path()) as f:
-            lines = f.read().split("\n")
-        return lines[0], set(x for x in lines[1:] if x)
+            h = f.readline().strip()
+            for ln in f:
+                ln = ln.strip()
+                if ln:
+                    old.add(ln)
     except (OSError, ValueError):
-        return "", set()
+        pass
+    return h, old
 
 
-def _crc(items):
-    try:
-        from binascii import crc32
-    except ImportError:
-        crc32 = None
+def _crc(p, hap):
+    # CRC of every topic and payload, computed one entity at a time; and the topics
+    from binascii import crc32
     c = 0
-    for t, pl in items:
-        for b in (t, pl):
-            b = b.encode()
-            if crc32:
-                c = crc32(b, c)
-            else:
-                for x in b:
-                    c = (c * 31 + x) & 0xFFFFFFFF
-    return "%08x" % c
+    topics = []
+    for t, pl in entities(p, hap):
+        c = crc32(pl, crc32(t, c))
+        topics.append(t)
+    return "%08x" % c, topics
 
 
 async def publish(client, p, force=False):
     """Announce the entities if they changed (or force); returns (published, removed, bytes)."""
     hap = config.get("server.v3", "ha.prefix") or "homeassistant"
-    if not config.get("server.v3", "ha.discovery"):
-        items = []
-    else:
-        items = entities(p, hap)
-    h = _crc(items)
+    on = config.get("server.v3", "ha.discovery")
+    h, now = _crc(p, hap) if on else ("", [])
     old_h, old = _load()
     if h == old_h and not force:
         return 0, 0, 0
+    del old_h
     n = 0
     sent = 0
-    now = set()
-    for t, pl in items:
-        now.add(t)
-        await client.publish(t, pl, retain=True)
-        n += 1
-        sent += len(t) + len(pl)
-    gone = [t for t in old if t not in now]
+    if on:
+        for t, pl in entities(p, hap):
+            await client.publish(t, pl, retain=True)
+            n += 1
+            sent += len(t) + len(pl)
+    keep = set(now)
+    gone = [t for t in old if t not in keep]
     for t in gone:
         await client.publish(t, "", retain=True)
     from ovms.fsutil import write
-    write(_state_path(), h + "\n" + "\n".join(sorted(now)) + "\n")
+
+    def save(f):
+        f.write(h + "\n")
+        for t in now:
+            f.write(t)
+            f.write("\n")
+    write(_state_path(), save)
     return n, len(gone), sent

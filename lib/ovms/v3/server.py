@@ -92,6 +92,7 @@ class Server:
         self._stale_dirty = False
         self._hab = None        # Home Assistant's status topic (discovery on)
         self._ha_force = False
+        self._ha_due = 0        # uptime when discovery runs after a connect (0: not due)
         self.ha = (0, 0, 0)     # discovery: entities published, removed, bytes (last run)
         self._restart = asyncio.Event()
         self._nev = asyncio.Event()
@@ -252,7 +253,7 @@ class Server:
                 await c.publish(t, "", retain=True)
             self._first = False
         await self._republish()
-        await self._discovery()
+        self._ha_due = metrics.uptime() + 5     # discovery once the connect's work is done
         self.ready = True
         self.state = "connected"
         self._nev.set()
@@ -311,15 +312,17 @@ class Server:
 
     async def _discovery(self, force=False):
         """Home Assistant MQTT discovery (ovms.v3.hadisc, loaded for the run and dropped)."""
+        import gc
+        import ovms
+        gc.collect()
         try:
-            from ovms.v3 import hadisc
-            self.ha = await hadisc.publish(self.client, self.prefix, force)
+            self.ha = await ovms.load("v3.hadisc").publish(self.client, self.prefix, force)
         except OSError:
             raise
         except Exception as e:
             _log("discovery: %r" % (e,))
-        import sys
-        sys.modules.pop("ovms.v3.hadisc", None)
+        finally:
+            ovms.unload("v3.hadisc")
 
     async def _pub_stale(self):
         """The retained list of stale metrics (metric/s/v3/stale): ",a.b,c.d," or ","."""
@@ -353,9 +356,9 @@ class Server:
                     full = now
                     self._sendall = False
                     await self._republish()
-                if self._ha_force:
-                    self._ha_force = False
-                    await self._discovery(True)
+                if self._ha_force or (self._ha_due and now >= self._ha_due):
+                    force, self._ha_force, self._ha_due = self._ha_force, False, 0
+                    await self._discovery(force)
                 s.collect()
                 k = 0
                 for i in s.due(now):
