@@ -196,7 +196,7 @@ def dev_factory():
 
 # ---- TCP proxy (blackholing): tools/netproxy.py, shared with the benchmarks -----------------
 
-from netproxy import Proxy, listener  # noqa: E402,F401
+from netproxy import Proxy, listener, serve  # noqa: E402,F401
 
 
 # ---- fake broker (malformed packets) -------------------------------------------------------
@@ -252,16 +252,11 @@ class FakeBroker:
         self.log = []
         self.errors = []
         self.alive = True
-        threading.Thread(target=self._accept, daemon=True).start()
+        serve(self, self._accept)
 
-    def _accept(self):
-        while self.alive:
-            try:
-                c, _ = self.ls.accept()
-            except OSError:
-                return
-            self.count += 1
-            threading.Thread(target=self._run, args=(c, self.count - 1), daemon=True).start()
+    def _accept(self, c):
+        self.count += 1
+        threading.Thread(target=self._run, args=(c, self.count - 1), daemon=True).start()
 
     def _run(self, c, k):
         try:

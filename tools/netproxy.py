@@ -12,6 +12,18 @@ def listener():
     return ls, ls.getsockname()[1]
 
 
+def serve(owner, handle):
+    """Start a thread accepting on owner.ls while owner.alive; handle(conn) for each."""
+    def loop():
+        while owner.alive:
+            try:
+                c, _ = owner.ls.accept()
+            except OSError:
+                return
+            handle(c)
+    threading.Thread(target=loop, daemon=True).start()
+
+
 class Proxy:
     """Loopback TCP proxy to 127.0.0.1:target. blackhole(True): keep every connection open
     but forward nothing (both directions), like a dead cellular link. drop(): reset all."""
@@ -28,28 +40,23 @@ class Proxy:
         self.s2c = 0
         self.lock = threading.Lock()
         self.alive = True
-        threading.Thread(target=self._accept, daemon=True).start()
+        serve(self, self._accept)
 
-    def _accept(self):
-        while self.alive:
-            try:
-                c, _ = self.ls.accept()
-            except OSError:
-                return
-            if self.refuse:
-                c.close()
-                continue
-            try:
-                s = socket.create_connection(("127.0.0.1", self.target), 2)
-                s.settimeout(None)
-            except OSError:
-                c.close()
-                continue
-            with self.lock:
-                self.accepted += 1
-                self.conns.append((c, s))
-            threading.Thread(target=self._pump, args=(c, s, "c2s"), daemon=True).start()
-            threading.Thread(target=self._pump, args=(s, c, "s2c"), daemon=True).start()
+    def _accept(self, c):
+        if self.refuse:
+            c.close()
+            return
+        try:
+            s = socket.create_connection(("127.0.0.1", self.target), 2)
+            s.settimeout(None)
+        except OSError:
+            c.close()
+            return
+        with self.lock:
+            self.accepted += 1
+            self.conns.append((c, s))
+        threading.Thread(target=self._pump, args=(c, s, "c2s"), daemon=True).start()
+        threading.Thread(target=self._pump, args=(s, c, "s2c"), daemon=True).start()
 
     def _pump(self, a, b, d):
         try:
