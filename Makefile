@@ -15,7 +15,7 @@ $(STAMP): tools/requirements.txt
 	touch $@
 
 deps: $(STAMP)
-	@sh tools/need_mosquitto.sh
+	@sh tools/need_packages.sh
 
 # The virtual device against a local TLS broker, replaying a real drive (Ctrl-C stops).
 sim: deps
