@@ -87,8 +87,6 @@ def run(heap="100K", speed=1.0, quiet=False):
         dev.wait()
         broker.stop()
     text = open(console, "rb").read().decode(errors="replace") if os.path.exists(console) else ""
-    if os.environ.get("BENCH_MEM_CONSOLE"):
-        print(text[-6000:], file=sys.stderr)
     shutil.rmtree(d, ignore_errors=True)
     size = heap_bytes(heap) * scale     # the firmware's heap in this host's bytes
     # the first WARMUP_S: boot, Wi-Fi, TLS connect and the full republish (not steady state)

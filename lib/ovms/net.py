@@ -9,7 +9,7 @@ from ovms import config, events, metrics
 
 _MAX_BACKOFF = const(60)
 _JOIN_S = const(15)
-_NTP_DELTA = 2208988800 - (946684800 if time.gmtime(0)[0] == 2000 else 0)
+_EPOCH = 946684800 if time.gmtime(0)[0] == 2000 else 0    # Unix seconds at the port's epoch
 up = False
 synced = False      # the clock was set by SNTP
 
@@ -42,16 +42,20 @@ async def sntp(host="pool.ntp.org", timeout_ms=2000):
             except OSError:
                 await asyncio.sleep_ms(50)
                 continue
-            secs = struct.unpack("!I", msg[40:44])[0] - _NTP_DELTA
-            import machine
-            tm = time.gmtime(secs)
-            machine.RTC().datetime((tm[0], tm[1], tm[2], tm[6] + 1, tm[3], tm[4], tm[5], 0))
+            set_clock(struct.unpack("!I", msg[40:44])[0] - 2208988800)
             global synced
             synced = True       # the GPS leaves the clock alone from now on
             return True
     finally:
         s.close()
     return False
+
+
+def set_clock(unix):
+    """Set the RTC to Unix seconds (SNTP, a GPS fix)."""
+    import machine
+    tm = time.gmtime(unix - _EPOCH)
+    machine.RTC().datetime((tm[0], tm[1], tm[2], tm[6] + 1, tm[3], tm[4], tm[5], 0))
 
 
 def _networks():

@@ -125,17 +125,12 @@ def _moved(lat, lon):
 
 def _clock(t):
     # a fix sets the clock when SNTP has not
-    try:
-        from ovms import net
-        if getattr(net, "synced", False):
-            return
-        now = time.time() + (946684800 if time.gmtime(0)[0] == 2000 else 0)
-        if abs(now - t) > 2:
-            import machine
-            tm = time.gmtime(t - (946684800 if time.gmtime(0)[0] == 2000 else 0))
-            machine.RTC().datetime((tm[0], tm[1], tm[2], tm[6] + 1, tm[3], tm[4], tm[5], 0))
-    except Exception:
-        pass
+    from ovms import net
+    if not net.synced and abs(time.time() + net._EPOCH - t) > 2:
+        try:
+            net.set_clock(t)
+        except Exception as e:      # no RTC (a board without one): the fix still counts
+            print("gps: clock not set:", repr(e))
 
 
 def _silent(now_ms):

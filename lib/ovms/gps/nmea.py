@@ -201,6 +201,22 @@ class Parser:
             return -1
         return (hh * 3600 + mm * 60) * 100 + ss
 
+    def _setf(self, k, i, scale=1.0):
+        # fix field k from number field i (an empty or bad field leaves k as it was)
+        v = self._float(i)
+        if v is not None:
+            self._set(k, v * scale if scale != 1.0 else v)
+
+    def _pos(self, i):
+        # latitude at field i, longitude at i + 2 (with their hemispheres); False if bad
+        lat, lon = self._coord(i, 83), self._coord(i + 2, 87)      # S, W: negative
+        if lat is None or lon is None:
+            return False
+        self._set(F_LAT, lat)
+        self._set(F_LON, lon)
+        self.fixes += 1
+        return True
+
     def _set(self, k, v):
         if v is None:
             self.have &= ~(1 << k)
@@ -216,13 +232,9 @@ class Parser:
         self.quality = q if q > 0 else 0
         t = self._time(0)
         if self.quality:
-            lat, lon = self._coord(1, 83), self._coord(3, 87)     # S, W
-            if lat is None or lon is None:
+            if not self._pos(1):
                 return False
-            self._set(F_LAT, lat)
-            self._set(F_LON, lon)
             self._set(F_ALT, self._float(8))
-            self.fixes += 1
             if t >= 0:
                 self.tod = t
             if not self._gsa:
@@ -232,9 +244,7 @@ class Parser:
         s = self._int(6)
         if s >= 0:
             self.sats = s
-        h = self._float(7)
-        if h is not None:
-            self._set(F_HDOP, h)
+        self._setf(F_HDOP, 7)
         return True
 
     def _rmc(self):
@@ -251,20 +261,12 @@ class Parser:
         if dt >= 0:
             self.date = dt
         if self.status:
-            lat, lon = self._coord(2, 83), self._coord(4, 87)
-            if lat is None or lon is None:
+            if not self._pos(2):
                 return False
-            self._set(F_LAT, lat)
-            self._set(F_LON, lon)
             if t >= 0:
                 self.tod = t
-            self.fixes += 1
-            sp = self._float(6)
-            if sp is not None:
-                self._set(F_SPEED, sp * 1.852)
-            tr = self._float(7)
-            if tr is not None:
-                self._set(F_TRACK, tr)
+            self._setf(F_SPEED, 6, 1.852)       # knots -> km/h
+            self._setf(F_TRACK, 7)
         elif not self._gsa:
             self.mode = 1
         return True
@@ -279,20 +281,14 @@ class Parser:
                 self.mode = m
             self._gsa = True
             self._gsa_tod = self.tod
-        h = self._float(15) if self.nf > 15 else None
-        if h is not None:
-            self._set(F_HDOP, h)
+        self._setf(F_HDOP, 15)
         return True
 
     def _vtg(self):
         if self.nf < 8:
             return False
-        tr = self._float(0)
-        if tr is not None:
-            self._set(F_TRACK, tr)
-        sp = self._float(6)
-        if sp is not None:
-            self._set(F_SPEED, sp)
+        self._setf(F_TRACK, 0)
+        self._setf(F_SPEED, 6)
         return True
 
     def unix_time(self):
