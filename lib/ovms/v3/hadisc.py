@@ -2,11 +2,12 @@
 import json
 from ovms import config, metrics
 
-# Entities (one retained config each, abbreviated keys) under
+# Entities (one retained config each, abbreviated keys, "~" = the OVMS prefix) under
 # <ha prefix>/<component>/<node>/<object>/config; state_topic = the metric's own OVMS topic.
-# Published after a connect when the set differs from the last one published (a CRC of all
-# payloads kept in <store>/ha.disc with the topics), or when Home Assistant announces itself
-# (<ha prefix>/status = online); entities no longer there get an empty retained config.
+# After a connect, and when metrics got their first value, the entities that are new or
+# differ from the last announcement (a CRC per config, kept in <store>/ha.disc) are sent;
+# all of them when Home Assistant announces itself (<ha prefix>/status = online); after a
+# connect, entities no longer there get an empty retained config (removed).
 
 _BIN = {   # yes/no metrics -> binary_sensor device class (payload on = "yes")
     "v.c.charging": "battery_charging", "v.c.pilot": "plug", "v.e.on": "power",
@@ -30,9 +31,15 @@ _UNIT = {
 }
 _TOTAL = ("v.p.odometer", "v.b.energy.used.total", "v.b.energy.recd.total",
           "v.b.coulomb.used.total", "v.b.coulomb.recd.total", "m.monotonic")
-_COMMANDS = (("lock", "Lock"), ("unlock", "Unlock"), ("climatecontrol.on", "Climate on"),
-             ("climatecontrol.off", "Climate off"), ("charge.start", "Start charging"),
-             ("charge.stop", "Stop charging"))
+# vehicle command -> (shell command HA sends, button label); a command with a value (limit):
+# a number entity sending "<shell command> <value>", range from the vehicle's definition
+_COMMANDS = (("lock", "lock", "Lock"), ("unlock", "unlock", "Unlock"),
+             ("climatecontrol.on", "climatecontrol on", "Climate on"),
+             ("climatecontrol.off", "climatecontrol off", "Climate off"),
+             ("charge.start", "charge start", "Start charging"),
+             ("charge.stop", "charge stop", "Stop charging"))
+_NUMBERS = (("charge.limit", "charge limit", "Charge limit", "%", "v.c.limit.soc"),
+            ("charge.current", "charge current", "Charge current", "A", "v.c.climit"))
 
 
 def _clean(s):
@@ -70,13 +77,12 @@ def _metric_entity(i, p, node, avty):
     if t in "vw":
         return None         # vectors (cell voltages): their text outgrows HA's 255-char state
     obj = _clean(n.replace(".", "_"))
-    c = {"name": n, "uniq_id": node + "_" + obj, "obj_id": node + "_" + obj,
-         "stat_t": p + "metric/" + n.replace(".", "/")}
+    c = {"~": p, "name": n, "uniq_id": node + "_" + obj, "stat_t": "~metric/" + n.replace(".", "/")}
     if n[:2] in ("m.", "s."):
         c["ent_cat"] = "diagnostic"
     if n != "s.v3.connected":
-        c["avty"] = avty + [{"t": p + "metric/s/v3/stale",
-                             "val_tpl": "{{ 'offline' if ',%s,' in value else 'online' }}" % n}]
+        c["avty"] = avty + [{"t": "~metric/s/v3/stale",
+                             "val_tpl": "{{'offline' if ',%s,' in value else 'online'}}" % n}]
         c["avty_mode"] = "all"
     if t == "b":
         c["pl_on"], c["pl_off"] = "yes", "no"
@@ -90,7 +96,7 @@ def _metric_entity(i, p, node, avty):
         return "binary_sensor", obj, c
     if t == "D":
         c["dev_cla"] = "timestamp"      # "2023-12-03 02:14:31 UTC" -> ISO 8601
-        c["val_tpl"] = "{{ value[:10] ~ 'T' ~ value[11:19] ~ '+00:00' }}"
+        c["val_tpl"] = "{{value[:10]~'T'~value[11:19]~'+00:00'}}"
         return "sensor", obj, c
     if t in "fi":
         u = metrics.unit(i)
@@ -113,29 +119,57 @@ def entities(p, hap):
     in RAM at a time, ~0.5 KB)."""
     node = node_id()
     dev, veh = _device()
-    avty = [{"t": p + "metric/s/v3/connected", "pl_avail": "yes", "pl_not_avail": "no"}]
+    avty = [{"t": "~metric/s/v3/connected", "pl_avail": "yes", "pl_not_avail": "no"}]
     for i in range(metrics.count()):
         if not metrics.defined(i):
             continue
         e = _metric_entity(i, p, node, avty)
         if e:
             e[2]["dev"] = dev
-            yield "%s/%s/%s/%s/config" % (hap, e[0], node, e[1]), json.dumps(e[2])
+            yield "%s/%s/%s/%s/config" % (hap, e[0], node, e[1]), _json(e[2])
             dev = {"ids": dev["ids"]}   # the full device once; the others refer to it
     if metrics.defined("v.p.latitude") and metrics.defined("v.p.longitude"):
         # a position (GPS): a device tracker fed by the small JSON the server publishes on
         # <prefix>ha/position with every position it sends (Home Assistant wants both in one)
-        c = {"name": "Position", "uniq_id": node + "_position", "obj_id": node + "_position",
-             "json_attr_t": p + "ha/position", "src_type": "gps", "avty": avty, "dev": dev}
-        yield "%s/device_tracker/%s/position/config" % (hap, node), json.dumps(c)
+        c = {"~": p, "name": "Position", "uniq_id": node + "_position",
+             "json_attr_t": "~ha/position", "src_type": "gps", "avty": avty, "dev": dev}
+        yield "%s/device_tracker/%s/position/config" % (hap, node), _json(c)
     cmds = veh and getattr(veh, "_cmds", None) or {}
-    for cmd, label in _COMMANDS:
+    for cmd, text, label in _COMMANDS:
         if cmd in cmds:
-            obj = _clean("cmd_" + cmd.replace(".", "_"))
-            c = {"name": label, "uniq_id": node + "_" + obj, "obj_id": node + "_" + obj,
-                 "cmd_t": p + "client/homeassistant/command/" + obj, "pl_prs": cmd,
+            obj = _clean("cmd_" + text.replace(" ", "_"))
+            c = {"~": p, "name": label, "uniq_id": node + "_" + obj,
+                 "cmd_t": "~client/homeassistant/command/" + obj, "pl_prs": text,
                  "avty": avty, "dev": dev}
-            yield "%s/button/%s/%s/config" % (hap, node, obj), json.dumps(c)
+            yield "%s/button/%s/%s/config" % (hap, node, obj), _json(c)
+            dev = {"ids": dev["ids"]}
+    for cmd, text, label, unit, metric in _NUMBERS:
+        rng = _param_range(cmds.get(cmd))
+        if rng:
+            obj = _clean("cmd_" + text.replace(" ", "_"))
+            c = {"~": p, "name": label, "uniq_id": node + "_" + obj,
+                 "cmd_t": "~client/homeassistant/command/" + obj,
+                 "cmd_tpl": text + " {{ value | int }}", "min": rng[0], "max": rng[1],
+                 "step": 1, "unit_of_meas": unit, "mode": "box", "avty": avty, "dev": dev}
+            if metrics.defined(metric):     # the car reports the setting: shown as the state
+                c["stat_t"] = "~metric/" + metric.replace(".", "/")
+            yield "%s/number/%s/%s/config" % (hap, node, obj), _json(c)
+            dev = {"ids": dev["ids"]}
+
+
+def _json(c):
+    # compact JSON: no spaces after separators (a few hundred bytes per connect)
+    return json.dumps(c, separators=(",", ":"))
+
+
+def _param_range(spec):
+    """(min, max) of a command's first argument as integers, or None (no such command or
+    no argument): from the vehicle definition's frames (bus, id, ext, data, params)."""
+    for f in spec or ():
+        for prm in f[4]:
+            if prm[8] == 0:
+                return int(prm[6] + 0.999), int(prm[7])
+    return None
 
 
 def _state_path():
@@ -143,58 +177,58 @@ def _state_path():
 
 
 def _load():
-    # (crc, set of topics) of the last announcement, read line by line
-    h = ""
-    old = set()
+    # {topic: payload CRC} of what was announced, from lines "<crc> <topic>"
+    old = {}
     try:
         with open(_state_path()) as f:
-            h = f.readline().strip()
             for ln in f:
-                ln = ln.strip()
-                if ln:
-                    old.add(ln)
+                c, _, t = ln.strip().partition(" ")
+                if t:
+                    old[t] = c
     except (OSError, ValueError):
         pass
-    return h, old
+    return old
 
 
-def _crc(p, hap):
-    # CRC of every topic and payload, computed one entity at a time; and the topics
+async def publish(client, p, force=False, prune=True):
+    """Announce the entities that are new or changed since the last announcement (all with
+    force); with prune, remove those no longer there (after a connect; a run for metrics
+    that got their first value only adds). Returns (published, removed, bytes)."""
     from binascii import crc32
-    c = 0
-    topics = []
-    for t, pl in entities(p, hap):
-        c = crc32(pl, crc32(t, c))
-        topics.append(t)
-    return "%08x" % c, topics
-
-
-async def publish(client, p, force=False):
-    """Announce the entities if they changed (or force); returns (published, removed, bytes)."""
     hap = config.get("server.v3", "ha.prefix") or "homeassistant"
     on = config.get("server.v3", "ha.discovery")
-    h, now = _crc(p, hap) if on else ("", [])
-    old_h, old = _load()
-    if h == old_h and not force:
-        return 0, 0, 0
-    del old_h
+    old = _load()
+    now = {}
     n = 0
     sent = 0
+    changed = 0
     if on:
         for t, pl in entities(p, hap):
+            c = "%08x" % crc32(pl)
+            now[t] = c
+            if old.get(t) != c:
+                changed += 1
+            elif not force:
+                continue
             await client.publish(t, pl, retain=True)
             n += 1
             sent += len(t) + len(pl)
-    keep = set(now)
-    gone = [t for t in old if t not in keep]
-    for t in gone:
-        await client.publish(t, "", retain=True)
-    from ovms.fsutil import write
+    gone = [t for t in old if t not in now]
+    if prune:
+        for t in gone:
+            await client.publish(t, "", retain=True)
+    else:
+        for t in gone:
+            now[t] = old[t]
+        gone = []
+    if changed or gone:     # the flash file only when something changed
+        from ovms.fsutil import write
 
-    def save(f):
-        f.write(h + "\n")
-        for t in now:
-            f.write(t)
-            f.write("\n")
-    write(_state_path(), save)
+        def save(f):
+            for t, c in now.items():
+                f.write(c)
+                f.write(" ")
+                f.write(t)
+                f.write("\n")
+        write(_state_path(), save)
     return n, len(gone), sent

@@ -45,12 +45,22 @@ _CHUNK = const(8)         # publications between yields to the event loop
 _PEER_TTL = const(120)
 _MAX_PEERS = const(16)
 _MAX_REQS = const(4)
-_POISON = const(3)
+_POISON = const(3)        # link drops with the same notification in flight: set it aside
 _FULL_MIN_S = const(60)   # at most one full republish (update all) and one publication of a
-                          # metric for request/metric per this many seconds (amplification)        # link drops with the same notification in flight: set it aside
+                          # metric for request/metric per this many seconds (amplification)
+_HA_CHECK_S = const(30)   # seconds between looks for metrics with a first value (discovery)
 _STALE_S = const(1)       # seconds between stale-marker scans (32 metrics per poll)
 _LINK = ("server", "port", "tls", "user", "clientid", "topic.prefix", "ca",
          "updatetime.keepalive")
+
+
+def _ndefined():
+    """How many metrics have a value."""
+    n = 0
+    for i in range(metrics.count()):
+        if metrics.defined(i):
+            n += 1
+    return n
 
 
 def _cfg(inst):
@@ -93,6 +103,9 @@ class Server:
         self._hab = None        # Home Assistant's status topic (discovery on)
         self._ha_force = False
         self._ha_due = 0        # uptime when discovery runs after a connect (0: not due)
+        self._ha_n = -1         # metrics with a value at the last discovery run (-1: none yet)
+        self._ha_chk = 0        # uptime of the last look for metrics with a first value
+        self._ha_prune = True   # the due run may remove entities (after a connect)
         self.ha = (0, 0, 0)     # discovery: entities published, removed, bytes (last run)
         self._restart = asyncio.Event()
         self._nev = asyncio.Event()
@@ -254,6 +267,7 @@ class Server:
             self._first = False
         await self._republish()
         self._ha_due = metrics.uptime() + 5     # discovery once the connect's work is done
+        self._ha_prune = True
         self.ready = True
         self.state = "connected"
         self._nev.set()
@@ -310,13 +324,14 @@ class Server:
             % (metrics.text("v.p.latitude"), metrics.text("v.p.longitude"),
                int(h * 5) if h else 10), retain=True)
 
-    async def _discovery(self, force=False):
+    async def _discovery(self, force=False, prune=True):
         """Home Assistant MQTT discovery (ovms.v3.hadisc, loaded for the run and dropped)."""
         import gc
         import ovms
         gc.collect()
+        self._ha_n = _ndefined()
         try:
-            self.ha = await ovms.load("v3.hadisc").publish(self.client, self.prefix, force)
+            self.ha = await ovms.load("v3.hadisc").publish(self.client, self.prefix, force, prune)
         except OSError:
             raise
         except Exception as e:
@@ -358,7 +373,13 @@ class Server:
                     await self._republish()
                 if self._ha_force or (self._ha_due and now >= self._ha_due):
                     force, self._ha_force, self._ha_due = self._ha_force, False, 0
-                    await self._discovery(force)
+                    await self._discovery(force, self._ha_prune)
+                elif self._ha_n >= 0 and now - self._ha_chk >= _HA_CHECK_S:
+                    # metrics that got their first value since (the car woke up): their
+                    # entities are announced after a short wait that gathers the others
+                    self._ha_chk = now
+                    if _cfg("ha.discovery") and _ndefined() > self._ha_n:
+                        self._ha_due, self._ha_prune = now + 5, False
                 s.collect()
                 k = 0
                 for i in s.due(now):
