@@ -123,11 +123,21 @@ def gps_log_for(can_log):
     return p if os.path.exists(p) else None
 
 
+def deploy_vehicle(vdir, lib):
+    """A vehicle directory of the user's, compiled into the flash's /lib (the device loads it
+    like a shipped one); returns its code."""
+    import vehicles
+    src = vehicles.build(vdir, lib, mpy=True, warn=lambda m: print("sim: " + m, file=sys.stderr))
+    os.remove(src)
+    return vehicles.compile_vehicle(vdir)["code"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dir", default=os.path.join(REPO, ".sim"), help="state directory")
     ap.add_argument("--log", default=DRIVE, help="candump -L log to replay (looped)")
-    ap.add_argument("--vehicle", default="RV", help="vehicle type (firmware/vehicles/<code>)")
+    ap.add_argument("--vehicle", default="RV", help="vehicle type (firmware/vehicles/<code>), or "
+                    "a directory with a vehicle.json of your own (built and put on the flash)")
     ap.add_argument("--id", default="SIM1", help="vehicle id")
     ap.add_argument("--speed", default="1")
     # 160K: a module with PSRAM, whose heap also holds an app that `ota push` put into a slot
@@ -162,18 +172,21 @@ def main(argv=None):
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     wait_line(dev, "can-tx")
+    vtype = a.vehicle
+    if os.path.isfile(os.path.join(a.vehicle, "vehicle.json")):
+        vtype = deploy_vehicle(a.vehicle, os.path.join(flash, "lib"))
     if gps:     # a receiver on the UART: the GPS task starts with the app (provision resets it)
         subprocess.run([sys.executable, os.path.join(TOOLS, "ovms.py"), "--port", pty, "config",
                         "set", "gps", "enabled", "yes"], capture_output=True, text=True, timeout=120)
     prov = [sys.executable, os.path.join(TOOLS, "ovms.py"), "--port", pty, "provision",
             "--wifi", "sim-car", "sim-password", "--mqtt", "mqtts://localhost:%d" % broker.tls_port,
-            "--ca", broker.ca, "--user", USER, "--password", password, "--type", a.vehicle,
+            "--ca", broker.ca, "--user", USER, "--password", password, "--type", vtype,
             "--id", a.id, "--ota-pubkey", key + ".pub"]
     r = subprocess.run(prov, capture_output=True, text=True, timeout=120)
     if r.returncode:
         print("sim: provisioning failed:\n" + r.stdout + r.stderr, file=sys.stderr)
     print("\nmicro-ovms virtual device is running (%s, id %s), replaying\n  %s\n%s\n\n"
-          "Ctrl-C here powers the device off." % (a.vehicle, a.id, os.path.relpath(a.log), usage(
+          "Ctrl-C here powers the device off." % (vtype, a.id, os.path.relpath(a.log), usage(
               a.dir, broker.port, broker.tls_port, os.path.relpath(broker.ca), password, pw_file,
               a.id, key, pty, can_port)), flush=True)
     while dev.poll() is None:
