@@ -7,7 +7,13 @@ ARCH    ?= xtensawin
 # test workers: most of a test run waits on devices, brokers and timers, so more than the cores
 JOBS    ?= 4
 
-.PHONY: deps sim test bench vehicles firmware flash deploy package clean
+# Home Assistant's environment (tests_host/ha) and the OVMS integration release it runs
+HAVENV  ?= .venv-ha
+HA_STAMP := $(HAVENV)/.installed
+OVMS_HA_TAG ?= v1.7.1
+OVMS_HA := .cache/ha/ovms-home-assistant
+
+.PHONY: deps ha-deps sim test test-ha bench vehicles firmware flash deploy package clean
 
 $(STAMP): tools/requirements.txt
 	python3 -m venv $(VENV)
@@ -21,9 +27,30 @@ deps: $(STAMP)
 sim: deps
 	$(PY) tools/sim.py
 
-# Every test: host tools on CPython, device code on the micropython binary, a real mosquitto.
-test: deps
+$(HA_STAMP): tests_host/ha/requirements.txt
+	python3 -m venv $(HAVENV)
+	$(HAVENV)/bin/pip install -q --disable-pip-version-check -r tests_host/ha/requirements.txt
+	touch $@
+
+ha-deps: deps $(HA_STAMP)
+
+HA_PYTEST = $(HAVENV)/bin/pytest -q -p no:cacheprovider -o asyncio_mode=auto --confcutdir=tests_host/ha tests_host/ha
+
+# Every test: host tools on CPython, device code on the micropython binary, a real mosquitto;
+# then the module's discovery in a real Home Assistant (the OVMS integration's test runs when
+# its source is here: make test-ha).
+test: deps ha-deps
 	$(VENV)/bin/pytest -q -n $(JOBS) tests_host
+	$(HA_PYTEST)
+
+# The module in a real Home Assistant: its MQTT discovery, and the OVMS integration (release
+# $(OVMS_HA_TAG), downloaded from GitHub; OVMS_HA_SRC=<checkout> uses a local copy instead).
+test-ha: ha-deps
+	@if [ -z "$(OVMS_HA_SRC)" ] && [ ! -f $(OVMS_HA)/custom_components/ovms/manifest.json ]; then \
+	  mkdir -p $(OVMS_HA) && curl -fsSL https://github.com/enoch85/ovms-home-assistant/archive/refs/tags/$(OVMS_HA_TAG).tar.gz \
+	    | tar -xz --strip-components=1 -C $(OVMS_HA) \
+	  || { rm -rf $(OVMS_HA); echo "test-ha: cannot download the OVMS integration $(OVMS_HA_TAG); set OVMS_HA_SRC=<checkout>"; exit 2; }; fi
+	OVMS_HA_REQUIRE=1 OVMS_HA_SRC="$(OVMS_HA_SRC)" $(HA_PYTEST)
 
 # Benchmarks (decoder speed, MQTT data usage and loop health, memory): ratios from one run.
 bench: deps
@@ -50,4 +77,4 @@ package: deps
 	$(PY) tools/ovms.py package
 
 clean:
-	rm -rf build .sim .pytest_cache .hypothesis
+	rm -rf build .sim .pytest_cache .hypothesis .cache

@@ -8,6 +8,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from util import run_mpy  # noqa: E402
 
+# tests_host/ha/ runs in its own environment with Home Assistant (make test-ha)
+collect_ignore = ["ha"]
+
 
 @pytest.fixture
 def mpy():
