@@ -147,7 +147,15 @@ class Sim:
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                pass
+        end = time.time() + 10     # the device and the broker end with sim.py's group
+        try:
+            while time.time() < end:
+                os.killpg(self.proc.pid, 0)
+                time.sleep(0.2)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         if not os.environ.get("HA_SIM_KEEP"):
             shutil.rmtree(self.dir, ignore_errors=True)
 
