@@ -206,6 +206,17 @@ def test_announced_once_removed_when_gone_again_on_birth(broker, dev_factory, pe
     peer.publish(HA + "status", "online", qos=1)
     peer.wait(lambda m: m[0].endswith("/v_b_soc/config") and m[1], timeout=10)
     assert "Home Assistant discovery" in d3.call("return srv.status()")
+    # any broker user can send births: a flood costs one announcement per minute at most
+    time.sleep(1)
+    peer.clear()
+    for _ in range(20):
+        peer.publish(HA + "status", "online", qos=1)
+    time.sleep(8)
+    assert not [m for m in peer.all() if m[0].endswith("/config")]
+    d3.call("srv._ha_ft -= 60")         # a minute later: the waiting request, once
+    peer.wait(lambda m: m[0].endswith("/v_b_soc/config") and m[1], timeout=10)
+    time.sleep(2)
+    assert len([m for m in peer.all() if m[0].endswith("/v_b_soc/config")]) == 1
 
 
 def test_metrics_with_a_first_value_get_their_entity_alone(broker, dev_factory, peers, tmp_path):

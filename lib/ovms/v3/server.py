@@ -102,6 +102,7 @@ class Server:
         self._stale_dirty = False
         self._hab = None        # Home Assistant's status topic (discovery on)
         self._ha_force = False
+        self._ha_ft = -_FULL_MIN_S  # uptime of the last announcement of everything
         self._ha_due = 0        # uptime when discovery runs after a connect (0: not due)
         self._ha_n = -1         # metrics with a value at the last discovery run (-1: none yet)
         self._ha_chk = 0        # uptime of the last look for metrics with a first value
@@ -371,8 +372,13 @@ class Server:
                     full = now
                     self._sendall = False
                     await self._republish()
-                if self._ha_force or (self._ha_due and now >= self._ha_due):
-                    force, self._ha_force, self._ha_due = self._ha_force, False, 0
+                # Home Assistant's birth: everything again, at most once per _FULL_MIN_S (a
+                # flood of births waits and coalesces); after a connect: what changed
+                force = self._ha_force and now - self._ha_ft >= _FULL_MIN_S
+                if force or (self._ha_due and now >= self._ha_due):
+                    if force:
+                        self._ha_force, self._ha_ft = False, now
+                    self._ha_due = 0
                     await self._discovery(force, self._ha_prune)
                 elif self._ha_n >= 0 and now - self._ha_chk >= _HA_CHECK_S:
                     # metrics that got their first value since (the car woke up): their
