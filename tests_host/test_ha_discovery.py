@@ -37,19 +37,6 @@ UNITS = {"battery": {"%"}, "voltage": {"V", "mV"}, "current": {"A", "mA"},
 STATE_CLASSES = {"measurement", "total", "total_increasing"}
 
 
-def expand(cfg):
-    """The base topic "~" put in as Home Assistant does (keys ending in _t/topic, availability)."""
-    base = cfg.pop("~", None)
-    if base is not None:
-        for k, v in cfg.items():
-            if isinstance(v, str) and v[:1] == "~" and (k.endswith("_t") or k == "t"):
-                cfg[k] = base + v[1:]
-        for a in cfg.get("avty", []):
-            if a.get("t", "")[:1] == "~":
-                a["t"] = base + a["t"][1:]
-    return cfg
-
-
 def check_config(component, cfg):
     """Home Assistant's discovery schema rules, as far as the module's entities use them."""
     unknown = set(cfg) - set(ABBR)
@@ -107,7 +94,7 @@ def configs(peer):
     out = {}
     for m in peer.all():
         if m[0].startswith(HA) and m[0].endswith("/config"):
-            out[m[0]] = expand(json.loads(m[1])) if m[1] else None
+            out[m[0]] = json.loads(m[1]) if m[1] else None
     return out
 
 

@@ -2,7 +2,7 @@
 import json
 from ovms import config, metrics
 
-# Entities (one retained config each, abbreviated keys, "~" = the OVMS prefix) under
+# Entities (one retained config each, abbreviated keys, compact JSON) under
 # <ha prefix>/<component>/<node>/<object>/config; state_topic = the metric's own OVMS topic.
 # After a connect, and when metrics got their first value, the entities that are new or
 # differ from the last announcement (a CRC per config, kept in <store>/ha.disc) are sent;
@@ -77,11 +77,11 @@ def _metric_entity(i, p, node, avty):
     if t in "vw":
         return None         # vectors (cell voltages): their text outgrows HA's 255-char state
     obj = _clean(n.replace(".", "_"))
-    c = {"~": p, "name": n, "uniq_id": node + "_" + obj, "stat_t": "~metric/" + n.replace(".", "/")}
+    c = {"name": n, "uniq_id": node + "_" + obj, "stat_t": p + "metric/" + n.replace(".", "/")}
     if n[:2] in ("m.", "s."):
         c["ent_cat"] = "diagnostic"
     if n != "s.v3.connected":
-        c["avty"] = avty + [{"t": "~metric/s/v3/stale",
+        c["avty"] = avty + [{"t": p + "metric/s/v3/stale",
                              "val_tpl": "{{'offline' if ',%s,' in value else 'online'}}" % n}]
         c["avty_mode"] = "all"
     if t == "b":
@@ -119,7 +119,7 @@ def entities(p, hap):
     in RAM at a time, ~0.5 KB)."""
     node = node_id()
     dev, veh = _device()
-    avty = [{"t": "~metric/s/v3/connected", "pl_avail": "yes", "pl_not_avail": "no"}]
+    avty = [{"t": p + "metric/s/v3/connected", "pl_avail": "yes", "pl_not_avail": "no"}]
     for i in range(metrics.count()):
         if not metrics.defined(i):
             continue
@@ -131,15 +131,15 @@ def entities(p, hap):
     if metrics.defined("v.p.latitude") and metrics.defined("v.p.longitude"):
         # a position (GPS): a device tracker fed by the small JSON the server publishes on
         # <prefix>ha/position with every position it sends (Home Assistant wants both in one)
-        c = {"~": p, "name": "Position", "uniq_id": node + "_position",
-             "json_attr_t": "~ha/position", "src_type": "gps", "avty": avty, "dev": dev}
+        c = {"name": "Position", "uniq_id": node + "_position",
+             "json_attr_t": p + "ha/position", "src_type": "gps", "avty": avty, "dev": dev}
         yield "%s/device_tracker/%s/position/config" % (hap, node), _json(c)
     cmds = veh and getattr(veh, "_cmds", None) or {}
     for cmd, text, label in _COMMANDS:
         if cmd in cmds:
             obj = _clean("cmd_" + text.replace(" ", "_"))
-            c = {"~": p, "name": label, "uniq_id": node + "_" + obj,
-                 "cmd_t": "~client/homeassistant/command/" + obj, "pl_prs": text,
+            c = {"name": label, "uniq_id": node + "_" + obj,
+                 "cmd_t": p + "client/homeassistant/command/" + obj, "pl_prs": text,
                  "avty": avty, "dev": dev}
             yield "%s/button/%s/%s/config" % (hap, node, obj), _json(c)
             dev = {"ids": dev["ids"]}
@@ -147,12 +147,12 @@ def entities(p, hap):
         rng = _param_range(cmds.get(cmd))
         if rng:
             obj = _clean("cmd_" + text.replace(" ", "_"))
-            c = {"~": p, "name": label, "uniq_id": node + "_" + obj,
-                 "cmd_t": "~client/homeassistant/command/" + obj,
+            c = {"name": label, "uniq_id": node + "_" + obj,
+                 "cmd_t": p + "client/homeassistant/command/" + obj,
                  "cmd_tpl": text + " {{ value | int }}", "min": rng[0], "max": rng[1],
                  "step": 1, "unit_of_meas": unit, "mode": "box", "avty": avty, "dev": dev}
             if metrics.defined(metric):     # the car reports the setting: shown as the state
-                c["stat_t"] = "~metric/" + metric.replace(".", "/")
+                c["stat_t"] = p + "metric/" + metric.replace(".", "/")
             yield "%s/number/%s/%s/config" % (hap, node, obj), _json(c)
             dev = {"ids": dev["ids"]}
 
