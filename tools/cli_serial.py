@@ -58,12 +58,16 @@ class Device:
             self.t = SerialTransport(port, baudrate=115200, timeout=timeout)
         except (TransportError, OSError) as e:
             raise LinkError("cannot open %s: %s" % (port, e))
-        try:
-            self.was_running = self._interrupt()
-            self.t.enter_raw_repl(soft_reset=False, timeout_overall=timeout)
-        except (TransportError, OSError) as e:
-            self.t.close()
-            raise LinkError("no MicroPython raw REPL on %s: %s" % (port, e))
+        for attempt in (1, 2):     # a busy or booting module may miss the first Ctrl-A
+            try:
+                ran = self._interrupt()
+                self.was_running = ran if attempt == 1 else self.was_running or ran
+                self.t.enter_raw_repl(soft_reset=False, timeout_overall=timeout)
+                break
+            except (TransportError, OSError) as e:
+                if attempt == 2 or isinstance(e, OSError):
+                    self.t.close()
+                    raise LinkError("no MicroPython raw REPL on %s: %s" % (port, e))
 
     def _quiet_read(self, quiet, overall):
         # everything the device sends until it has been quiet for `quiet` seconds

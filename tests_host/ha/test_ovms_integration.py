@@ -46,10 +46,9 @@ async def watch(hass, sim):
     return seen, unsub
 
 
-ANSWERS = {     # what the integration's config flow asks, by field name
-    "host": "127.0.0.1", "Port": "1883", "verify_ssl_certificate": False, "qos": 1,
-    "topic_prefix": "ovms", "topic_structure": "{prefix}/{mqtt_username}/{vehicle_id}",
-}
+# what the integration's config flow asks, by field name; the rest keep their defaults (topic
+# prefix "ovms", structure "{prefix}/{mqtt_username}/{vehicle_id}": the OVMS v3 layout)
+ANSWERS = {"host": "127.0.0.1", "Port": "1883", "verify_ssl_certificate": False}
 
 
 async def add_integration(hass, sim):
