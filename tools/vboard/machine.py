@@ -235,6 +235,9 @@ class _Irq:
         return self._can._trigger
 
 
+_RINGS = {}     # controller id -> its RX ring block
+
+
 class CAN:
     """machine.CAN over the virtual bus; RX through a ring (VDEV_CAN_RING slots, the board's) that counts overruns."""
     MODE_NORMAL = 0
@@ -268,7 +271,12 @@ class CAN:
         self._id = id
         self._sock = None
         self._state = CAN.STATE_STOPPED
-        self._ring = bytearray(16 * CAN.RX_RING)    # one block (16 bytes a frame), as in C
+        # one block (16 bytes a frame) per controller, kept across instances: the board's
+        # driver has it as a static array, allocated once, never from a fragmented heap
+        r = _RINGS.get(id)
+        if r is None:
+            r = _RINGS[id] = bytearray(16 * CAN.RX_RING)
+        self._ring = r
         self._head = self._tail = 0
         self._cnt = [0] * 8  # tec, rec, warn, passive, busoff, txp, rxp, overruns
         self._ovr = False
