@@ -16,6 +16,9 @@ _QUEUE = 4096                           # frames buffered per client; a slower c
 _MAX_MSG = 256                          # longest element accepted (a frame is under 60 characters)
 _HEX_ID = re.compile(r"^[0-9A-Fa-f]{1,8}$")
 _HEX_BYTE = re.compile(r"^[0-9A-Fa-f]{1,2}$")
+_PAUSE = object()                      # in a client's queue: the writer waits _PAUSE_S
+_PAUSE_S = 0.25                         # after the rawmode answer: python-can reads it with one
+                                        # recv() that must not hold frames too
 
 
 def parse_send(words):
@@ -61,6 +64,9 @@ class Client:
             line = self.q.get()
             if line is None:
                 return
+            if line is _PAUSE:
+                time.sleep(_PAUSE_S)
+                continue
             try:
                 self.conn.sendall(line)
             except OSError:
@@ -135,6 +141,7 @@ class Client:
                 self.put(b"< error open an interface first >")
             else:
                 self.put(b"< ok >")     # first: a frame must not overtake the answer
+                self.put(_PAUSE)        # nor share its read (frames queue meanwhile)
                 self.raw = True
         elif cmd == "echo":
             self.put(b"< echo >")
