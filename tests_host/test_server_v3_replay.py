@@ -197,3 +197,55 @@ while srv.state != "connected":
             bad.append((name, pub, exp))
     assert not bad, bad
     print("%s: %d mapped metrics checked against cantools" % (code, len(want)))
+
+
+def test_a_value_outside_its_valid_range_clears_nothing_on_the_broker(broker, dev_factory, peers,
+                                                                      tmp_path):
+    """The Kona's 12 V reading leaves its valid range (0 V while the car powers up): the metric
+    has no value then, and nothing is sent (OVMS sends no undefined metric): no empty payload
+    that would delete the retained last value."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import candecode
+    import dbc2table
+    import vehicles
+    vdir = os.path.join(VEHICLES, "kn")
+    vlib = tmp_path / "veh"
+    py = vehicles.build(vdir, str(vlib), warn=lambda m: None)
+    subprocess.run([MPY_CROSS, "-o", py[:-3] + ".mpy", py], check=True)
+    os.remove(py)
+    msg = dbc2table.load_dbc(os.path.join(vdir, "pcan.dbc")).get_message_by_name("BatteryCharging")
+
+    def rec(volts):
+        sig = {s.name: 0 for s in msg.signals}
+        sig["Voltage_12V"] = volts
+        return candecode.pack_records([(0, "can0", msg.frame_id, 0, msg.encode(sig, strict=False))])
+    store = tmp_path / "store"
+    store.mkdir()
+    setup = r'''
+sys.path.insert(0, %r)
+from ovms import config, metrics
+from ovms.can import vehicle
+config.init(%r)
+config.update([("server.v3", "server", "127.0.0.1"), ("server.v3", "port", %d),
+               ("server.v3", "tls", False), ("server.v3", "user", "demo"),
+               ("vehicle", "id", "CAR9")])
+from ovms.v3 import server as server_v3
+v = vehicle.load("kn")
+def feed(b):
+    v.decoder.feed_batch(bytearray(b), 1, metrics.uptime())
+    metrics.tick()
+''' % (str(vlib), str(store), broker.port)
+    d = dev_factory(setup, heap="512K")
+    topic = PFX + "metric/v/b/12v/voltage"
+    peer = peers(broker.port, subs=(topic,))
+    peer.settle()
+    d.call("global srv\nfeed(%r)\nsrv = server_v3.start()\nwhile srv.state != 'connected':\n"
+           "    await asyncio.sleep_ms(20)" % rec(12.6))
+    peer.wait_topic(topic, b"12.6", timeout=10)
+    d.call("feed(%r)\nreturn metrics.get('v.b.12v.voltage')" % rec(0))
+    assert d.call("return metrics.get('v.b.12v.voltage')") is None      # outside 6..18 V
+    d.call("srv.update()")
+    time.sleep(3)
+    assert [m[1] for m in peer.all() if m[0] == topic] == [b"12.6"]      # no empty payload
+    d.call("feed(%r)\nsrv.update()" % rec(13.1))
+    peer.wait_topic(topic, b"13.1", timeout=10)

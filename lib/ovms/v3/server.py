@@ -306,9 +306,15 @@ class Server:
         await self._pub_stale()
 
     async def _pub_metric(self, i, now):
+        v = metrics.text(i)
+        if not v and metrics.get(i) is None:
+            # no value (decoded outside its valid range or map): nothing to send, as OVMS
+            # sends no undefined metric; the last value stays retained on the broker
+            self.sched.sent(i, now)
+            return
         n = metrics.name(i)
         t = self.prefix + "metric/" + n.replace(".", "/")
-        await self.client.publish(t, metrics.text(i), retain=self._retain(t))
+        await self.client.publish(t, v, retain=self._retain(t))
         self.sched.sent(i, now)
         self.published += 1
         if n == "v.p.longitude" and self._hab is not None:
