@@ -45,7 +45,10 @@ async def connect(hass, sim):
              await mqtt.async_subscribe(hass, sim.prefix + "client/homeassistant/response/+", on_response)]
     # the announcement runs 5 s after the module's connect; configs are retained
     await until(lambda: len(seen["configs"]) > 20, 120, "discovery configs")
-    await asyncio.sleep(2)
+    n = 0
+    while n != len(seen["configs"]):    # until the announcement is over (2 s without a config)
+        n = len(seen["configs"])
+        await asyncio.sleep(2)
     seen["entry"], seen["unsub"] = entry, unsub
     return seen
 
@@ -115,7 +118,8 @@ async def test_home_assistant_makes_a_typed_device_from_the_announcement(hass, s
         assert s.attributes.get("device_class") == dc, (name, s.attributes)
         assert s.attributes.get("unit_of_measurement") == unit, (name, s.attributes)
         if s.state not in ("unknown", "unavailable"):
-            assert abs(float(s.state) - float(seen["metrics"][name])) < 1e-6, (name, s.state)
+            pub = seen["metrics"][name]
+            assert s.state and pub and abs(float(s.state) - float(pub)) < 1e-6, (name, s.state, pub)
     assert st("v.p.odometer").attributes["state_class"] == "total_increasing"
     assert st("v.b.soc").attributes["state_class"] == "measurement"
     # the clock as a timestamp, in UTC as OVMS v3 writes it
