@@ -94,6 +94,21 @@ def expected_values(vdir, log):
     return want, maybe
 
 
+def device_setup(vlib, store, port):
+    """The device agent's setup: vehicle modules in vlib, config in store, the v3 server
+    pointed at the test broker (plain MQTT, user demo, vehicle CAR9)."""
+    return r'''
+sys.path.insert(0, %r)
+from ovms import config, metrics
+from ovms.can import vehicle
+config.init(%r)
+config.update([("server.v3", "server", "127.0.0.1"), ("server.v3", "port", %d),
+               ("server.v3", "tls", False), ("server.v3", "user", "demo"),
+               ("vehicle", "id", "CAR9")])
+from ovms.v3 import server as server_v3
+''' % (str(vlib), str(store), port)
+
+
 def _num(k):
     try:
         return float(k)
@@ -131,17 +146,7 @@ def test_replayed_log_publishes_mapped_metrics(code, log, broker, dev_factory, p
     rp.write_bytes(bytes(chunks))
     store = tmp_path / "store"
     store.mkdir()
-    setup = r'''
-sys.path.insert(0, %r)
-from ovms import config, metrics
-from ovms.can import vehicle
-config.init(%r)
-config.update([("server.v3", "server", "127.0.0.1"), ("server.v3", "port", %d),
-               ("server.v3", "tls", False), ("server.v3", "user", "demo"),
-               ("vehicle", "id", "CAR9")])
-from ovms.v3 import server as server_v3
-''' % (str(vlib), str(store), broker.port)
-    d = dev_factory(setup, heap="512K")
+    d = dev_factory(device_setup(vlib, store, broker.port), heap="512K")
     names = d.call("""
 import struct
 v = vehicle.load(%r)
@@ -221,21 +226,12 @@ def test_a_value_outside_its_valid_range_clears_nothing_on_the_broker(broker, de
         return candecode.pack_records([(0, "can0", msg.frame_id, 0, msg.encode(sig, strict=False))])
     store = tmp_path / "store"
     store.mkdir()
-    setup = r'''
-sys.path.insert(0, %r)
-from ovms import config, metrics
-from ovms.can import vehicle
-config.init(%r)
-config.update([("server.v3", "server", "127.0.0.1"), ("server.v3", "port", %d),
-               ("server.v3", "tls", False), ("server.v3", "user", "demo"),
-               ("vehicle", "id", "CAR9")])
-from ovms.v3 import server as server_v3
+    d = dev_factory(device_setup(vlib, store, broker.port) + '''
 v = vehicle.load("kn")
 def feed(b):
     v.decoder.feed_batch(bytearray(b), 1, metrics.uptime())
     metrics.tick()
-''' % (str(vlib), str(store), broker.port)
-    d = dev_factory(setup, heap="512K")
+''', heap="512K")
     topic = PFX + "metric/v/b/12v/voltage"
     peer = peers(broker.port, subs=(topic,))
     peer.settle()
