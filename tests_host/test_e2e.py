@@ -51,13 +51,15 @@ def device(tmp_path, broker):
         shutil.copy(os.path.join(REPO, f), root)
     os.remove(vehicles.build(str(make_vehicle(tmp_path)), str(root / "lib"), mpy=True))
     d = VDev(root, can_log=DRIVE, heap=HEAP).start()
-    ovms("--port", d.pty, "config", "set", "password", "module", "s3cret")
-    ovms("--port", d.pty, "config", "set", "vehicle", "can.mode", "normal")
-    ovms("--port", d.pty, "provision", "--wifi", "car", "wifipw", "--mqtt-host", "localhost",
-         "--mqtt-port", str(broker.tls_port), "--ca", broker.ca, "--type", "TX",
-         "--id", "E2E")
-    yield d
-    d.stop()
+    try:        # a failed set-up must not leave the device running
+        ovms("--port", d.pty, "config", "set", "password", "module", "s3cret")
+        ovms("--port", d.pty, "config", "set", "vehicle", "can.mode", "normal")
+        ovms("--port", d.pty, "provision", "--wifi", "car", "wifipw", "--mqtt-host", "localhost",
+             "--mqtt-port", str(broker.tls_port), "--ca", broker.ca, "--type", "TX",
+             "--id", "E2E")
+        yield d
+    finally:
+        d.stop()
 
 
 def test_drive_publishes_and_commands_work_over_tls(device, broker):
