@@ -1,5 +1,4 @@
 """End to end: provisioned virtual device replaying a real drive, TLS mosquitto, paho client."""
-import json
 import os
 import shutil
 import subprocess
@@ -24,21 +23,11 @@ def ovms(*args, timeout=120):
 
 def make_vehicle(tmp_path):
     """The RAV4 definition plus a raw lock/unlock frame (a test vehicle, not a real car's)."""
-    d = tmp_path / "veh"
-    shutil.copytree(os.path.join(REPO, "firmware", "vehicles", "rv"), d,
-                    ignore=shutil.ignore_patterns("logs"))
-    v = json.loads((d / "vehicle.json").read_text())
-    v["vehicle"] = "TX"
-    v["metrics"] = {k.replace("xrv.", "xtx."): e for k, e in v["metrics"].items()}
-    for k, e in v.get("derived", {}).items():
-        for op in ("sum", "mean", "mul"):
-            if op in e:
-                e[op] = [x.replace("xrv.", "xtx.") for x in e[op]]
-    v["derived"] = {k.replace("xrv.", "xtx."): e for k, e in v.get("derived", {}).items()}
-    v["commands"] = {"lock": [{"bus": "can0", "id": "0x750", "data": "0211"}],
-                     "unlock": [{"bus": "can0", "id": "0x750", "data": "0212"}]}
-    (d / "vehicle.json").write_text(json.dumps(v))
-    return d
+    sys.path.insert(0, TOOLS)
+    import vehicles
+    return vehicles.derive(os.path.join(REPO, "firmware", "vehicles", "rv"), str(tmp_path / "veh"), "TX",
+                           commands={"lock": [{"bus": "can0", "id": "0x750", "data": "0211"}],
+                                     "unlock": [{"bus": "can0", "id": "0x750", "data": "0212"}]})
 
 
 @pytest.fixture

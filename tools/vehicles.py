@@ -554,6 +554,26 @@ def build(vehicle_dir, out_dir, warn=None, mpy=False):
     return p
 
 
+def derive(vdir, out, code, name=None, commands=None):
+    """A copy of vehicle directory vdir in out (its logs left behind) as vehicle `code`: its
+    own metric prefix (x<old>. -> x<code>. everywhere in vehicle.json), name, and commands
+    added or replaced (a test vehicle built on a real one). Returns out."""
+    import shutil
+    shutil.copytree(vdir, out, ignore=shutil.ignore_patterns("logs"), dirs_exist_ok=True)
+    path = os.path.join(out, "vehicle.json")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    old = json.loads(text)["vehicle"].lower()
+    v = json.loads(text.replace('"x%s.' % old, '"x%s.' % code.lower()))
+    v["vehicle"] = code
+    if name:
+        v["name"] = name
+    v["commands"] = dict(v.get("commands") or {}, **(commands or {}))
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(v, f, indent=1)
+    return out
+
+
 def vehicle_dirs(root=VEHICLES):
     return sorted(os.path.dirname(p) for p in
                   (os.path.join(root, d, "vehicle.json") for d in os.listdir(root))

@@ -1,7 +1,6 @@
 """Home Assistant tests (make test-ha): a real Home Assistant (pytest-homeassistant-custom-component)
 against the virtual device run by tools/sim.py (its broker, its replayed drive)."""
 import asyncio
-import json
 import os
 import re
 import shutil
@@ -64,15 +63,9 @@ COMMANDS = {
 
 def make_vehicle(directory):
     """The Kona definition as vehicle "HT" (own metric prefix) with the commands above."""
-    os.makedirs(directory, exist_ok=True)
-    shutil.copy(os.path.join(KN, "pcan.dbc"), directory)
-    with open(os.path.join(KN, "vehicle.json")) as f:
-        v = json.loads(f.read().replace('"xkn.', '"xht.'))
-    v["vehicle"], v["name"] = "HT", "Kona test vehicle with commands"
-    v["commands"].update(COMMANDS)
-    with open(os.path.join(directory, "vehicle.json"), "w") as f:
-        json.dump(v, f, indent=1)
-    return directory
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import vehicles
+    return vehicles.derive(KN, directory, "HT", "Kona test vehicle with commands", COMMANDS)
 
 
 async def until(pred, timeout=60, what=""):
@@ -84,6 +77,25 @@ async def until(pred, timeout=60, what=""):
         if asyncio.get_running_loop().time() > end:
             raise AssertionError("timed out waiting for " + what)
         await asyncio.sleep(0.2)
+
+
+async def watch_module(hass, sim, discovery):
+    """Home Assistant's MQTT integration set up on the sim's broker (discovery on or off),
+    watching the module's metric topics: returns (entry, {metric: payload}, unsubscribe)."""
+    from homeassistant.components import mqtt
+    from homeassistant.core import callback
+    from pytest_homeassistant_custom_component.common import MockConfigEntry
+    entry = MockConfigEntry(domain="mqtt", data={
+        "broker": "127.0.0.1", "port": sim.port, "username": sim.user, "password": sim.password,
+        "discovery": discovery})
+    entry.add_to_hass(hass)
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    seen = {}
+
+    @callback
+    def on_metric(msg):
+        seen[msg.topic[len(sim.prefix) + 7:].replace("/", ".")] = msg.payload
+    return entry, seen, await mqtt.async_subscribe(hass, sim.prefix + "metric/#", on_metric)
 
 
 class Sim:

@@ -12,9 +12,8 @@ from homeassistant.components import mqtt
 from homeassistant.core import callback
 from homeassistant.const import EntityCategory
 from homeassistant.helpers import device_registry as dr, entity_registry as er
-from pytest_homeassistant_custom_component.common import MockConfigEntry
 
-from conftest import until
+from conftest import until, watch_module
 
 HA = "homeassistant/"
 
@@ -22,26 +21,17 @@ HA = "homeassistant/"
 async def connect(hass, sim):
     """Home Assistant's MQTT integration on the sim's broker, with what it has seen: retained
     discovery configs and the module's metric topics."""
-    entry = MockConfigEntry(domain="mqtt", data={
-        "broker": "127.0.0.1", "port": sim.port, "username": sim.user, "password": sim.password,
-        "discovery": True})
-    entry.add_to_hass(hass)
-    assert await hass.config_entries.async_setup(entry.entry_id)
-    seen = {"configs": {}, "metrics": {}, "responses": {}}
+    entry, metrics, unsub_metrics = await watch_module(hass, sim, True)
+    seen = {"configs": {}, "metrics": metrics, "responses": {}}
 
     @callback
     def on_config(msg):
         seen["configs"][msg.topic] = json.loads(msg.payload) if msg.payload else None
 
     @callback
-    def on_metric(msg):
-        seen["metrics"][msg.topic[len(sim.prefix) + 7:].replace("/", ".")] = msg.payload
-
-    @callback
     def on_response(msg):
         seen["responses"][msg.topic.rsplit("/", 1)[1]] = msg.payload
-    unsub = [await mqtt.async_subscribe(hass, HA + "+/%s/+/config" % sim.node, on_config),
-             await mqtt.async_subscribe(hass, sim.prefix + "metric/#", on_metric),
+    unsub = [unsub_metrics, await mqtt.async_subscribe(hass, HA + "+/%s/+/config" % sim.node, on_config),
              await mqtt.async_subscribe(hass, sim.prefix + "client/homeassistant/response/+", on_response)]
     # the announcement runs 5 s after the module's connect; configs are retained
     await until(lambda: len(seen["configs"]) > 20, 120, "discovery configs")

@@ -12,13 +12,10 @@ from datetime import datetime, timezone
 
 import pytest
 from homeassistant import config_entries, data_entry_flow
-from homeassistant.components import mqtt
-from homeassistant.core import callback
 from homeassistant.helpers import entity_registry as er
 from homeassistant.util import dt as dt_util
-from pytest_homeassistant_custom_component.common import MockConfigEntry
 
-from conftest import OVMS_HA_VERSION, OVMS_SRC, until
+from conftest import OVMS_HA_VERSION, OVMS_SRC, until, watch_module
 
 if not OVMS_SRC:
     if os.environ.get("OVMS_HA_REQUIRE"):
@@ -31,17 +28,7 @@ if not OVMS_SRC:
 async def watch(hass, sim):
     """Home Assistant's own MQTT client on the broker (the integration needs the mqtt
     integration loaded), watching the module's topics."""
-    entry = MockConfigEntry(domain="mqtt", data={
-        "broker": "127.0.0.1", "port": sim.port, "username": sim.user, "password": sim.password,
-        "discovery": False})
-    entry.add_to_hass(hass)
-    assert await hass.config_entries.async_setup(entry.entry_id)
-    seen = {}
-
-    @callback
-    def on_metric(msg):
-        seen[msg.topic[len(sim.prefix) + 7:].replace("/", ".")] = msg.payload
-    unsub = await mqtt.async_subscribe(hass, sim.prefix + "metric/#", on_metric)
+    _, seen, unsub = await watch_module(hass, sim, False)
     await until(lambda: "v.b.soc" in seen and "m.time.utc" in seen, 60, "the module's metrics")
     return seen, unsub
 
