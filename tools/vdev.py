@@ -448,7 +448,9 @@ class Device:
         self.run_dir = tempfile.mkdtemp(prefix="%s%d-" % (RUN_PREFIX, os.getpid()))
         self.hw_path = os.path.join(self.run_dir, "hw.sock")
         self.child = None
-        # reentrant: the stop signal's handler runs on the main thread, which may hold it
+        # reentrant: a stop signal's handler runs on the main thread, which may hold it (in a
+        # boot, or in the handler of a first signal: Ctrl-C reaches sim.py's whole group,
+        # and sim.py then terminates the device too)
         self.child_lock = threading.RLock()
         self.pending_in = bytearray()
         self.next_boot = None  # (mode, cause) requested by the firmware
@@ -829,12 +831,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     dev = Device(a)
 
-    stopping = []
-
     def stop(*_):
-        if stopping:        # a second signal (Ctrl-C reaches the whole group, then sim.py's
-            return          # terminate) while the first one cleans up
-        stopping.append(1)
         dev.cleanup()
         os._exit(0)
 
