@@ -165,10 +165,11 @@ def _json(c):
 def _param_range(spec):
     """(min, max) of a command's first argument as integers, or None (no such command or
     no argument): from the vehicle definition's frames (bus, id, ext, data, params)."""
+    from math import ceil, floor
     for f in spec or ():
         for prm in f[4]:
             if prm[8] == 0:
-                return int(prm[6] + 0.999), int(prm[7])
+                return ceil(prm[6]), floor(prm[7])
     return None
 
 
